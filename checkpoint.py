@@ -1,0 +1,96 @@
+"""Durable run state: atomic checkpoints and the JSON Lines metrics file.
+
+A checkpoint is written to a temporary file, fsynced and renamed over the old one, so a
+crash at any instant leaves either the previous round's checkpoint or this one, never a
+torn file. It is read back with ``weights_only=True`` like anything else from outside.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+FORMAT = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(fileobj)`` on a temp file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save(path: str | Path, model: dict[str, torch.Tensor], round_num: int,
+         metrics: list[dict[str, Any]], config: dict[str, Any]) -> None:
+    state = {"format": FORMAT, "round": round_num, "model": model, "metrics": metrics,
+             "config": config, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """A checkpoint written by :func:`save`; ValueError if it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"not a readable checkpoint ({type(exc).__name__})") from None
+    if isinstance(state, dict) and "format" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
+        return {"format": FORMAT, "round": 0, "model": state, "metrics": [], "config": {}}
+    if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
+        raise ValueError("not a checkpoint of this program")
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    if isinstance(state.get("torch_rng"), torch.Tensor):
+        torch.set_rng_state(state["torch_rng"])
+    py = state.get("python_rng")
+    if isinstance(py, tuple) and len(py) == 3:
+        random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def rewrite_metrics(path: str | Path, history: Iterable[dict[str, Any]]) -> None:
+    """Make the metrics file hold exactly ``history`` (after a resume: no gaps, no repeats)."""
+    text = "".join(json.dumps(m) + "\n" for m in history)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def append_metrics(path: str | Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
