@@ -174,21 +174,17 @@ class Connection:
         self.bytes_sent = 0
         self.bytes_received = 0
 
-    def peer(self) -> str:
-        try:
-            host, port = self.sock.getpeername()[:2]
-            return f"{host}:{port}"
-        except OSError:
-            return "?"
-
     def send_payload(self, msg_type: MsgType, payload: bytes, timeout: float | None = None) -> int:
         """Send an already-encoded payload (a broadcast encodes once, sends many times)."""
         parts = pack_frame(msg_type, payload, self.key, self.send_seq)
-        self.sock.settimeout(timeout)
-        for part in parts:
-            self.sock.sendall(part)
-        self.send_seq += 1
         n = sum(len(p) for p in parts)
+        self.sock.settimeout(timeout)
+        if n <= 64 * 1024:  # one segment, so Nagle never holds a small frame back
+            self.sock.sendall(b"".join(parts))
+        else:  # large payloads go out as they are, without a joined copy
+            for part in parts:
+                self.sock.sendall(part)
+        self.send_seq += 1
         self.bytes_sent += n
         return n
 

@@ -67,8 +67,8 @@ def server_handshake(conn: Connection, secret: bytes | None, timeout: float) -> 
     auth = conn.recv(MsgType.AUTH, timeout=timeout, max_size=HANDSHAKE_MAX_FRAME)
     if secret is not None:
         digest = transcript(hello_raw, challenge_raw)
-        given = field(auth.body, "proof", bytes)
-        if not hmac.compare_digest(given, proof(secret, b"fl-client", digest)):
+        given = auth.body.get("proof")  # None when the client holds no secret
+        if not isinstance(given, bytes) or not hmac.compare_digest(given, proof(secret, b"fl-client", digest)):
             conn.send_error("authentication failed: wrong or missing secret")
             raise AuthError(f"client {client_id} failed authentication (wrong or missing secret)")
         conn.send(MsgType.WELCOME, {"proof": proof(secret, b"fl-server", digest)}, timeout=timeout)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import queue
 import random
 import signal
@@ -229,7 +230,10 @@ class Federation:
 
 
 def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    """A client-reported figure, kept only if it is a finite, non-negative number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) and value >= 0 else None
 
 
 class ClientHandler(socketserver.BaseRequestHandler):
@@ -244,6 +248,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
         fed, args = self.server.federation, self.server.args
         sock = self.request
         try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(args.handshake_timeout)
             if self.server.tls is not None:
                 sock = self.server.tls.wrap_socket(sock, server_side=True)
@@ -489,7 +494,7 @@ class Evaluator:
             "round": rnd.number, "accuracy": accuracy, "loss": loss, "clients": rnd.accumulator.count,
             "participants": len(rnd.participants), "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down,
             "round_s": rnd.seconds, "train_s_max": max(train_s, default=None),
-            "overhead": rnd.seconds / max(train_s) if train_s else None, "eval_s": time.monotonic() - t0,
+            "overhead": rnd.seconds / max(train_s) if train_s and max(train_s) > 0 else None, "eval_s": time.monotonic() - t0,
             "lr": rnd.lr, "quantized": sum(c["quantized"] for c in rnd.clients),
             "samples": rnd.accumulator.total_weight, "time": time.time(),
             "per_client": sorted(rnd.clients, key=lambda c: c["client_id"]),

@@ -110,13 +110,3 @@ def test_rejects_non_batch_input() -> None:
         augment_batch(torch.zeros(1, 28, 28))
     with pytest.raises(ValueError):
         augment_batch(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
-
-
-def test_is_fast_on_a_training_batch() -> None:
-    x, g = _batch(64), _gen(0)
-    augment_batch(x, g)  # warm-up
-    start = time.perf_counter()
-    for _ in range(50):
-        augment_batch(x, g)
-    per_call = (time.perf_counter() - start) / 50
-    assert per_call < 5e-3  # generous for loaded CI machines; typically a few hundred us

@@ -1,0 +1,97 @@
+"""Use the trained global model: classify your own digit images, or re-check it on MNIST.
+
+    python predict.py --checkpoint checkpoint.pt seven.png photo_of_a_3.jpg
+    python predict.py --checkpoint checkpoint.pt --evaluate --data-dir data
+
+Images are made to look like MNIST first: grayscale, 28x28, white digit on black.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+import checkpoint as ckpt
+from data import DataError, load_mnist, resolve_data_dir, to_float
+from model import ImprovedCNN
+from training import evaluate
+
+
+def _load(path: str | Path) -> tuple[ImprovedCNN, int]:
+    try:
+        state = ckpt.load(path)
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint not found: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    model = ImprovedCNN()
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError):
+        raise ValueError(f"{path}: weights do not fit ImprovedCNN") from None
+    return model.eval(), int(state.get("round", 0))
+
+
+def load_model(path: str | Path) -> ImprovedCNN:
+    """The checkpoint's global model in eval mode; ValueError (one line) if unusable."""
+    return _load(path)[0]
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """uint8 [28,28], white digit on black like MNIST; dark-on-light scans are inverted."""
+    try:
+        with Image.open(path) as img:
+            small = img.convert("L").resize((28, 28), Image.Resampling.LANCZOS)
+    except FileNotFoundError:
+        raise ValueError(f"image not found: {path}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"cannot read image {path}: {exc}") from None
+    x = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).reshape(28, 28)
+    return 255 - x if x.float().mean() > 127 else x
+
+
+@torch.inference_mode()
+def predict_images(model: ImprovedCNN, paths: list[str | Path]) -> list[tuple[int, float]]:
+    """(digit, confidence 0..1) for each image, in order."""
+    if not paths:
+        return []
+    model.eval()
+    device = next(model.parameters()).device
+    batch = to_float(torch.stack([load_image(p) for p in paths])).to(device)
+    conf, digit = torch.softmax(model(batch), dim=1).max(dim=1)
+    return [(int(d), float(c)) for d, c in zip(digit, conf)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="image files to classify (PNG, JPG, ...)")
+    p.add_argument("--checkpoint", default="checkpoint.pt", help="checkpoint written by server.py, or a bare state_dict (default: checkpoint.pt)")
+    p.add_argument("--evaluate", action="store_true", help="report accuracy and loss on the 10,000 MNIST test images")
+    p.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
+    p.add_argument("--no-download", action="store_true", help="never try to download MNIST")
+    args = p.parse_args(argv)
+    if not args.images and not args.evaluate:
+        p.error("give IMAGE files to classify and/or --evaluate")
+    try:
+        model, round_num = _load(args.checkpoint)
+        for path, (digit, conf) in zip(args.images, predict_images(model, args.images)):
+            print(f"{path}: {digit} ({100 * conf:.1f}%)")
+        if args.evaluate:
+            images, labels = load_mnist(resolve_data_dir(args.data_dir), train=False,
+                                        download=not args.no_download)
+            loss, accuracy = evaluate(model, images, labels)
+            print(f"accuracy {100 * accuracy:.2f}% loss {loss:.4f} on {len(labels)} test images "
+                  f"({args.checkpoint}, round {round_num})")
+    except (ValueError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""plot.py: PNG output, overlays, CLI errors, and the metrics schema it relies on."""
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+import checkpoint
+import plot
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+CLIENT_KEYS = {"client_id", "samples", "quantized", "bytes_up", "train_s", "loss", "accuracy"}
+
+
+def record(rnd: int, accuracy: float = 0.9, loss: float = 0.3) -> dict:
+    """One round as server.py's Evaluator writes it."""
+    return {
+        "round": rnd, "accuracy": accuracy, "loss": loss, "clients": 2, "participants": 3,
+        "bytes_up": 1_687_000, "bytes_down": 5_061_000, "round_s": 12.5, "train_s_max": 10.0,
+        "overhead": 1.25, "eval_s": 0.8, "lr": 1e-3, "quantized": 1, "samples": 40_000,
+        "time": 1.7e9 + rnd,
+        "per_client": [
+            {"client_id": 0, "samples": 20_000, "quantized": True, "bytes_up": 421_000,
+             "train_s": 10.0, "loss": 0.31, "accuracy": 0.9},
+            {"client_id": 1, "samples": 20_000, "quantized": False, "bytes_up": 1_266_000,
+             "train_s": None, "loss": None, "accuracy": None},
+        ],
+    }
+
+
+def write_run(path: Path, accs: tuple[float, ...] = (0.91, 0.95, 0.97)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for i, acc in enumerate(accs, 1):
+        checkpoint.append_metrics(path, record(i, acc, 1.0 - acc))
+    return path
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_single_run_writes_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "out" / "curve.png"
+    assert plot.main([str(write_run(tmp_path / "metrics.jsonl")), "-o", str(out), "--title", "t"]) == 0
+    assert is_png(out)
+    assert str(out) in capsys.readouterr().out
+
+
+def test_overlay_with_labels(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    a = write_run(tmp_path / "float" / "metrics.jsonl")
+    b = write_run(tmp_path / "q8" / "metrics.jsonl", (0.9, 0.94, 0.96))
+    out = tmp_path / "cmp.png"
+    assert plot.main([str(a), str(b), "--labels", "float", "8-bit", "-o", str(out)]) == 0
+    assert is_png(out)
+    assert plot.default_label(a) == "float/metrics"
+
+
+def test_plot_metrics_api(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = plot.plot_metrics([("run", [record(1), record(2)])], tmp_path / "api.png")
+    assert out == tmp_path / "api.png" and is_png(out)
+
+
+def test_label_count_mismatch_exits_2(tmp_path: Path) -> None:
+    run = write_run(tmp_path / "metrics.jsonl")
+    with pytest.raises(SystemExit) as exc:
+        plot.main([str(run), "--labels", "a", "b", "-o", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("content", [None, "", "not json\n", '{"round": 1}\n'])
+def test_bad_metrics_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None) -> None:
+    path = tmp_path / "metrics.jsonl"
+    if content is not None:
+        path.write_text(content)
+    assert plot.main([str(path), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(path) in err and err.count("\n") == 1
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_matplotlib_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert plot.main([str(write_run(tmp_path / "metrics.jsonl")), "-o", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err == "error: plotting needs matplotlib: pip install matplotlib\n"
+
+
+def test_metrics_round_trip_keeps_keys_and_types(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    written = [record(1), record(2)]
+    for r in written:
+        checkpoint.append_metrics(path, r)
+    read = checkpoint.read_metrics(path)
+    assert read == written
+    for before, after in zip(written, read):
+        assert list(after) == list(before)
+        for key in before:
+            assert type(after[key]) is type(before[key]), key
+        for c_before, c_after in zip(before["per_client"], after["per_client"]):
+            assert set(c_after) == CLIENT_KEYS
+            assert {k: type(v) for k, v in c_after.items()} == {k: type(v) for k, v in c_before.items()}
+    assert plot.load_run(path) == written
+
+
+def test_schema_matches_server_record() -> None:
+    """The record above must keep the keys server.py actually writes, or these tests prove nothing."""
+    tree = ast.parse((Path(__file__).resolve().parent.parent / "server.py").read_text())
+    key_sets = [{k.value for k in node.keys} for node in ast.walk(tree) if isinstance(node, ast.Dict)
+                and node.keys and all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys)]
+    assert set(record(1)) in key_sets
+    assert CLIENT_KEYS in key_sets
