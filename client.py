@@ -25,7 +25,7 @@ from data import DataError, load_mnist, resolve_data_dir, shard
 from logs import setup_logging
 from model import ImprovedCNN
 from protocol import Connection, ConnectionClosed, MsgType, ProtocolError, RemoteError, field
-from quantization import quantize_state, state_delta
+from quantization import QuantizationError, apply_delta, dequantize_state, quantize_state, state_delta
 from security import AuthError, client_handshake, client_tls_context, resolve_secret
 from training import train
 
@@ -136,13 +136,21 @@ def build_update(model: torch.nn.Module, base: dict[str, torch.Tensor], round_nu
 def serve(conn: Connection, model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
           args: argparse.Namespace) -> str:
     """Answer MODEL messages with updates until the server says DONE; returns its reason."""
+    view: dict[str, torch.Tensor] | None = None  # the last model received (for 8-bit broadcasts)
+    view_id = None
     while True:
         msg = conn.recv({MsgType.MODEL, MsgType.DONE})
         if msg.type == MsgType.DONE:
             return str(msg.body.get("reason", "done"))
         round_num = field(msg.body, "round", int)
         config = field(msg.body, "config", dict)
-        base = field(msg.body, "state", dict)
+        if "delta" in msg.body:  # the server sent only the 8-bit change to our last model
+            if view is None or msg.body.get("base_view") != view_id:
+                raise ProtocolError("the server sent a delta to a model this client does not hold")
+            base = apply_delta(view, dequantize_state(field(msg.body, "delta", dict), like=view))
+        else:
+            base = field(msg.body, "state", dict)
+        view, view_id = base, msg.body.get("view_id")
         model.load_state_dict(base)
         generator = torch.Generator().manual_seed(args.seed * 100_003 + args.client_id * 1009 + round_num)
         result = train(model, images, labels, epochs=int(config["epochs"]), lr=float(config["lr"]),
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConnectionClosed, OSError) as exc:
             log.warning("lost the connection to the server (%s); reconnecting", exc)
             continue
-        except ProtocolError as exc:
+        except (ProtocolError, QuantizationError) as exc:
             log.error("protocol error: %s", exc)
             return 1
         finally:

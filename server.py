@@ -35,7 +35,7 @@ from data import DataError, load_mnist, resolve_data_dir
 from logs import setup_logging
 from model import ImprovedCNN
 from protocol import DEFAULT_MAX_FRAME, MIB, Connection, MsgType, ProtocolError, encode_payload, field
-from quantization import QuantizationError, apply_delta, dequantize_state
+from quantization import QuantizationError, apply_delta, dequantize_state, quantize_state, state_delta
 from security import AuthError, Peer, resolve_secret, server_handshake, server_tls_context
 from training import evaluate, round_lr
 
@@ -48,9 +48,11 @@ class RoundTask:
     """What a handler needs to serve one round to its client."""
 
     round: int
-    payload: bytes  # the MODEL message, encoded once for all clients
-    base: dict[str, torch.Tensor]  # the global state sent, to rebuild quantized deltas
+    payload: bytes  # the MODEL message with the full state, encoded once for all clients
+    base: dict[str, torch.Tensor]  # the state clients train from, to rebuild quantized deltas
     deadline: float  # time.monotonic() by which the update must have arrived
+    view_id: int = 0  # which broadcast this is (--quantize-broadcast)
+    compact: bytes | None = None  # the same model as an 8-bit delta to broadcast view_id - 1
 
 
 STOP = object()  # queued to a session: send DONE and close
@@ -62,6 +64,7 @@ class Session:
     conn: Connection
     address: str
     tasks: "queue.Queue[Any]" = dc_field(default_factory=queue.Queue)
+    view_id: int | None = None  # the last broadcast this client received in full or as a delta
     closed: threading.Event = dc_field(default_factory=threading.Event)
 
     @property
@@ -98,6 +101,8 @@ class Federation:
         self.round: RoundState | None = None
         self.stop = threading.Event()
         self.max_samples = MAX_SAMPLES
+        self.view: dict[str, torch.Tensor] | None = None  # what clients hold (--quantize-broadcast)
+        self.view_id = 0
 
     # --- called from handler threads ---------------------------------------------------
 
@@ -196,8 +201,12 @@ class Federation:
         lr = round_lr(self.args.lr, number, self.args.rounds, self.args.lr_schedule)
         config = {"epochs": self.args.local_epochs, "lr": lr, "batch_size": self.args.batch_size,
                   "augment": not self.args.no_augment, "hflip": self.args.hflip}
-        base = self.global_state
-        payload = encode_payload({"round": number, "rounds": self.args.rounds, "state": base, "config": config})
+        header = {"round": number, "rounds": self.args.rounds, "config": config}
+        base, compact = self.broadcast_state()
+        payload = encode_payload({**header, "state": base, "view_id": self.view_id})
+        if compact is not None:
+            compact = encode_payload({**header, "delta": compact, "base_view": self.view_id - 1,
+                                      "view_id": self.view_id})
         rnd = RoundState(number, participants, FedAvg(base), lr=lr)
         deadline = rnd.started + self.args.round_timeout
         with self.lock:
@@ -206,7 +215,7 @@ class Federation:
             for cid, s in participants.items():
                 if self.sessions.get(cid) is not s:
                     rnd.reported.add(cid)
-        task = RoundTask(number, payload, base, deadline)
+        task = RoundTask(number, payload, base, deadline, self.view_id, compact)
         for s in participants.values():
             s.tasks.put(task)
         with self.lock:
@@ -221,6 +230,24 @@ class Federation:
             self.round = None
         rnd.seconds = time.monotonic() - rnd.started
         return rnd
+
+    def broadcast_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """The state clients will train from this round, and its 8-bit delta form.
+
+        With --quantize-broadcast the server keeps the model exactly as clients rebuild it
+        (the "view") and sends only quantize(global - view). Clients then train from the
+        view, so the quantization error of one broadcast is never compounded by the next:
+        each delta is measured from what clients really hold.
+        """
+        self.view_id += 1
+        if not self.args.quantize_broadcast:
+            return self.global_state, None
+        if self.view is None:
+            self.view = self.global_state
+            return self.view, None
+        packed = quantize_state(state_delta(self.global_state, self.view))
+        self.view = apply_delta(self.view, dequantize_state(packed, like=self.view))
+        return self.view, packed
 
     def stop_all(self, reason: str) -> None:
         with self.lock:
@@ -286,7 +313,10 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 return
             sent0, recv0 = conn.bytes_sent, conn.bytes_received
             try:
-                conn.send_payload(MsgType.MODEL, task.payload, timeout=max(1.0, task.deadline - time.monotonic()))
+                delta_ok = task.compact is not None and session.view_id == task.view_id - 1
+                conn.send_payload(MsgType.MODEL, task.compact if delta_ok else task.payload,
+                                  timeout=max(1.0, task.deadline - time.monotonic()))
+                session.view_id = task.view_id
                 msg = conn.recv(MsgType.UPDATE, timeout=max(0.1, task.deadline - time.monotonic()))
             except (ProtocolError, OSError, ssl.SSLError) as exc:
                 fed.fail(session, task.round, conn.bytes_sent - sent0, _one_line(exc))
@@ -350,6 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fl.add_argument("--min-clients", type=int, default=2, help="clients that must be connected before a round starts")
     fl.add_argument("--min-fit", type=int, default=1, help="updates a round needs to be aggregated after a timeout (else retried)")
     fl.add_argument("--round-timeout", type=float, default=600.0, help="seconds to wait for the updates of a round")
+    fl.add_argument("--quantize-broadcast", action="store_true",
+                    help="send the global model as an 8-bit delta to clients that hold the previous one")
     fl.add_argument("--local-epochs", type=int, default=1, help="local epochs per round (sent to clients)")
     fl.add_argument("--lr", type=float, default=1e-3, help="clients' Adam learning rate in round 1")
     fl.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",

@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantization", action="store_true", help="clients send 8-bit quantized updates")
     p.add_argument("--quantized-clients", type=int, default=None,
                    help="only the first N clients quantize (a mixed federation)")
+    p.add_argument("--quantize-broadcast", action="store_true", help="server sends 8-bit model deltas")
     p.add_argument("--partition", choices=("iid", "dirichlet"), default="iid", help="how the shards are drawn")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet")
     p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
@@ -74,6 +75,8 @@ def build_commands(args: argparse.Namespace, port: int, out: Path) -> tuple[list
                    "--metrics", str(out / "metrics.jsonl"), "--threads", "1"] + data
     if args.no_augment:
         server.append("--no-augment")
+    if args.quantize_broadcast:
+        server.append("--quantize-broadcast")
     if args.test_limit:
         server += ["--test-limit", str(args.test_limit)]
     quantized = args.clients if args.quantization else (args.quantized_clients or 0)

@@ -59,11 +59,14 @@ def test_clients_start_before_server(tmp_path, synthetic_mnist_dir, free_port):
 def test_launcher_runs_a_federation(tmp_path, synthetic_mnist_dir):
     out = tmp_path / "run"
     r = run("simulate.py", "--clients", 2, "--rounds", 2, "--data-dir", synthetic_mnist_dir, "--out", out,
-            "--quantized-clients", 1, "--no-plot", timeout=240)
+            "--quantized-clients", 1, "--quantize-broadcast", "--no-plot", timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = read_metrics(out / "metrics.jsonl")
     assert [m["round"] for m in metrics] == [1, 2]
+    # a mixed round: one 8-bit client, one float client, both aggregated
     assert metrics[-1]["quantized"] == 1 and metrics[-1]["clients"] == 2
+    # round 2's broadcast is an 8-bit delta to the model the clients already hold
+    assert metrics[1]["bytes_down"] < 0.27 * metrics[0]["bytes_down"]
     assert (out / "client-0.log").exists() and (out / "checkpoint.pt").exists()
     assert str(out) in r.stderr
 

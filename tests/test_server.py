@@ -1,0 +1,116 @@
+"""The server's round logic without sockets: submit, validate, fold, broadcast views."""
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import server
+from aggregation import FedAvg, fedavg
+from model import ImprovedCNN
+from quantization import quantize_state, state_delta
+from security import Peer
+
+
+def make_federation(**overrides) -> server.Federation:
+    args = SimpleNamespace(min_clients=2, min_fit=1, round_timeout=5.0, rounds=3, lr=1e-3, lr_schedule="cosine",
+                           local_epochs=1, batch_size=64, no_augment=False, hflip=False, quantize_broadcast=False)
+    vars(args).update(overrides)
+    return server.Federation(args, (torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)))
+
+
+def session(cid: int, samples: int) -> server.Session:
+    return server.Session(Peer(cid, samples, {}), conn=None, address=f"test:{cid}")
+
+
+def perturbed(state, scale: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v + 7
+            for k, v in state.items()}
+
+
+def start_round(fed, sessions):
+    base = fed.global_state
+    rnd = server.RoundState(1, {s.client_id: s for s in sessions}, FedAvg(base))
+    fed.round = rnd
+    for s in sessions:
+        fed.sessions[s.client_id] = s
+    return rnd, server.RoundTask(1, b"", base, deadline=1e18)
+
+
+def test_mixed_quantized_and_float_round_is_fedavg():
+    fed = make_federation()
+    a, b = session(0, 100), session(1, 300)
+    rnd, task = start_round(fed, [a, b])
+    local_a, local_b = perturbed(task.base, 0.01, 1), perturbed(task.base, 0.01, 2)
+    q = quantize_state(state_delta(local_b, task.base))
+    fed.submit(a, task, {"round": 1, "num_samples": 100, "metrics": {}, "quantized": False, "state": local_a}, 10, 10)
+    fed.submit(b, task, {"round": 1, "num_samples": 300, "metrics": {"train_s": 2.0}, "quantized": True,
+                         "delta": q}, 5, 10)
+    assert rnd.reported == {0, 1} and rnd.accumulator.count == 2
+    assert rnd.bytes_up == 15 and rnd.bytes_down == 20
+    got, exact = rnd.accumulator.result(), fedavg([(local_a, 100), (local_b, 300)])
+    for k, v in exact.items():
+        if v.is_floating_point():
+            step = (q[k]["scale"].max() if isinstance(q[k], dict) else 0)
+            assert torch.allclose(got[k], v, atol=float(step) * 0.75 + 1e-6), k  # 3/4 weight x half a step
+        else:
+            assert torch.equal(got[k], v)
+    assert sorted(c["quantized"] for c in rnd.clients) == [False, True]
+
+
+@pytest.mark.parametrize("bad", [
+    {"state": None},
+    {"num_samples": 10**9},
+    {"num_samples": 0},
+    {"round": 2},
+    {"state_nan": True},
+    {"state_shape": True},
+])
+def test_bad_update_is_excluded_and_reported(bad):
+    fed = make_federation()
+    good, evil = session(0, 100), session(1, 100)
+    rnd, task = start_round(fed, [good, evil])
+    state = perturbed(task.base, 0.01, 3)
+    if bad.pop("state_nan", False):
+        state["classifier.1.weight"] = state["classifier.1.weight"].clone().fill_(float("nan"))
+    if bad.pop("state_shape", False):
+        state["classifier.1.weight"] = torch.zeros(3, 3)
+    body = {"round": 1, "num_samples": 100, "metrics": {}, "quantized": False, "state": state, **bad}
+    fed.submit(evil, task, body, 1, 1)
+    assert 1 in rnd.reported and rnd.accumulator.count == 0
+    fresh = perturbed(task.base, 0.01, 3)
+    fed.submit(good, task, {"round": 1, "num_samples": 100, "metrics": {}, "quantized": False, "state": fresh}, 1, 1)
+    assert rnd.accumulator.count == 1
+
+
+def test_quantized_broadcast_tracks_the_clients_view():
+    fed = make_federation(quantize_broadcast=True)
+    first, packed = fed.broadcast_state()
+    assert packed is None and first is fed.global_state  # round 1: the full model
+    fed.global_state = perturbed(first, 0.01, 4)
+    view, packed = fed.broadcast_state()
+    assert packed is not None and fed.view is view and fed.view_id == 2
+    for k, v in fed.global_state.items():  # the view is the global model up to half a step
+        if v.is_floating_point():
+            assert torch.allclose(view[k], v, atol=float(packed[k]["scale"].max()) / 2 + 1e-6)
+        else:
+            assert torch.equal(view[k], v)
+
+
+def test_register_replaces_duplicate_client_id():
+    fed = make_federation()
+    closed = threading.Event()
+    old = session(0, 10)
+    old.conn = SimpleNamespace(close=closed.set)
+    fed.register(old)
+    new = session(0, 10)
+    fed.register(new)
+    assert fed.sessions[0] is new and closed.is_set()
+    assert old.tasks.get_nowait() is server.STOP
+
+
+def test_model_has_the_specified_size():
+    assert sum(p.numel() for p in ImprovedCNN().parameters()) == 421_834
