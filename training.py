@@ -62,7 +62,7 @@ def train(
             idx = order[step * batch_size:(step + 1) * batch_size]
             x, y = to_float(images[idx]), labels[idx]
             if augment:
-                x = augment_batch(x, generator if device.type == "cpu" else None, hflip=hflip)
+                x = augment_batch(x, generator, hflip=hflip)  # draws on the CPU: same on any device
             optimizer.zero_grad(set_to_none=True)
             out = model(x)
             loss = F.cross_entropy(out, y)
