@@ -117,6 +117,14 @@ def tail(path: Path, n: int = 5) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out) if args.out else HERE / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:  # fetch/check the data once here, rather than racing N+1 downloads
+        from data import DataError, load_mnist, resolve_data_dir
+
+        for train in (True, False):
+            load_mnist(resolve_data_dir(args.data_dir), train=train)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     server_cmd, client_cmds = build_commands(args, port, out)
