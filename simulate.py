@@ -43,6 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantization", action="store_true", help="clients send 8-bit quantized updates")
     p.add_argument("--quantized-clients", type=int, default=None,
                    help="only the first N clients quantize (a mixed federation)")
+    p.add_argument("--stochastic-rounding", action="store_true", help="quantized clients round stochastically")
     p.add_argument("--quantize-broadcast", action="store_true", help="server sends 8-bit model deltas")
     p.add_argument("--partition", choices=("iid", "dirichlet"), default="iid", help="how the shards are drawn")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet")
@@ -88,6 +89,8 @@ def build_commands(args: argparse.Namespace, port: int, out: Path) -> tuple[list
                     "--device", args.device, "--no-progress"] + data
         if i < quantized:
             cmd.append("--quantization")
+            if args.stochastic_rounding:
+                cmd.append("--stochastic-rounding")
         if args.limit:
             cmd += ["--limit", str(args.limit)]
         clients.append(cmd)

@@ -50,7 +50,7 @@ def main() -> None:
                       "overhead_mean_after_round1": statistics.mean(later),
                       "round_to_target": reached[0] if reached else None,
                       "seconds_to_target": reached[1] if reached else None,
-                      "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"]}))
+                      "wall_s": r["wall_s"], "peak_rss_mb": r["peak_rss_mb"], "run": r["out"]}))
 
 
 if __name__ == "__main__":
