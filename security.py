@@ -12,6 +12,7 @@ import hmac
 import os
 import secrets
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,8 +54,14 @@ class Peer:
 
 
 def server_handshake(conn: Connection, secret: bytes | None, timeout: float) -> Peer:
-    """Run the server side; on success the connection's key is set (when a secret is)."""
-    hello = conn.recv(MsgType.HELLO, timeout=timeout, max_size=HANDSHAKE_MAX_FRAME)
+    """Run the server side; on success the connection's key is set (when a secret is).
+    ``timeout`` bounds the whole exchange: a peer dribbling its frames cannot stretch it."""
+    end = time.monotonic() + timeout
+
+    def left() -> float:
+        return max(0.01, end - time.monotonic())
+
+    hello = conn.recv(MsgType.HELLO, timeout=left(), max_size=HANDSHAKE_MAX_FRAME)
     hello_raw = bytes(hello.raw)
     client_id = field(hello.body, "client_id", int)
     num_samples = field(hello.body, "num_samples", int)
@@ -63,18 +70,18 @@ def server_handshake(conn: Connection, secret: bytes | None, timeout: float) -> 
         raise ProtocolError(f"implausible client id {client_id}")
     challenge = {"nonce": secrets.token_bytes(NONCE_SIZE), "auth": secret is not None}
     challenge_raw = encode_payload(challenge)
-    conn.send_payload(MsgType.CHALLENGE, challenge_raw, timeout=timeout)
-    auth = conn.recv(MsgType.AUTH, timeout=timeout, max_size=HANDSHAKE_MAX_FRAME)
+    conn.send_payload(MsgType.CHALLENGE, challenge_raw, timeout=left())
+    auth = conn.recv(MsgType.AUTH, timeout=left(), max_size=HANDSHAKE_MAX_FRAME)
     if secret is not None:
         digest = transcript(hello_raw, challenge_raw)
         given = auth.body.get("proof")  # None when the client holds no secret
         if not isinstance(given, bytes) or not hmac.compare_digest(given, proof(secret, b"fl-client", digest)):
             conn.send_error("authentication failed: wrong or missing secret")
             raise AuthError(f"client {client_id} failed authentication (wrong or missing secret)")
-        conn.send(MsgType.WELCOME, {"proof": proof(secret, b"fl-server", digest)}, timeout=timeout)
+        conn.send(MsgType.WELCOME, {"proof": proof(secret, b"fl-server", digest)}, timeout=left())
         conn.key = session_key(secret, digest)
     else:
-        conn.send(MsgType.WELCOME, {"proof": None}, timeout=timeout)
+        conn.send(MsgType.WELCOME, {"proof": None}, timeout=left())
     return Peer(client_id, num_samples, options)
 
 

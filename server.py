@@ -12,10 +12,13 @@ in the background, then checkpointed atomically and logged as one JSON line.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import math
+import os
 import queue
 import random
+import select
 import signal
 import socket
 import socketserver
@@ -41,6 +44,7 @@ from training import evaluate, round_lr
 
 log = logging.getLogger("server")
 MAX_SAMPLES = 10_000_000  # a sample count beyond this is a lie, whatever the data set
+INGEST_WAIT_S = 2.0  # longest a handler waits for the ingest slot before reading anyway
 
 
 @dataclass
@@ -101,6 +105,9 @@ class Federation:
         self.round: RoundState | None = None
         self.stop = threading.Event()
         self.max_samples = MAX_SAMPLES
+        # Updates are received, decoded, validated and folded one at a time: the GIL
+        # serialises that work anyway, and peak memory stays one update, not one per client.
+        self.ingest = threading.Lock()
         self.view: dict[str, torch.Tensor] | None = None  # what clients hold (--quantize-broadcast)
         self.view_id = 0
 
@@ -149,8 +156,8 @@ class Federation:
                 self._report(session, task.round)
             return
         with self.lock:
-            if rnd is None or rnd.number != task.round or cid in rnd.reported:
-                return  # the round ended (timeout) before this update arrived
+            if rnd is None or rnd is not self.round or rnd.number != task.round or cid in rnd.reported:
+                return  # the round ended (timeout) before this update arrived (its sums may be freed)
             rnd.accumulator.add(state, num_samples)
             rnd.bytes_up += up
             rnd.bytes_down += down
@@ -225,6 +232,9 @@ class Federation:
                     missing = sorted(set(participants) - rnd.reported)
                     log.warning("round %d: timed out after %.0f s waiting for clients %s",
                                 number, self.args.round_timeout, missing)
+                    for cid in missing:  # their handlers hang up on them at this same deadline;
+                        if self.sessions.get(cid) is participants[cid]:  # a retry must not count them
+                            del self.sessions[cid]
                     break
                 self.lock.wait(timeout=min(remaining, 1.0))
             self.round = None
@@ -255,6 +265,15 @@ class Federation:
         for s in sessions:
             s.tasks.put((STOP, reason))
 
+    def drain(self, timeout: float) -> int:
+        """Wait until every handler has told its client DONE and hung up; how many are left.
+        A client busy training for an abandoned round hears it once its update arrives."""
+        end = time.monotonic() + timeout
+        with self.lock:
+            while self.sessions and (left := end - time.monotonic()) > 0:
+                self.lock.wait(timeout=min(left, 0.2))
+            return len(self.sessions)
+
 
 def _num(value: Any) -> float | None:
     """A client-reported figure, kept only if it is a finite, non-negative number."""
@@ -277,10 +296,11 @@ class ClientHandler(socketserver.BaseRequestHandler):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(args.handshake_timeout)
+            end = time.monotonic() + args.handshake_timeout  # one budget for TLS and authentication
             if self.server.tls is not None:
                 sock = self.server.tls.wrap_socket(sock, server_side=True)
             conn = Connection(sock, max_frame=args.max_frame_mb * MIB)
-            peer = server_handshake(conn, self.server.secret, timeout=args.handshake_timeout)
+            peer = server_handshake(conn, self.server.secret, timeout=max(0.01, end - time.monotonic()))
             peer.num_samples = min(peer.num_samples, MAX_SAMPLES)
             if peer.num_samples < 1:
                 raise ProtocolError(f"client {peer.client_id} has no samples")
@@ -303,7 +323,15 @@ class ClientHandler(socketserver.BaseRequestHandler):
     def serve(self, session: Session) -> None:
         fed, conn = self.server.federation, session.conn
         while True:
-            task = session.tasks.get()
+            try:
+                task = session.tasks.get(timeout=1.0)
+            except queue.Empty:
+                if fed.sessions.get(session.client_id) is not session:
+                    return  # dropped at a round deadline (or replaced): it will reconnect
+                if _hung_up(conn.sock):  # an idle client that is gone must not count as connected
+                    log.info("client %d left (%s)", session.client_id, session.address)
+                    return
+                continue
             if task is STOP or (isinstance(task, tuple) and task[0] is STOP):
                 reason = task[1] if isinstance(task, tuple) else "replaced by a newer connection"
                 try:
@@ -317,11 +345,21 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 conn.send_payload(MsgType.MODEL, task.compact if delta_ok else task.payload,
                                   timeout=max(1.0, task.deadline - time.monotonic()))
                 session.view_id = task.view_id
-                msg = conn.recv(MsgType.UPDATE, timeout=max(0.1, task.deadline - time.monotonic()))
+                _wait_readable(conn.sock, task.deadline)  # the client trains meanwhile: no slot held
+                # One update in memory at a time, so N clients cost one model, not N; a peer
+                # that uploads slowly holds the others up for at most INGEST_WAIT_S.
+                gated = fed.ingest.acquire(timeout=INGEST_WAIT_S)
+                try:
+                    body = conn.recv(MsgType.UPDATE, timeout=max(0.1, task.deadline - time.monotonic())).body
+                    fed.submit(session, task, body, conn.bytes_received - recv0, conn.bytes_sent - sent0)
+                    del body  # not kept while this client trains for the next round
+                finally:
+                    if gated:
+                        fed.ingest.release()
             except (ProtocolError, OSError, ssl.SSLError) as exc:
                 fed.fail(session, task.round, conn.bytes_sent - sent0, _one_line(exc))
                 return
-            fed.submit(session, task, msg.body, conn.bytes_received - recv0, conn.bytes_sent - sent0)
+            del task  # nor this round's MODEL payload
 
 
 class FLServer(socketserver.ThreadingTCPServer):
@@ -353,6 +391,27 @@ class FLServer(socketserver.ThreadingTCPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unexpected error serving %s", client_address)
+
+
+def _wait_readable(sock: socket.socket, deadline: float) -> None:
+    """Block until the peer has sent something, hung up, or the deadline passed, without
+    reading anything (the read that follows reports which)."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return
+    select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
+
+
+def _hung_up(sock: socket.socket) -> bool:
+    """Whether an idle peer has closed its end. Peeks at the raw socket, so nothing is
+    consumed (under TLS too: ``socket.socket.recv`` bypasses the SSL layer)."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except (OSError, ValueError):  # reset, or already closed here
+        return True
 
 
 def _one_line(exc: BaseException) -> str:
@@ -429,9 +488,22 @@ def summary(history: list[dict[str, Any]], elapsed: float, args: argparse.Namesp
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def _limit_malloc_arenas(n: int = 2) -> None:
+    """glibc gives busy threads their own malloc arenas (up to 8 per core) and keeps freed
+    blocks in each, so with a thread per client every update-sized buffer ends up cached
+    once per arena. Two arenas bound that; the GIL serialises the threads anyway."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-8, n)  # M_ARENA_MAX
+    except (AttributeError, OSError, TypeError):  # not glibc
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.quiet, args.verbose)
+    _limit_malloc_arenas()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -560,11 +632,15 @@ def run(fed: Federation, args: argparse.Namespace) -> int:
                         number, rnd.accumulator.count, len(rnd.participants), args.min_fit)
             continue
         fed.global_state = rnd.accumulator.result()
+        rnd.accumulator.release()  # the float64 sums are not needed while the next round runs
         evaluator.submit(rnd, fed.global_state)  # overlaps with the next round's training
         number += 1
     evaluator.close()
     bar.close()
     fed.stop_all("federation complete" if number > args.rounds else "server stopping")
+    grace = min(args.round_timeout, 30.0)
+    if fed.drain(grace):  # else clients mid-round would see a dead server and keep retrying
+        log.warning("%d client(s) still busy after %.0f s; closing their connections", len(fed.sessions), grace)
     time.sleep(0.2)
     if not args.quiet:
         print("\nsummary\n" + summary(fed.history, time.monotonic() - started, args), file=sys.stderr)
