@@ -1,9 +1,11 @@
-"""Start the real server and clients as processes on 127.0.0.1 (shared by end-to-end tests)."""
+"""Shared test helpers: the real server and clients as processes on 127.0.0.1, and a
+thread that hands its result or exception back to the test."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,3 +61,33 @@ def stop(*procs: subprocess.Popen) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+class Worker(threading.Thread):
+    """Run ``fn`` in a daemon thread and hand back its result or exception."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args = fn, args
+        self.result = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+            self.error = exc
+
+    def get(self, timeout: float = 10.0):
+        self.join(timeout)
+        assert not self.is_alive(), "worker thread hung"
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def outcome(self, timeout: float = 10.0):
+        """The result, or the exception the thread raised (returned, not raised)."""
+        self.join(timeout)
+        assert not self.is_alive(), "worker thread hung"
+        return self.error if self.error is not None else self.result

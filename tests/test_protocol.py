@@ -11,6 +11,8 @@ import time
 import pytest
 import torch
 
+from procs import Worker
+
 import protocol
 from model import ImprovedCNN
 from protocol import (
@@ -41,30 +43,6 @@ KEY = bytes(range(32))
 
 
 # --- helpers ----------------------------------------------------------------------------
-
-class Worker(threading.Thread):
-    """Run ``fn`` in a daemon thread and hand back its result or exception."""
-
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self.fn, self.args = fn, args
-        self.result = None
-        self.error: BaseException | None = None
-        self.start()
-
-    def run(self):
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
-            self.error = exc
-
-    def get(self, timeout: float = 10.0):
-        self.join(timeout)
-        assert not self.is_alive(), "worker thread hung"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
 
 @pytest.fixture
 def pair():

@@ -5,11 +5,12 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+
+from procs import Worker
 
 from protocol import (
     HANDSHAKE_MAX_FRAME,
@@ -39,31 +40,7 @@ TIMEOUT = 3.0
 
 # --- helpers ----------------------------------------------------------------------------
 
-class Worker(threading.Thread):
-    def __init__(self, fn, *args):
-        super().__init__(daemon=True)
-        self.fn, self.args = fn, args
-        self.result = None
-        self.error: BaseException | None = None
-        self.start()
 
-    def run(self):
-        try:
-            self.result = self.fn(*self.args)
-        except BaseException as exc:  # noqa: BLE001 - reported to the test thread
-            self.error = exc
-
-    def get(self, timeout: float = 10.0):
-        self.join(timeout)
-        assert not self.is_alive(), "worker thread hung"
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-    def outcome(self, timeout: float = 10.0):
-        self.join(timeout)
-        assert not self.is_alive(), "worker thread hung"
-        return self.error if self.error is not None else self.result
 
 
 class RecordingConnection(Connection):
