@@ -69,7 +69,6 @@ class Session:
     address: str
     tasks: "queue.Queue[Any]" = dc_field(default_factory=queue.Queue)
     view_id: int | None = None  # the last broadcast this client received in full or as a delta
-    closed: threading.Event = dc_field(default_factory=threading.Event)
 
     @property
     def client_id(self) -> int:
@@ -96,15 +95,13 @@ class Federation:
     def __init__(self, args: argparse.Namespace, test_set: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.args = args
         self.test_images, self.test_labels = test_set
-        self.model = ImprovedCNN()
-        self.global_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.global_state = {k: v.detach().clone() for k, v in ImprovedCNN().state_dict().items()}
         self.history: list[dict[str, Any]] = []
         self.start_round = 0
         self.sessions: dict[int, Session] = {}
         self.lock = threading.Condition()
         self.round: RoundState | None = None
         self.stop = threading.Event()
-        self.max_samples = MAX_SAMPLES
         # Updates are received, decoded, validated and folded one at a time: the GIL
         # serialises that work anyway, and peak memory stays one update, not one per client.
         self.ingest = threading.Lock()
