@@ -59,7 +59,11 @@ class RoundTask:
     compact: bytes | None = None  # the same model as an 8-bit delta to broadcast view_id - 1
 
 
-STOP = object()  # queued to a session: send DONE and close
+@dataclass(frozen=True)
+class Stop:
+    """Queued to a session instead of a round: send DONE with this reason and close."""
+
+    reason: str
 
 
 @dataclass
@@ -121,7 +125,7 @@ class Federation:
             log.warning("client %d reconnected from %s; dropping its old connection from %s",
                         session.client_id, session.address, old.address)
             old.conn.close()
-            old.tasks.put(STOP)
+            old.tasks.put(Stop("replaced by a newer connection"))
 
     def unregister(self, session: Session) -> None:
         with self.lock:
@@ -260,7 +264,7 @@ class Federation:
         with self.lock:
             sessions = list(self.sessions.values())
         for s in sessions:
-            s.tasks.put((STOP, reason))
+            s.tasks.put(Stop(reason))
 
     def drain(self, timeout: float) -> int:
         """Wait until every handler has told its client DONE and hung up; how many are left.
@@ -329,10 +333,9 @@ class ClientHandler(socketserver.BaseRequestHandler):
                     log.info("client %d left (%s)", session.client_id, session.address)
                     return
                 continue
-            if task is STOP or (isinstance(task, tuple) and task[0] is STOP):
-                reason = task[1] if isinstance(task, tuple) else "replaced by a newer connection"
+            if isinstance(task, Stop):
                 try:
-                    conn.send(MsgType.DONE, {"reason": reason}, timeout=5.0)
+                    conn.send(MsgType.DONE, {"reason": task.reason}, timeout=5.0)
                 except (OSError, ProtocolError):
                     pass
                 return
@@ -590,12 +593,12 @@ class Evaluator:
         t0 = time.monotonic()
         self.model.load_state_dict(state)
         loss, accuracy = evaluate(self.model, fed.test_images, fed.test_labels)
-        train_s = [c["train_s"] for c in rnd.clients if c["train_s"] is not None]
+        slowest = max((c["train_s"] for c in rnd.clients if c["train_s"] is not None), default=None)
         record = {
             "round": rnd.number, "accuracy": accuracy, "loss": loss, "clients": rnd.accumulator.count,
             "participants": len(rnd.participants), "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down,
-            "round_s": rnd.seconds, "train_s_max": max(train_s, default=None),
-            "overhead": rnd.seconds / max(train_s) if train_s and max(train_s) > 0 else None, "eval_s": time.monotonic() - t0,
+            "round_s": rnd.seconds, "train_s_max": slowest,
+            "overhead": rnd.seconds / slowest if slowest else None, "eval_s": time.monotonic() - t0,
             "lr": rnd.lr, "quantized": sum(c["quantized"] for c in rnd.clients),
             "samples": rnd.accumulator.total_weight, "time": time.time(),
             "per_client": sorted(rnd.clients, key=lambda c: c["client_id"]),
@@ -638,7 +641,7 @@ def run(fed: Federation, args: argparse.Namespace) -> int:
     grace = min(args.round_timeout, 30.0)
     if fed.drain(grace):  # else clients mid-round would see a dead server and keep retrying
         log.warning("%d client(s) still busy after %.0f s; closing their connections", len(fed.sessions), grace)
-    time.sleep(0.2)
+    time.sleep(0.2)  # let the handlers close their sockets after the last DONE
     if not args.quiet:
         print("\nsummary\n" + summary(fed.history, time.monotonic() - started, args), file=sys.stderr)
     return 0

@@ -44,17 +44,6 @@ KEY = bytes(range(32))
 
 # --- helpers ----------------------------------------------------------------------------
 
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    yield a, b
-    for s in (a, b):
-        try:
-            s.close()
-        except OSError:
-            pass
-
-
 def frame_bytes(msg_type: MsgType, body: dict, key: bytes | None = None, seq: int = 0) -> bytes:
     return b"".join(pack_frame(msg_type, encode_payload(body), key, seq))
 

@@ -109,7 +109,7 @@ def test_register_replaces_duplicate_client_id():
     new = session(0, 10)
     fed.register(new)
     assert fed.sessions[0] is new and closed.is_set()
-    assert old.tasks.get_nowait() is server.STOP
+    assert old.tasks.get_nowait() == server.Stop("replaced by a newer connection")
 
 
 def test_model_has_the_specified_size():
