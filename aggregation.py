@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-State = Mapping[str, torch.Tensor]
+from layout import Layout, State
 
 
 class InvalidUpdate(ValueError):
@@ -53,48 +53,78 @@ def validate_num_samples(num_samples: object, limit: int) -> int:
     return num_samples
 
 
-_FOLD_SLICE = 1 << 16  # elements: 512 KiB of float64
+def validate_flat(floats: torch.Tensor) -> None:
+    """The float vector of a packed update (shapes are checked by ``Layout.unpack``)."""
+    if floats.numel() and not _finite(floats):
+        raise InvalidUpdate("update holds NaN or Inf")
+
+
+_FOLD_SLICE = 1 << 17  # elements: a 1 MiB float64 temporary at most
+
+
+def _fold(dst: torch.Tensor, src: torch.Tensor, weight: int) -> None:
+    """dst += weight * src in slices: torch casts a float32 operand of a float64 add to a
+    float64 temporary of its full size, so whole-vector adds would allocate one per update."""
+    for i in range(0, src.numel(), _FOLD_SLICE):
+        dst[i:i + _FOLD_SLICE].add_(src[i:i + _FOLD_SLICE], alpha=weight)
 
 
 class FedAvg:
-    """Running sample-weighted sum of client states; ``result()`` is the FedAvg model."""
+    """Running sample-weighted sum of client states; ``result()`` is the FedAvg model.
+
+    The sums are two flat float64 vectors in the reference's layout (floating entries,
+    integer entries), so a flat update (``add_flat``) folds in with a handful of calls.
+    """
 
     def __init__(self, reference: State) -> None:
-        self._ref = {k: (v.dtype, v.shape) for k, v in reference.items()}
-        self._sum = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in reference.items()}
+        self.layout = Layout.of(reference)
+        self._floats: torch.Tensor | None = torch.zeros(self.layout.float_numel, dtype=torch.float64)
+        self._ints = torch.zeros(self.layout.int_numel, dtype=torch.float64)
         self.total_weight = 0
         self.count = 0
 
     def add(self, state: State, num_samples: int) -> None:
+        """Fold a (validated) state_dict, entry by entry: no flattened copy of it is made."""
+        floats, ints = self._begin(num_samples)
+        for e in self.layout.entries:
+            dst = floats if e.dtype.is_floating_point else ints
+            _fold(dst[e.offset:e.offset + e.numel], state[e.name].detach().to("cpu").reshape(-1), num_samples)
+        self._end(num_samples)
+
+    def add_flat(self, floats: torch.Tensor, ints: torch.Tensor, num_samples: int) -> None:
+        """Fold a (validated) update in its flat form: ``Layout.unpack``'s vectors."""
+        acc_floats, acc_ints = self._begin(num_samples)
+        _fold(acc_floats, floats, num_samples)
+        _fold(acc_ints, ints, num_samples)
+        self._end(num_samples)
+
+    def _begin(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         if num_samples <= 0:
             raise InvalidUpdate(f"sample count must be positive, got {num_samples}")
-        for name, acc in self._sum.items():
-            # Folded in slices: the float64 cast of a slice is a small temporary, where a
-            # whole-tensor cast would allocate (and free) a model-sized one per update.
-            src, dst = state[name].detach().to("cpu").reshape(-1), acc.view(-1)
-            for i in range(0, src.numel(), _FOLD_SLICE):
-                dst[i:i + _FOLD_SLICE].add_(src[i:i + _FOLD_SLICE].to(torch.float64), alpha=num_samples)
+        if self._floats is None:
+            raise ValueError("the sums were released")
+        return self._floats, self._ints
+
+    def _end(self, num_samples: int) -> None:
         self.total_weight += num_samples
         self.count += 1
 
     def result(self) -> dict[str, torch.Tensor]:
+        """The weighted mean as a state_dict whose float32 entries share one storage."""
         if self.count == 0:
             raise ValueError("no updates to average")
-        if self._sum is None:
+        if self._floats is None:
             raise ValueError("the sums were released")
-        out = {}
-        for name, acc in self._sum.items():
-            dtype, shape = self._ref[name]
-            out[name] = mean = torch.empty(shape, dtype=dtype)
-            src, dst = acc.view(-1), mean.view(-1)
-            for i in range(0, src.numel(), _FOLD_SLICE):  # slices: no float64 model-sized temporary
-                part = src[i:i + _FOLD_SLICE] / self.total_weight
-                dst[i:i + _FOLD_SLICE] = part if dtype.is_floating_point else part.round()
-        return out
+        wide = any(e.dtype == torch.float64 for e in self.layout.entries)  # float32 would truncate those
+        floats = torch.empty(self.layout.float_numel, dtype=torch.float64 if wide else torch.float32)
+        for i in range(0, floats.numel(), _FOLD_SLICE):  # slices: no float64 model-sized temporary
+            floats[i:i + _FOLD_SLICE] = self._floats[i:i + _FOLD_SLICE] / self.total_weight
+        ints = (self._ints / self.total_weight).round().to(torch.int64)
+        return self.layout.unflatten(floats, ints)
 
     def release(self) -> None:
         """Free the running sums once the average is taken; count and total_weight stay."""
-        self._sum = None
+        self._floats = None
 
 
 def fedavg(updates: Sequence[tuple[State, int]]) -> dict[str, torch.Tensor]:

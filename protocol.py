@@ -68,7 +68,7 @@ class Message:
     type: MsgType
     body: dict[str, Any]
     nbytes: int  # frame bytes on the wire, header and tag included
-    raw: bytes | bytearray  # the payload as received (handshake transcripts hash it)
+    raw: bytes | bytearray | memoryview  # the payload as received (handshake transcripts hash it)
 
 
 # --- pure framing functions -------------------------------------------------------------
@@ -184,10 +184,12 @@ def pack_frame(msg_type: MsgType, payload: bytes, key: bytes | None = None, seq:
 
 # --- sockets ----------------------------------------------------------------------------
 
-def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None,
+               into: bytearray | None = None) -> bytearray | memoryview:
     """Read exactly n bytes across partial recvs; the deadline bounds the whole read, so a
-    peer that dribbles one byte at a time cannot hold the reader forever."""
-    buf = bytearray(n)
+    peer that dribbles one byte at a time cannot hold the reader forever. With ``into``
+    (at least n bytes) the bytes land there and a view of them is returned."""
+    buf: bytearray | memoryview = bytearray(n) if into is None else memoryview(into)[:n]
     view = memoryview(buf)
     got = 0
     while got < n:
@@ -241,8 +243,13 @@ class Connection:
         expect: MsgType | Iterable[MsgType] | None = None,
         timeout: float | None = None,
         max_size: int | None = None,
+        buffer: bytearray | None = None,
     ) -> Message:
-        """Receive one message. ``timeout`` bounds the whole frame, not each recv call."""
+        """Receive one message. ``timeout`` bounds the whole frame, not each recv call.
+
+        ``buffer``, if the payload fits, receives it instead of a new allocation (the
+        server reuses one for every update); ``Message.raw`` is then a view of it, valid
+        until the buffer is reused, while the decoded body owns its memory."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if deadline is None:
             self.sock.settimeout(None)
@@ -251,7 +258,7 @@ class Connection:
         tagged = bool(flags & FLAG_TAGGED)
         if tagged != (self.key is not None):
             raise ProtocolError("frame authentication flag does not match the session")
-        payload = recv_exact(self.sock, length, deadline)
+        payload = recv_exact(self.sock, length, deadline, buffer if buffer is not None and len(buffer) >= length else None)
         nbytes = HEADER_SIZE + length
         if self.key is not None:
             tag = recv_exact(self.sock, TAG_SIZE, deadline)

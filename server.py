@@ -33,8 +33,9 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from aggregation import FedAvg, InvalidUpdate, validate_num_samples, validate_state
+from aggregation import FedAvg, InvalidUpdate, validate_flat, validate_num_samples, validate_state
 from data import DataError, load_mnist, resolve_data_dir
+from layout import Layout, LayoutError
 from logs import setup_logging
 from model import ImprovedCNN
 from protocol import DEFAULT_MAX_FRAME, MIB, Connection, MsgType, ProtocolError, encode_payload, field
@@ -54,6 +55,7 @@ class RoundTask:
     round: int
     payload: bytes  # the MODEL message with the full state, encoded once for all clients
     base: dict[str, torch.Tensor]  # the state clients train from, to rebuild quantized deltas
+    layout: Layout  # base's layout, which flat updates must have
     deadline: float  # time.monotonic() by which the update must have arrived
     view_id: int = 0  # which broadcast this is (--quantize-broadcast)
     compact: bytes | None = None  # the same model as an 8-bit delta to broadcast view_id - 1
@@ -100,7 +102,7 @@ class Federation:
         self.args = args
         self.test_images, self.test_labels = test_set
         self.global_state = {k: v.detach().clone() for k, v in ImprovedCNN().state_dict().items()}
-        self.history: list[dict[str, Any]] = []
+        self.history = ckpt.History()
         self.start_round = 0
         self.sessions: dict[int, Session] = {}
         self.lock = threading.Condition()
@@ -109,6 +111,7 @@ class Federation:
         # Updates are received, decoded, validated and folded one at a time: the GIL
         # serialises that work anyway, and peak memory stays one update, not one per client.
         self.ingest = threading.Lock()
+        self.recv_buffer = bytearray()  # the ingest slot's: updates are received into it, not into new memory
         self.view: dict[str, torch.Tensor] | None = None  # what clients hold (--quantize-broadcast)
         self.view_id = 0
 
@@ -142,13 +145,17 @@ class Federation:
                 raise InvalidUpdate(f"update for round {body['round']}, expected {task.round}")
             num_samples = validate_num_samples(body.get("num_samples"), session.peer.num_samples)
             metrics = field(body, "metrics", dict)
+            flat = None
             if field(body, "quantized", bool):
-                delta = dequantize_state(field(body, "delta", dict), like=task.base)
-                state = apply_delta(task.base, delta)
-            else:
+                state = apply_delta(task.base, dequantize_state(field(body, "delta", dict), like=task.base))
+            elif "flat" in body:  # what client.py sends: the cheap form to decode, check and fold
+                flat = task.layout.unpack(body["flat"])
+                validate_flat(flat[0])
+            else:  # a plain state_dict, for other clients
                 state = field(body, "state", dict)
-            validate_state(state, task.base)
-        except (InvalidUpdate, ProtocolError, QuantizationError) as exc:
+            if flat is None:
+                validate_state(state, task.base)
+        except (InvalidUpdate, ProtocolError, QuantizationError, LayoutError) as exc:
             log.warning("round %d: rejected update from client %d: %s", task.round, cid, exc)
             with self.lock:
                 if rnd is not None and rnd.number == task.round:
@@ -159,7 +166,10 @@ class Federation:
         with self.lock:
             if rnd is None or rnd is not self.round or rnd.number != task.round or cid in rnd.reported:
                 return  # the round ended (timeout) before this update arrived (its sums may be freed)
-            rnd.accumulator.add(state, num_samples)
+            if flat is None:
+                rnd.accumulator.add(state, num_samples)
+            else:
+                rnd.accumulator.add_flat(*flat, num_samples)
             rnd.bytes_up += up
             rnd.bytes_down += down
             rnd.clients.append({
@@ -215,6 +225,8 @@ class Federation:
         if compact is not None:
             compact = encode_payload({**header, "delta": compact, "base_view": self.view_id - 1,
                                       "view_id": self.view_id})
+        if len(self.recv_buffer) < len(payload) + 64 * 1024:  # a float update is about the model's size
+            self.recv_buffer = bytearray(len(payload) + 64 * 1024)
         rnd = RoundState(number, participants, FedAvg(base), lr=lr)
         deadline = rnd.started + self.args.round_timeout
         with self.lock:
@@ -223,7 +235,7 @@ class Federation:
             for cid, s in participants.items():
                 if self.sessions.get(cid) is not s:
                     rnd.reported.add(cid)
-        task = RoundTask(number, payload, base, deadline, self.view_id, compact)
+        task = RoundTask(number, payload, base, rnd.accumulator.layout, deadline, self.view_id, compact)
         for s in participants.values():
             s.tasks.put(task)
         with self.lock:
@@ -350,7 +362,8 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 # that uploads slowly holds the others up for at most INGEST_WAIT_S.
                 gated = fed.ingest.acquire(timeout=INGEST_WAIT_S)
                 try:
-                    body = conn.recv(MsgType.UPDATE, timeout=max(0.1, task.deadline - time.monotonic())).body
+                    body = conn.recv(MsgType.UPDATE, timeout=max(0.1, task.deadline - time.monotonic()),
+                                     buffer=fed.recv_buffer if gated else None).body
                     fed.submit(session, task, body, conn.bytes_received - recv0, conn.bytes_sent - sent0)
                     del body  # not kept while this client trains for the next round
                 finally:
@@ -472,7 +485,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def summary(history: list[dict[str, Any]], elapsed: float, args: argparse.Namespace) -> str:
+def summary(history: ckpt.History, elapsed: float, args: argparse.Namespace) -> str:
     if not history:
         return "no round completed"
     best = max(history, key=lambda m: m["accuracy"])
@@ -523,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError) as exc:
             log.error("cannot resume from %s: %s", args.checkpoint, _one_line(exc))
             return 2
-        fed.global_state, fed.history, fed.start_round = saved["model"], saved["metrics"], saved["round"]
+        fed.global_state, fed.history, fed.start_round = saved["model"], ckpt.History(saved["metrics"]), saved["round"]
         ckpt.restore_rng(saved)
         ckpt.rewrite_metrics(args.metrics, fed.history)
         log.info("resumed from %s after round %d", args.checkpoint, fed.start_round)

@@ -82,7 +82,7 @@ def train(
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 1000) -> tuple[float, float]:
+             batch_size: int = 16) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on uint8 images."""
     device = next(model.parameters()).device
     was_training = model.training

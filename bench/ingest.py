@@ -4,8 +4,8 @@ Real side: the actual ``server.py`` runs as a subprocess (``--min-clients N``, `
 100``, ``--threads 1``, checkpoint and metrics in a temporary folder). This process is the
 load generator: N threads, each one TCP connection that does the real handshake
 (``security.client_handshake`` over ``protocol.Connection``, no secret) and then answers
-every MODEL frame at once with a float32 UPDATE encoded in advance (one payload per round,
-a perturbed ImprovedCNN state; no training). The MODEL frames are read into a reused
+every MODEL frame at once with a float32 UPDATE encoded in advance by ``client.py``'s own
+``update_message`` (one payload per round, a perturbed ImprovedCNN state; no training). The MODEL frames are read into a reused
 buffer and not decoded (the round number is counted; the server's metrics confirm that
 all N updates of every round were accepted).
 
@@ -172,6 +172,7 @@ def make_payloads(rounds: int) -> tuple[list[bytes], int]:
     """One UPDATE payload per round (index = round number) and the MODEL payload's length."""
     import torch
 
+    from client import update_message
     from model import ImprovedCNN
     from protocol import encode_payload
 
@@ -180,8 +181,9 @@ def make_payloads(rounds: int) -> tuple[list[bytes], int]:
     g = torch.Generator().manual_seed(1)
     perturbed = {k: (v + 0.01 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v.clone()
                  for k, v in state.items()}
-    payloads = [b""] + [encode_payload({"round": r, "num_samples": NUM_SAMPLES, "metrics": {"train_s": 0.0},
-                                        "quantized": False, "state": perturbed}) for r in range(1, rounds + 1)]
+    metrics = {"loss": 0.1, "accuracy": 0.9, "train_s": 1.0, "samples_per_s": 1000.0}
+    payloads = [b""] + [encode_payload(update_message(perturbed, state, r, NUM_SAMPLES, metrics))
+                        for r in range(1, rounds + 1)]
     config = {"epochs": 1, "lr": 1e-3, "batch_size": 64, "augment": True, "hflip": False}
     model_len = len(encode_payload({"round": 1, "rounds": rounds, "state": state, "config": config}))
     return payloads, model_len
@@ -324,27 +326,29 @@ def run_server(a: argparse.Namespace, payloads: list[bytes]) -> dict:
 # --- a per-stage profile of the server's per-update path ----------------------------------
 
 def profile(payload: bytes, reps: int) -> dict[str, float]:
+    """The server's per-update stages (``Federation.submit`` for a flat float update), timed alone."""
     import torch
 
-    from aggregation import FedAvg, validate_state
+    from aggregation import FedAvg, validate_flat
     from model import ImprovedCNN
     from protocol import decode_payload
 
     ref = ImprovedCNN().state_dict()
     acc = FedAvg(ref)
-    t = {"decode_payload": 0.0, "validate_state": 0.0, "FedAvg.add": 0.0}
+    t = {"decode_payload": 0.0, "unpack + validate_flat": 0.0, "FedAvg.add_flat": 0.0}
     raw = bytearray(payload)  # what recv_exact hands over
     for _ in range(reps):
         t0 = time.perf_counter()
         body = decode_payload(raw)
         t1 = time.perf_counter()
-        validate_state(body["state"], ref)
+        floats, ints = acc.layout.unpack(body["flat"])
+        validate_flat(floats)
         t2 = time.perf_counter()
-        acc.add(body["state"], body["num_samples"])
+        acc.add_flat(floats, ints, body["num_samples"])
         t3 = time.perf_counter()
         t["decode_payload"] += t1 - t0
-        t["validate_state"] += t2 - t1
-        t["FedAvg.add"] += t3 - t2
+        t["unpack + validate_flat"] += t2 - t1
+        t["FedAvg.add_flat"] += t3 - t2
     a, b = socket.socketpair()
     buf = bytearray(len(payload))
     view = memoryview(buf)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from aggregation import FedAvg, InvalidUpdate, fedavg, validate_num_samples, validate_state
+from aggregation import FedAvg, InvalidUpdate, fedavg, validate_flat, validate_num_samples, validate_state
+from layout import Layout
 from model import ImprovedCNN
 
 
@@ -155,20 +156,68 @@ def test_add_does_not_modify_client_state():
 def test_accumulator_memory_constant_in_number_of_updates():
     ref = model_state(0)
     acc = FedAvg(ref)
-    sums_before = dict(acc._sum)
+    floats, ints = acc._floats, acc._ints
+    layout = Layout.of(ref)
     for i in range(20):
-        acc.add(ref, i + 1)
+        if i % 2:
+            acc.add(ref, i + 1)
+        else:
+            acc.add_flat(*layout.flatten(ref), i + 1)
     assert acc.count == 20
     assert acc.total_weight == sum(range(1, 21))
-    assert len(acc._sum) == len(ref)
-    for k, t in acc._sum.items():
-        assert t.dtype == torch.float64
-        assert t.shape == ref[k].shape
-        assert t is sums_before[k]  # accumulated in place, no new tensors per update
+    assert acc._floats is floats and acc._ints is ints  # accumulated in place, no new tensors per update
+    assert floats.dtype == torch.float64 and floats.numel() == sum(v.numel() for v in ref.values() if v.is_floating_point())
     # nothing else on the object grows with the number of updates
     for name, value in vars(acc).items():
         if isinstance(value, (list, tuple, dict, set)):
             assert len(value) <= len(ref), name
+
+
+def test_flat_and_state_dict_updates_fold_identically():
+    states = [model_state(i) for i in range(3)]
+    counts = [100, 250, 37]
+    layout = Layout.of(states[0])
+    by_dict, by_flat, mixed = FedAvg(states[0]), FedAvg(states[0]), FedAvg(states[0])
+    for i, (s, n) in enumerate(zip(states, counts)):
+        by_dict.add(s, n)
+        by_flat.add_flat(*layout.flatten(s), n)
+        mixed.add(s, n) if i % 2 else mixed.add_flat(*layout.unpack(layout.pack(s)), n)
+    a, b, c = by_dict.result(), by_flat.result(), mixed.result()
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+    expected = sum(s["features.0.weight"].double() * n for s, n in zip(states, counts)) / sum(counts)
+    assert torch.equal(b["features.0.weight"], expected.float())
+
+
+def test_result_entries_share_one_storage_and_load_into_the_model():
+    s = model_state(0)
+    acc = FedAvg(s)
+    acc.add(s, 3)
+    out = acc.result()
+    floats = [v for v in out.values() if v.dtype == torch.float32]
+    assert len({v.untyped_storage().data_ptr() for v in floats}) == 1  # torch.save writes one record
+    ImprovedCNN().load_state_dict(out)
+
+
+def test_release_frees_the_sums():
+    s = model_state(0)
+    acc = FedAvg(s)
+    acc.add(s, 3)
+    acc.release()
+    with pytest.raises(ValueError):
+        acc.add(s, 1)
+    with pytest.raises(ValueError):
+        acc.result()
+    assert acc.count == 1 and acc.total_weight == 3
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_validate_flat_rejects_non_finite(value):
+    floats = torch.zeros(1000)
+    validate_flat(floats)
+    floats[517] = value
+    with pytest.raises(InvalidUpdate, match="NaN or Inf"):
+        validate_flat(floats)
 
 
 def test_result_without_updates_raises():

@@ -12,6 +12,7 @@ import torch
 import checkpoint
 from checkpoint import (
     FORMAT,
+    History,
     append_metrics,
     atomic_write,
     load,
@@ -155,6 +156,41 @@ def test_load_bare_state_dict(tmp_path, model_state):
         assert torch.equal(state["model"][k], v)
 
 
+def test_format_1_checkpoint_still_loads(tmp_path, model_state):
+    """Checkpoints of the previous format pickled metrics and the RNG state as objects."""
+    path = tmp_path / "old.pt"
+    random.seed(3)
+    torch.save({"format": 1, "round": 2, "model": model_state, "metrics": METRICS, "config": CONFIG,
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, path)
+    expected = [random.random() for _ in range(3)]
+    state = load(path)
+    assert state["round"] == 2 and state["metrics"] == METRICS
+    random.seed(99)
+    restore_rng(state)
+    assert [random.random() for _ in range(3)] == expected
+
+
+@pytest.mark.parametrize("as_history", [False, True])
+def test_metrics_are_stored_as_one_json_string(tmp_path, model_state, as_history):
+    path = tmp_path / "ckpt.pt"
+    save(path, model_state, 2, History(METRICS) if as_history else METRICS, CONFIG)
+    raw = torch.load(path, weights_only=True)
+    assert isinstance(raw["metrics"], str) and json.loads(raw["metrics"]) == METRICS
+    assert load(path)["metrics"] == METRICS
+
+
+def test_history_encodes_each_record_once(monkeypatch):
+    history = History(METRICS[:1])
+    calls = []
+    real_dumps = checkpoint.json.dumps
+    monkeypatch.setattr(checkpoint.json, "dumps", lambda obj, *a, **k: calls.append(obj) or real_dumps(obj, *a, **k))
+    history.append(METRICS[1])
+    for _ in range(3):
+        assert json.loads(history.to_json()) == METRICS
+    assert calls == [METRICS[1]]  # only the new record was encoded
+    assert len(history) == 2 and history[-1] == METRICS[1] and list(history) == METRICS
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", bytes(range(256)) * 8])
 def test_load_garbage_raises_value_error(tmp_path, content):
     path = tmp_path / "bad.pt"
@@ -176,6 +212,8 @@ def test_load_truncated_checkpoint_raises_value_error(tmp_path, model_state):
     [1, 2, 3],
     {"format": FORMAT + 1, "model": {}},
     {"format": FORMAT, "round": 1},  # no model
+    {"format": FORMAT, "round": 1, "model": {}, "metrics": "{not json", "python_rng": "[]"},
+    {"format": FORMAT, "round": 1, "model": {}, "metrics": 5, "python_rng": "[]"},
     {"round": 1, "model": {}},  # no format, not a bare state dict
     torch.zeros(3),
 ])

@@ -1,0 +1,91 @@
+"""A state_dict's layout, and the state as two flat vectors: the form updates travel in.
+
+``torch.load(weights_only=True)`` runs a pure-Python unpickler, about 25 pickle ops and a
+storage record per tensor: the 18-tensor ImprovedCNN state_dict takes ~1.3 ms to decode,
+the same numbers as one float32 and one int64 vector ~0.35 ms. Flat vectors also validate
+and fold in one call each instead of one per tensor. That is the server's per-update work,
+so float updates travel flat; the MODEL broadcast stays a plain state_dict.
+
+Both ends derive the layout (names, shapes, dtypes, in ``state_dict`` order) from the same
+model, and the packed form carries a fingerprint of it, so a vector from another model is
+refused instead of misread.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+State = Mapping[str, torch.Tensor]
+FLOAT = torch.float32  # the wire dtype of every floating entry
+INT = torch.int64  # ... and of every integer one (BatchNorm's num_batches_tracked)
+
+
+class LayoutError(ValueError):
+    """A packed state that does not fit the layout (another model, wrong sizes or types)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+    offset: int  # into the float vector for floating entries, else into the int vector
+    numel: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    entries: tuple[Entry, ...]
+    float_numel: int
+    int_numel: int
+    fingerprint: int
+
+    @classmethod
+    def of(cls, state: State) -> "Layout":
+        entries, sizes = [], {True: 0, False: 0}
+        for name, t in state.items():
+            floating = t.is_floating_point()
+            entries.append(Entry(name, t.shape, t.dtype, sizes[floating], t.numel()))
+            sizes[floating] += t.numel()
+        spec = ";".join(f"{e.name}:{str(e.dtype)}:{tuple(e.shape)}" for e in entries)
+        fingerprint = int.from_bytes(hashlib.sha256(spec.encode()).digest()[:8], "big") >> 1
+        return cls(tuple(entries), sizes[True], sizes[False], fingerprint)
+
+    def flatten(self, state: State) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float and int vectors of ``state`` (one copy; keys must match the layout)."""
+        floats = torch.empty(self.float_numel, dtype=FLOAT)
+        ints = torch.empty(self.int_numel, dtype=INT)
+        for e in self.entries:
+            dst = floats if e.dtype.is_floating_point else ints
+            dst[e.offset:e.offset + e.numel] = state[e.name].detach().reshape(-1)
+        return floats, ints
+
+    def unflatten(self, floats: torch.Tensor, ints: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A state_dict over the vectors: views where the dtype matches, so a model loads
+        it, and ``torch.save`` writes one storage record, not one per tensor."""
+        out = {}
+        for e in self.entries:
+            src = floats if e.dtype.is_floating_point else ints
+            out[e.name] = src[e.offset:e.offset + e.numel].view(e.shape).to(e.dtype)
+        return out
+
+    def pack(self, state: State) -> dict[str, Any]:
+        floats, ints = self.flatten(state)
+        return {"layout": self.fingerprint, "float": floats, "int": ints}
+
+    def unpack(self, packed: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vectors of a packed state from the network, checked against this layout
+        (values are not looked at: see ``aggregation.validate_flat``)."""
+        if not isinstance(packed, Mapping) or set(packed) != {"layout", "float", "int"}:
+            raise LayoutError("a packed state is a dict of exactly 'layout', 'float' and 'int'")
+        fingerprint, floats, ints = packed["layout"], packed["float"], packed["int"]
+        if type(fingerprint) is not int or fingerprint != self.fingerprint:
+            raise LayoutError("packed for a different model (layout fingerprint differs)")
+        for what, t, dtype, numel in (("float", floats, FLOAT, self.float_numel), ("int", ints, INT, self.int_numel)):
+            if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.shape != (numel,):
+                got = f"{t.dtype}{list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise LayoutError(f"{what} vector is {got}, expected {dtype}[{numel}]")
+        return floats, ints
