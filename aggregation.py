@@ -122,6 +122,15 @@ class FedAvg:
         ints = (self._ints / self.total_weight).round().to(torch.int64)
         return self.layout.unflatten(floats, ints)
 
+    def reset(self) -> None:
+        """Start a new average in the same memory (the server keeps one for the whole run)."""
+        if self._floats is None:
+            raise ValueError("the sums were released")
+        self._floats.zero_()
+        self._ints.zero_()
+        self.total_weight = 0
+        self.count = 0
+
     def release(self) -> None:
         """Free the running sums once the average is taken; count and total_weight stay."""
         self._floats = None

@@ -64,6 +64,13 @@ class RemoteError(ProtocolError):
 
 
 @dataclass(frozen=True)
+class Frame:
+    type: MsgType
+    payload: bytearray | memoryview  # as received, not decoded
+    nbytes: int  # frame bytes on the wire, header and tag included
+
+
+@dataclass(frozen=True)
 class Message:
     type: MsgType
     body: dict[str, Any]
@@ -243,13 +250,23 @@ class Connection:
         expect: MsgType | Iterable[MsgType] | None = None,
         timeout: float | None = None,
         max_size: int | None = None,
-        buffer: bytearray | None = None,
     ) -> Message:
-        """Receive one message. ``timeout`` bounds the whole frame, not each recv call.
+        """Receive and decode one message. ``timeout`` bounds the whole frame, not each recv call."""
+        frame = self.recv_frame(expect, timeout, max_size)
+        return Message(frame.type, decode_payload(frame.payload), frame.nbytes, frame.payload)
 
-        ``buffer``, if the payload fits, receives it instead of a new allocation (the
-        server reuses one for every update); ``Message.raw`` is then a view of it, valid
-        until the buffer is reused, while the decoded body owns its memory."""
+    def recv_frame(
+        self,
+        expect: MsgType | Iterable[MsgType] | None = None,
+        timeout: float | None = None,
+        max_size: int | None = None,
+        buffer: bytearray | None = None,
+    ) -> Frame:
+        """Receive one authenticated frame of an expected type, its payload not yet decoded
+        (the server decodes updates on its ingest thread). An ERROR frame raises RemoteError.
+
+        ``buffer``, if the payload fits, receives it instead of a new allocation; the
+        payload is then a view of it, valid until the buffer is reused."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if deadline is None:
             self.sock.settimeout(None)
@@ -258,7 +275,8 @@ class Connection:
         tagged = bool(flags & FLAG_TAGGED)
         if tagged != (self.key is not None):
             raise ProtocolError("frame authentication flag does not match the session")
-        payload = recv_exact(self.sock, length, deadline, buffer if buffer is not None and len(buffer) >= length else None)
+        into = buffer if buffer is not None and len(buffer) >= length else None
+        payload = recv_exact(self.sock, length, deadline, into)
         nbytes = HEADER_SIZE + length
         if self.key is not None:
             tag = recv_exact(self.sock, TAG_SIZE, deadline)
@@ -267,12 +285,11 @@ class Connection:
                 raise ProtocolError("frame authentication failed (tampered, replayed or wrong key)")
         self.recv_seq += 1
         self.bytes_received += nbytes
-        body = decode_payload(payload)
         if msg_type == MsgType.ERROR and not _expects(expect, MsgType.ERROR):
-            raise RemoteError(str(body.get("reason", "unspecified error"))[:300])
+            raise RemoteError(str(decode_payload(payload).get("reason", "unspecified error"))[:300])
         if expect is not None and not _expects(expect, msg_type):
             raise ProtocolError(f"unexpected {msg_type.name} message")
-        return Message(msg_type, body, nbytes, payload)
+        return Frame(msg_type, payload, nbytes)
 
     def send_error(self, reason: str) -> None:
         """Best effort: tell the peer why we are closing; never raises."""

@@ -38,14 +38,16 @@ from data import DataError, load_mnist, resolve_data_dir
 from layout import Layout, LayoutError
 from logs import setup_logging
 from model import ImprovedCNN
-from protocol import DEFAULT_MAX_FRAME, MIB, Connection, MsgType, ProtocolError, encode_payload, field
+from protocol import (DEFAULT_MAX_FRAME, MIB, Connection, MsgType, ProtocolError, decode_payload, encode_payload,
+                      field)
 from quantization import QuantizationError, apply_delta, dequantize_state, quantize_state, state_delta
 from security import AuthError, Peer, resolve_secret, server_handshake, server_tls_context
 from training import evaluate, round_lr
 
 log = logging.getLogger("server")
 MAX_SAMPLES = 10_000_000  # a sample count beyond this is a lie, whatever the data set
-INGEST_WAIT_S = 2.0  # longest a handler waits for the ingest slot before reading anyway
+INGEST_WAIT_S = 2.0  # longest a handler waits for a receive buffer before reading into new memory
+INGEST_SLOTS = 2  # receive buffers: one update read from its socket while another is decoded
 
 
 @dataclass
@@ -95,6 +97,56 @@ class RoundState:
     seconds: float = 0.0  # broadcast to last update folded in
 
 
+class Ingest:
+    """Decodes, validates and folds the updates, one at a time, on a thread of its own.
+
+    Handlers only move bytes: each receives its client's UPDATE frame into one of a few
+    reusable buffers and hands it over. A socket read so overlaps the previous update's
+    decoding, memory holds at most ``slots`` frames however many clients report, and
+    ``torch.load``'s pure-Python unpickling runs on one thread rather than on fifty that
+    fight for the GIL (and each grow a stack for it).
+    """
+
+    def __init__(self, fed: "Federation", slots: int, frame_size: int) -> None:
+        self.fed = fed
+        self.buffers: "queue.Queue[bytearray]" = queue.Queue()
+        for _ in range(slots):
+            self.buffers.put(bytearray(frame_size))
+        self.jobs: "queue.SimpleQueue[tuple[Any, ...]]" = queue.SimpleQueue()
+        threading.Thread(target=self._run, name="ingest", daemon=True).start()
+
+    def buffer(self, timeout: float) -> bytearray | None:
+        """A free receive buffer, or None if slow uploads hold them all for ``timeout``."""
+        try:
+            return self.buffers.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def process(self, session: "Session", task: RoundTask, payload: bytes | bytearray | memoryview,
+                up: int, down: int) -> None:
+        """Decode and fold one update on the ingest thread; returns when it is done (the
+        payload's buffer is free again). Raises ProtocolError if it cannot be decoded."""
+        done, failure = threading.Event(), []
+        self.jobs.put((session, task, payload, up, down, done, failure))
+        done.wait()
+        if failure:
+            raise failure[0]
+
+    def _run(self) -> None:
+        while True:
+            session, task, payload, up, down, done, failure = self.jobs.get()
+            try:
+                self.fed.submit(session, task, decode_payload(payload), up, down)
+            except ProtocolError as exc:
+                failure.append(exc)
+            except Exception as exc:  # never let one update stop the ingest thread
+                log.exception("round %d: unexpected error ingesting client %d's update", task.round, session.client_id)
+                failure.append(ProtocolError(f"internal error: {_one_line(exc)}"))
+            finally:
+                del payload
+                done.set()
+
+
 class Federation:
     """Round logic and shared state; the handlers and the main thread meet here."""
 
@@ -108,10 +160,10 @@ class Federation:
         self.lock = threading.Condition()
         self.round: RoundState | None = None
         self.stop = threading.Event()
-        # Updates are received, decoded, validated and folded one at a time: the GIL
-        # serialises that work anyway, and peak memory stays one update, not one per client.
-        self.ingest = threading.Lock()
-        self.recv_buffer = bytearray()  # the ingest slot's: updates are received into it, not into new memory
+        # One running sum for the whole run, reset each round: no model-sized allocation per round.
+        self.accumulator = FedAvg(self.global_state)
+        layout = self.accumulator.layout  # a float update's frame is this plus a little metadata
+        self.ingest = Ingest(self, INGEST_SLOTS, 4 * layout.float_numel + 8 * layout.int_numel + 64 * 1024)
         self.view: dict[str, torch.Tensor] | None = None  # what clients hold (--quantize-broadcast)
         self.view_id = 0
 
@@ -225,9 +277,8 @@ class Federation:
         if compact is not None:
             compact = encode_payload({**header, "delta": compact, "base_view": self.view_id - 1,
                                       "view_id": self.view_id})
-        if len(self.recv_buffer) < len(payload) + 64 * 1024:  # a float update is about the model's size
-            self.recv_buffer = bytearray(len(payload) + 64 * 1024)
-        rnd = RoundState(number, participants, FedAvg(base), lr=lr)
+        self.accumulator.reset()
+        rnd = RoundState(number, participants, self.accumulator, lr=lr)
         deadline = rnd.started + self.args.round_timeout
         with self.lock:
             self.round = rnd
@@ -358,17 +409,18 @@ class ClientHandler(socketserver.BaseRequestHandler):
                                   timeout=max(1.0, task.deadline - time.monotonic()))
                 session.view_id = task.view_id
                 _wait_readable(conn.sock, task.deadline)  # the client trains meanwhile: no slot held
-                # One update in memory at a time, so N clients cost one model, not N; a peer
-                # that uploads slowly holds the others up for at most INGEST_WAIT_S.
-                gated = fed.ingest.acquire(timeout=INGEST_WAIT_S)
+                # At most INGEST_SLOTS updates in memory, so N clients cost a few models, not N;
+                # a peer that uploads slowly holds the others up for at most INGEST_WAIT_S.
+                buffer = fed.ingest.buffer(timeout=INGEST_WAIT_S)
                 try:
-                    body = conn.recv(MsgType.UPDATE, timeout=max(0.1, task.deadline - time.monotonic()),
-                                     buffer=fed.recv_buffer if gated else None).body
-                    fed.submit(session, task, body, conn.bytes_received - recv0, conn.bytes_sent - sent0)
-                    del body  # not kept while this client trains for the next round
+                    frame = conn.recv_frame(MsgType.UPDATE, timeout=max(0.1, task.deadline - time.monotonic()),
+                                            buffer=buffer)
+                    fed.ingest.process(session, task, frame.payload, conn.bytes_received - recv0,
+                                       conn.bytes_sent - sent0)
+                    del frame  # nor the update while this client trains for the next round
                 finally:
-                    if gated:
-                        fed.ingest.release()
+                    if buffer is not None:
+                        fed.ingest.buffers.put(buffer)
             except (ProtocolError, OSError, ssl.SSLError) as exc:
                 fed.fail(session, task.round, conn.bytes_sent - sent0, _one_line(exc))
                 return
@@ -608,12 +660,12 @@ class Evaluator:
         loss, accuracy = evaluate(self.model, fed.test_images, fed.test_labels)
         slowest = max((c["train_s"] for c in rnd.clients if c["train_s"] is not None), default=None)
         record = {
-            "round": rnd.number, "accuracy": accuracy, "loss": loss, "clients": rnd.accumulator.count,
+            "round": rnd.number, "accuracy": accuracy, "loss": loss, "clients": len(rnd.clients),
             "participants": len(rnd.participants), "bytes_up": rnd.bytes_up, "bytes_down": rnd.bytes_down,
             "round_s": rnd.seconds, "train_s_max": slowest,
             "overhead": rnd.seconds / slowest if slowest else None, "eval_s": time.monotonic() - t0,
             "lr": rnd.lr, "quantized": sum(c["quantized"] for c in rnd.clients),
-            "samples": rnd.accumulator.total_weight, "time": time.time(),
+            "samples": sum(c["samples"] for c in rnd.clients), "time": time.time(),
             "per_client": sorted(rnd.clients, key=lambda c: c["client_id"]),
         }
         fed.history.append(record)
@@ -640,12 +692,11 @@ def run(fed: Federation, args: argparse.Namespace) -> int:
         if rnd is None or fed.stop.is_set():
             log.warning("round %d abandoned; the checkpoint keeps round %d", number, number - 1)
             break
-        if rnd.accumulator.count < args.min_fit:
+        if len(rnd.clients) < args.min_fit:
             log.warning("round %d: only %d of %d updates (need --min-fit %d); retrying the round",
-                        number, rnd.accumulator.count, len(rnd.participants), args.min_fit)
+                        number, len(rnd.clients), len(rnd.participants), args.min_fit)
             continue
         fed.global_state = rnd.accumulator.result()
-        rnd.accumulator.release()  # the float64 sums are not needed while the next round runs
         evaluator.submit(rnd, fed.global_state)  # overlaps with the next round's training
         number += 1
     evaluator.close()

@@ -11,9 +11,10 @@ all N updates of every round were accepted).
 
 Throughput is the server's own figure: per round, updates folded / ``round_s``, where
 ``round_s`` runs from the broadcast to the last update folded in. It therefore includes
-the server SENDING N model-sized MODEL frames as well as receiving, decoding
-(``torch.load(weights_only=True)``), validating and folding the N updates; the previous
-round's evaluation and checkpoint run in the server's background meanwhile.
+the server SENDING N model-sized MODEL frames as well as receiving the N updates (its
+handler threads, into two reusable buffers), decoding them (``torch.load(weights_only=True)``
+on the ingest thread), validating and folding them; the previous round's evaluation and
+checkpoint run in the server's background meanwhile.
 
 Raw side, for fairness the same exchange without any of the federation logic: a plain
 thread-per-connection TCP server in its own process (like ``socketserver``'s threads) that,

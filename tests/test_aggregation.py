@@ -199,6 +199,20 @@ def test_result_entries_share_one_storage_and_load_into_the_model():
     ImprovedCNN().load_state_dict(out)
 
 
+def test_reset_starts_a_new_average_in_the_same_memory():
+    s0, s1 = model_state(0), model_state(1)
+    acc = FedAvg(s0)
+    floats = acc._floats
+    acc.add(s0, 5)
+    acc.reset()
+    assert acc.count == 0 and acc.total_weight == 0
+    acc.add(s1, 2)
+    assert acc._floats is floats
+    out = acc.result()
+    for k in s1:
+        assert torch.equal(out[k], s1[k]), k
+
+
 def test_release_frees_the_sums():
     s = model_state(0)
     acc = FedAvg(s)

@@ -43,10 +43,10 @@ def test_unflatten_gives_views_of_the_vectors(state):
     assert all(not v.any() for v in back.values() if v.is_floating_point())
 
 
-def test_packed_state_survives_the_wire_in_two_storage_records(state):
+def test_packed_state_survives_the_wire_in_one_storage_record(state):
     layout = Layout.of(state)
     payload = encode_payload({"flat": layout.pack(state)})
-    assert len(data_records(payload)) == 2  # a state_dict takes one record per tensor
+    assert len(data_records(payload)) == 1  # a state_dict takes one record per tensor
     assert len(data_records(encode_payload({"state": state}))) == len(state)
     floats, ints = layout.unpack(decode_payload(bytearray(payload))["flat"])
     back = layout.unflatten(floats, ints)
@@ -70,25 +70,38 @@ def _bad_packs(layout: Layout, floats: torch.Tensor, ints: torch.Tensor) -> dict
     return {
         "not a dict": [floats, ints],
         "missing int": {"layout": fp, "float": floats},
-        "extra key": {"layout": fp, "float": floats, "int": ints, "x": 1},
-        "other model": {"layout": fp ^ 1, "float": floats, "int": ints},
-        "fingerprint as float": {"layout": float(fp), "float": floats, "int": ints},
-        "fingerprint as bool": {"layout": True, "float": floats, "int": ints},
-        "short float": {"layout": fp, "float": floats[:-1], "int": ints},
-        "long float": {"layout": fp, "float": torch.cat([floats, floats[:1]]), "int": ints},
-        "2-D float": {"layout": fp, "float": floats.view(1, -1), "int": ints},
-        "float64": {"layout": fp, "float": floats.double(), "int": ints},
-        "int32 counters": {"layout": fp, "float": floats, "int": ints.int()},
-        "list for tensor": {"layout": fp, "float": floats.tolist()[:3], "int": ints},
+        "extra key": {"layout": fp, "float": floats, "int": ints.tolist(), "x": 1},
+        "other model": {"layout": fp ^ 1, "float": floats, "int": ints.tolist()},
+        "fingerprint as float": {"layout": float(fp), "float": floats, "int": ints.tolist()},
+        "fingerprint as bool": {"layout": True, "float": floats, "int": ints.tolist()},
+        "short float": {"layout": fp, "float": floats[:-1], "int": ints.tolist()},
+        "long float": {"layout": fp, "float": torch.cat([floats, floats[:1]]), "int": ints.tolist()},
+        "2-D float": {"layout": fp, "float": floats.view(1, -1), "int": ints.tolist()},
+        "float64": {"layout": fp, "float": floats.double(), "int": ints.tolist()},
+        "counters as tensor": {"layout": fp, "float": floats, "int": ints},
+        "counter as float": {"layout": fp, "float": floats, "int": [float(i) for i in ints.tolist()]},
+        "counter as bool": {"layout": fp, "float": floats, "int": [True] * ints.numel()},
+        "counter beyond int64": {"layout": fp, "float": floats, "int": [1 << 63] * ints.numel()},
+        "too few counters": {"layout": fp, "float": floats, "int": ints.tolist()[:-1]},
+        "list for tensor": {"layout": fp, "float": floats.tolist()[:3], "int": ints.tolist()},
     }
 
 
-@pytest.mark.parametrize("case", list(_bad_packs(Layout.of({"w": torch.zeros(2)}), torch.zeros(2), torch.zeros(0))))
+@pytest.mark.parametrize("case", list(_bad_packs(Layout.of({"w": torch.zeros(2)}), torch.zeros(2),
+                                                  torch.zeros(1, dtype=torch.int64))))
 def test_unpack_refuses_what_does_not_fit(state, case):
     layout = Layout.of(state)
     packed = _bad_packs(layout, *layout.flatten(state))[case]
     with pytest.raises(LayoutError):
         layout.unpack(packed)
+
+
+def test_pack_unpack_round_trip_keeps_counters_exact(state):
+    layout = Layout.of(state)
+    big = {k: (torch.tensor(2**62 + 5) if not v.is_floating_point() else v) for k, v in state.items()}
+    floats, ints = layout.unpack(layout.pack(big))
+    assert ints.dtype == torch.int64 and ints.tolist() == [2**62 + 5] * 2
+    assert torch.equal(floats, layout.flatten(big)[0])
 
 
 def test_tensor_view_beyond_its_storage_is_refused_on_decode():

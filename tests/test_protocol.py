@@ -280,6 +280,33 @@ def test_frame_round_trip_real_model_state(pair):
     fresh.load_state_dict(msg.body["state"])  # strict: same key set
 
 
+def test_recv_frame_lands_in_the_given_buffer_undecoded(pair):
+    a, b = pair
+    sender, receiver = Connection(a), Connection(b)
+    sender.key = receiver.key = KEY  # tagged frames are checked before they are handed over
+    body = {"round": 1, "t": torch.arange(1000, dtype=torch.float32)}
+    buffer = bytearray(8 * 1024)
+    n = sender.send(MsgType.UPDATE, body, timeout=5)
+    frame = receiver.recv_frame(MsgType.UPDATE, timeout=5, buffer=buffer)
+    assert frame.type == MsgType.UPDATE and frame.nbytes == n
+    assert isinstance(frame.payload, memoryview) and frame.payload.obj is buffer  # no new allocation
+    assert torch.equal(decode_payload(frame.payload)["t"], body["t"])
+    sender.send(MsgType.UPDATE, {"t": torch.zeros(4000)}, timeout=5)  # larger than the buffer
+    big = receiver.recv_frame(MsgType.UPDATE, timeout=5, buffer=buffer)
+    assert isinstance(big.payload, bytearray) and decode_payload(big.payload)["t"].numel() == 4000
+
+
+def test_recv_frame_checks_the_type_and_raises_remote_errors(pair):
+    a, b = pair
+    sender, receiver = Connection(a), Connection(b)
+    sender.send(MsgType.MODEL, {"round": 1}, timeout=5)
+    with pytest.raises(ProtocolError, match="unexpected MODEL"):
+        receiver.recv_frame(MsgType.UPDATE, timeout=5)
+    sender.send_error("no more rounds for you")
+    with pytest.raises(RemoteError, match="no more rounds for you"):
+        receiver.recv_frame(MsgType.UPDATE, timeout=5)
+
+
 def test_several_frames_in_sequence(pair):
     a, b = pair
     sender, receiver = Connection(a), Connection(b)

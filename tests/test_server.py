@@ -9,8 +9,10 @@ import torch
 
 import server
 from aggregation import FedAvg, fedavg
+from client import update_message
 from layout import Layout
 from model import ImprovedCNN
+from protocol import ProtocolError, encode_payload
 from quantization import quantize_state, state_delta
 from security import Peer
 
@@ -120,6 +122,32 @@ def test_bad_update_is_excluded_and_reported(bad):
     fresh = perturbed(task.base, 0.01, 3)
     fed.submit(good, task, {"round": 1, "num_samples": 100, "metrics": {}, "quantized": False, "state": fresh}, 1, 1)
     assert rnd.accumulator.count == 1
+
+
+def test_ingest_thread_decodes_and_folds_and_survives_garbage():
+    fed = make_federation()
+    a, b = session(0, 100), session(1, 300)
+    rnd, task = start_round(fed, [a, b])
+    with pytest.raises(ProtocolError, match="undecodable"):
+        fed.ingest.process(a, task, bytearray(b"PK\x03\x04 not a zip"), 1, 1)
+    assert rnd.accumulator.count == 0
+    local = perturbed(task.base, 0.01, 6)
+    payload = encode_payload(update_message(local, task.base, 1, 300, {"train_s": 1.5}))
+    fed.ingest.process(b, task, memoryview(bytearray(payload)), len(payload), 7)  # the thread is still there
+    assert rnd.accumulator.count == 1 and 1 in rnd.reported and rnd.bytes_up == len(payload)
+    got = rnd.accumulator.result()
+    for k, v in local.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_ingest_lends_at_most_its_slots_of_buffers():
+    fed = make_federation()
+    held = [fed.ingest.buffer(timeout=0.01) for _ in range(server.INGEST_SLOTS)]
+    assert all(isinstance(buf, bytearray) for buf in held) and len({id(buf) for buf in held}) == len(held)
+    assert len(held[0]) > 4 * sum(v.numel() for v in fed.global_state.values())  # a float update fits
+    assert fed.ingest.buffer(timeout=0.01) is None  # the caller then reads into its own memory
+    fed.ingest.buffers.put(held.pop())
+    assert fed.ingest.buffer(timeout=0.01) is not None
 
 
 def test_quantized_broadcast_tracks_the_clients_view():
