@@ -217,7 +217,7 @@ class Federation:
             return
         with self.lock:
             if rnd is None or rnd is not self.round or rnd.number != task.round or cid in rnd.reported:
-                return  # the round ended (timeout) before this update arrived (its sums may be freed)
+                return  # the round ended (timeout) before this update arrived (its sum may be reset)
             if flat is None:
                 rnd.accumulator.add(state, num_samples)
             else:

@@ -56,9 +56,9 @@ def main() -> None:
               f"({100 * (st[-1]['accuracy'] - f[-1]['accuracy']):+.2f} pp vs float)")
     if a.broadcast:
         b = runs["both-ways"]["metrics"]
-        extra = {"broadcast_bytes_down_ratio": [mb["bytes_down"] / mf["bytes_down"] for mf, mb in zip(f, b)],
-                 "broadcast_accuracy": b[-1]["accuracy"],
-                 "broadcast_accuracy_diff_pp": 100 * (b[-1]["accuracy"] - f[-1]["accuracy"])}
+        extra.update({"broadcast_bytes_down_ratio": [mb["bytes_down"] / mf["bytes_down"] for mf, mb in zip(f, b)],
+                      "broadcast_accuracy": b[-1]["accuracy"],
+                      "broadcast_accuracy_diff_pp": 100 * (b[-1]["accuracy"] - f[-1]["accuracy"])})
         print(f"8-bit both ways: bytes_down ratio per round "
               f"{', '.join(f'{r:.4f}' for r in extra['broadcast_bytes_down_ratio'])}, final accuracy "
               f"{b[-1]['accuracy']:.4f} ({extra['broadcast_accuracy_diff_pp']:+.2f} pp)")
