@@ -130,8 +130,8 @@ def build_update(model: torch.nn.Module, base: dict[str, torch.Tensor], round_nu
 def update_message(local: dict[str, torch.Tensor], base: dict[str, torch.Tensor], round_num: int,
                    num_samples: int, metrics: dict[str, Any], *, quantization: bool = False,
                    stochastic: bool = False, generator: torch.Generator | None = None) -> dict[str, Any]:
-    """The UPDATE body: the new weights as two flat vectors (a state_dict costs the server
-    ~4x more to decode), or the 8-bit quantized difference to the model we were sent."""
+    """The UPDATE body: the new weights in flat form (``layout.py``: a state_dict costs the
+    server ~4x more to decode), or the 8-bit quantized difference to the model we were sent."""
     body: dict[str, Any] = {"round": round_num, "num_samples": num_samples, "metrics": metrics,
                             "quantized": quantization}
     if quantization:

@@ -1,10 +1,11 @@
-"""A state_dict's layout, and the state as two flat vectors: the form updates travel in.
+"""A state_dict's layout, and the state in flat form: the form float updates travel in.
 
 ``torch.load(weights_only=True)`` runs a pure-Python unpickler, about 25 pickle ops and a
 storage record per tensor: the 18-tensor ImprovedCNN state_dict takes ~1.3 ms to decode,
-the same numbers as one float32 and one int64 vector ~0.35 ms. Flat vectors also validate
-and fold in one call each instead of one per tensor. That is the server's per-update work,
-so float updates travel flat; the MODEL broadcast stays a plain state_dict.
+the same numbers as one float32 vector (plus the two integer counters as a list) ~0.3 ms.
+One vector also validates and folds in one call instead of one per tensor. That is the
+server's per-update work, so float updates travel flat; the MODEL broadcast stays a plain
+state_dict.
 
 Both ends derive the layout (names, shapes, dtypes, in ``state_dict`` order) from the same
 model, and the packed form carries a fingerprint of it, so a vector from another model is

@@ -82,9 +82,14 @@ def train(
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             batch_size: int = 16) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on uint8 images."""
+             batch_size: int | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on uint8 images.
+
+    By default batches of 16 on the CPU: faster there than large batches (the activations
+    stay in cache) and ~2 MB of activations instead of ~250 MB at 1000, which matters to a
+    server evaluating while it receives updates. On a GPU, batches of 1000."""
     device = next(model.parameters()).device
+    batch_size = batch_size or (16 if device.type == "cpu" else 1000)
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0

@@ -133,3 +133,16 @@ def test_state_dict_round_trip_reproduces_outputs():
     src.eval(), dst.eval()
     with torch.no_grad():
         assert torch.equal(src(x), dst(x))
+
+
+def test_conv_weights_are_channels_last_and_compute_the_same_as_nchw():
+    torch.manual_seed(0)
+    model = ImprovedCNN().eval()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    nchw = ImprovedCNN().to(memory_format=torch.contiguous_format).eval()
+    nchw.load_state_dict(model.state_dict())
+    assert not convs[1].weight.is_contiguous() and nchw.features[4].weight.is_contiguous()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(model(x), nchw(x), atol=1e-5)
