@@ -78,7 +78,7 @@ class FedAvg:
 
     def __init__(self, reference: State) -> None:
         self.layout = Layout.of(reference)
-        self._floats: torch.Tensor | None = torch.zeros(self.layout.float_numel, dtype=torch.float64)
+        self._floats = torch.zeros(self.layout.float_numel, dtype=torch.float64)
         self._ints = torch.zeros(self.layout.int_numel, dtype=torch.float64)
         self.total_weight = 0
         self.count = 0
@@ -101,8 +101,6 @@ class FedAvg:
     def _begin(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
         if num_samples <= 0:
             raise InvalidUpdate(f"sample count must be positive, got {num_samples}")
-        if self._floats is None:
-            raise ValueError("the sums were released")
         return self._floats, self._ints
 
     def _end(self, num_samples: int) -> None:
@@ -113,8 +111,6 @@ class FedAvg:
         """The weighted mean as a state_dict whose float32 entries share one storage."""
         if self.count == 0:
             raise ValueError("no updates to average")
-        if self._floats is None:
-            raise ValueError("the sums were released")
         wide = any(e.dtype == torch.float64 for e in self.layout.entries)  # float32 would truncate those
         floats = torch.empty(self.layout.float_numel, dtype=torch.float64 if wide else torch.float32)
         for i in range(0, floats.numel(), _FOLD_SLICE):  # slices: no float64 model-sized temporary
@@ -124,16 +120,10 @@ class FedAvg:
 
     def reset(self) -> None:
         """Start a new average in the same memory (the server keeps one for the whole run)."""
-        if self._floats is None:
-            raise ValueError("the sums were released")
         self._floats.zero_()
         self._ints.zero_()
         self.total_weight = 0
         self.count = 0
-
-    def release(self) -> None:
-        """Free the running sums once the average is taken; count and total_weight stay."""
-        self._floats = None
 
 
 def fedavg(updates: Sequence[tuple[State, int]]) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 import checkpoint as ckpt
 from aggregation import FedAvg, InvalidUpdate, validate_flat, validate_num_samples, validate_state
 from data import DataError, load_mnist, resolve_data_dir
-from layout import Layout, LayoutError
+from layout import LayoutError
 from logs import setup_logging
 from model import ImprovedCNN
 from protocol import (DEFAULT_MAX_FRAME, MIB, Connection, MsgType, ProtocolError, decode_payload, encode_payload,
@@ -57,7 +57,6 @@ class RoundTask:
     round: int
     payload: bytes  # the MODEL message with the full state, encoded once for all clients
     base: dict[str, torch.Tensor]  # the state clients train from, to rebuild quantized deltas
-    layout: Layout  # base's layout, which flat updates must have
     deadline: float  # time.monotonic() by which the update must have arrived
     view_id: int = 0  # which broadcast this is (--quantize-broadcast)
     compact: bytes | None = None  # the same model as an 8-bit delta to broadcast view_id - 1
@@ -121,6 +120,9 @@ class Ingest:
             return self.buffers.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def give_back(self, buffer: bytearray) -> None:
+        self.buffers.put(buffer)
 
     def process(self, session: "Session", task: RoundTask, payload: bytes | bytearray | memoryview,
                 up: int, down: int) -> None:
@@ -201,7 +203,7 @@ class Federation:
             if field(body, "quantized", bool):
                 state = apply_delta(task.base, dequantize_state(field(body, "delta", dict), like=task.base))
             elif "flat" in body:  # what client.py sends: the cheap form to decode, check and fold
-                flat = task.layout.unpack(body["flat"])
+                flat = self.accumulator.layout.unpack(body["flat"])
                 validate_flat(flat[0])
             else:  # a plain state_dict, for other clients
                 state = field(body, "state", dict)
@@ -286,7 +288,7 @@ class Federation:
             for cid, s in participants.items():
                 if self.sessions.get(cid) is not s:
                     rnd.reported.add(cid)
-        task = RoundTask(number, payload, base, rnd.accumulator.layout, deadline, self.view_id, compact)
+        task = RoundTask(number, payload, base, deadline, self.view_id, compact)
         for s in participants.values():
             s.tasks.put(task)
         with self.lock:
@@ -420,7 +422,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
                     del frame  # nor the update while this client trains for the next round
                 finally:
                     if buffer is not None:
-                        fed.ingest.buffers.put(buffer)
+                        fed.ingest.give_back(buffer)
             except (ProtocolError, OSError, ssl.SSLError) as exc:
                 fed.fail(session, task.round, conn.bytes_sent - sent0, _one_line(exc))
                 return

@@ -213,18 +213,6 @@ def test_reset_starts_a_new_average_in_the_same_memory():
         assert torch.equal(out[k], s1[k]), k
 
 
-def test_release_frees_the_sums():
-    s = model_state(0)
-    acc = FedAvg(s)
-    acc.add(s, 3)
-    acc.release()
-    with pytest.raises(ValueError):
-        acc.add(s, 1)
-    with pytest.raises(ValueError):
-        acc.result()
-    assert acc.count == 1 and acc.total_weight == 3
-
-
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_validate_flat_rejects_non_finite(value):
     floats = torch.zeros(1000)

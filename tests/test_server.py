@@ -40,7 +40,7 @@ def start_round(fed, sessions):
     fed.round = rnd
     for s in sessions:
         fed.sessions[s.client_id] = s
-    return rnd, server.RoundTask(1, b"", base, rnd.accumulator.layout, deadline=1e18)
+    return rnd, server.RoundTask(1, b"", base, deadline=1e18)
 
 
 def test_mixed_quantized_flat_and_state_dict_round_is_fedavg():
@@ -146,7 +146,7 @@ def test_ingest_lends_at_most_its_slots_of_buffers():
     assert all(isinstance(buf, bytearray) for buf in held) and len({id(buf) for buf in held}) == len(held)
     assert len(held[0]) > 4 * sum(v.numel() for v in fed.global_state.values())  # a float update fits
     assert fed.ingest.buffer(timeout=0.01) is None  # the caller then reads into its own memory
-    fed.ingest.buffers.put(held.pop())
+    fed.ingest.give_back(held.pop())
     assert fed.ingest.buffer(timeout=0.01) is not None
 
 
