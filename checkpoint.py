@@ -77,12 +77,15 @@ class History:
 
 
 def save(path: str | Path, model: dict[str, torch.Tensor], round_num: int,
-         metrics: History | Iterable[dict[str, Any]], config: dict[str, Any]) -> None:
-    """Metrics and the Python RNG state go in as JSON text: pickled, every dict and number
-    would cost ``torch.save`` a Python callback."""
+         metrics: History | Iterable[dict[str, Any]], config: dict[str, Any],
+         strategy: dict[str, Any] | None = None) -> None:
+    """Metrics, settings and the Python RNG state go in as JSON text: pickled, every dict
+    and number would cost ``torch.save`` a Python callback. ``strategy`` is the strategy's
+    state (server momentum, Adam moments). No credentials are ever passed in here."""
     metrics_json = metrics.to_json() if isinstance(metrics, History) else json.dumps(list(metrics))
     state = {"format": FORMAT, "round": round_num, "model": model, "metrics": metrics_json,
-             "config": config, "torch_rng": torch.get_rng_state(), "python_rng": json.dumps(random.getstate())}
+             "config": json.dumps(config), "strategy": strategy or {},
+             "torch_rng": torch.get_rng_state(), "python_rng": json.dumps(random.getstate())}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -102,9 +105,43 @@ def load(path: str | Path) -> dict[str, Any]:
         try:
             state["metrics"] = json.loads(state["metrics"])
             state["python_rng"] = json.loads(state["python_rng"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError("checkpoint metrics or RNG state are not valid JSON") from None
+            if isinstance(state.get("config"), str):
+                state["config"] = json.loads(state["config"])
+        except (KeyError, TypeError, ValueError, RecursionError):
+            raise ValueError("checkpoint metrics, settings or RNG state are not valid JSON") from None
     return state
+
+
+def check(state: dict[str, Any], reference: dict[str, torch.Tensor], max_round: int) -> None:
+    """A loaded checkpoint is data from outside, like an update: check it before resuming
+    from it (round, model keys, shapes, dtypes, finite values, variances, RNG states,
+    metrics). Raises ValueError with one line."""
+    from aggregation import InvalidUpdate, validate_state
+
+    round_num = state.get("round")
+    if type(round_num) is not int or not 0 <= round_num <= max_round:
+        raise ValueError(f"round {round_num!r} is not a round number in 0..{max_round}")
+    try:
+        validate_state(state["model"], reference)
+    except InvalidUpdate as exc:
+        raise ValueError(f"model: {exc}") from None
+    for name, t in state["model"].items():
+        if name.endswith("running_var") and bool((t < 0).any()):
+            raise ValueError(f"model: {name} holds negative variances")
+    if not isinstance(state.get("metrics"), list) or not all(isinstance(m, dict) for m in state["metrics"]):
+        raise ValueError("metrics are not a list of records")
+    rng = state.get("torch_rng")
+    if rng is not None and (not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8
+                            or rng.shape != torch.get_rng_state().shape):
+        raise ValueError("torch RNG state is malformed")
+    py = state.get("python_rng")
+    if py is not None:
+        try:
+            random.Random().setstate((py[0], tuple(py[1]), py[2]))
+        except (TypeError, ValueError, IndexError, KeyError, OverflowError):
+            raise ValueError("Python RNG state is malformed") from None
+    if not isinstance(state.get("strategy", {}), dict):
+        raise ValueError("strategy state is not a dict")
 
 
 def restore_rng(state: dict[str, Any]) -> None:

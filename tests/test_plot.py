@@ -11,20 +11,21 @@ import checkpoint
 import plot
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-CLIENT_KEYS = {"client_id", "samples", "quantized", "bytes_up", "train_s", "loss", "accuracy"}
+CLIENT_KEYS = {"client_id", "samples", "quantized", "bytes_up", "norm", "train_s", "loss", "accuracy"}
 
 
 def record(rnd: int, accuracy: float = 0.9, loss: float = 0.3) -> dict:
-    """One round as server.py's Evaluator writes it."""
+    """One round as evaluator.py writes it."""
     return {
-        "round": rnd, "accuracy": accuracy, "loss": loss, "clients": 2, "participants": 3,
+        "round": rnd, "accuracy": accuracy, "loss": loss, "clients": 2, "participants": 3, "connected": 4,
+        "sampled": [0, 1, 3], "rejected": [{"client_id": 3, "reason": "update norm exceeds 4 x the median"}],
         "bytes_up": 1_687_000, "bytes_down": 5_061_000, "round_s": 12.5, "train_s_max": 10.0,
-        "overhead": 1.25, "eval_s": 0.8, "lr": 1e-3, "quantized": 1, "samples": 40_000,
+        "train_s_sum": 10.0, "overhead": 1.25, "eval_s": 0.8, "lr": 1e-3, "quantized": 1, "samples": 40_000,
         "time": 1.7e9 + rnd,
         "per_client": [
-            {"client_id": 0, "samples": 20_000, "quantized": True, "bytes_up": 421_000,
+            {"client_id": 0, "samples": 20_000, "quantized": True, "bytes_up": 421_000, "norm": 3.5,
              "train_s": 10.0, "loss": 0.31, "accuracy": 0.9},
-            {"client_id": 1, "samples": 20_000, "quantized": False, "bytes_up": 1_266_000,
+            {"client_id": 1, "samples": 20_000, "quantized": False, "bytes_up": 1_266_000, "norm": 4.0,
              "train_s": None, "loss": None, "accuracy": None},
         ],
     }
@@ -108,8 +109,9 @@ def test_metrics_round_trip_keeps_keys_and_types(tmp_path: Path) -> None:
 
 
 def test_schema_matches_server_record() -> None:
-    """The record above must keep the keys server.py actually writes, or these tests prove nothing."""
-    tree = ast.parse((Path(__file__).resolve().parent.parent / "server.py").read_text())
+    """The record above must keep the keys the server actually writes, or these tests prove nothing."""
+    root = Path(__file__).resolve().parent.parent
+    tree = ast.parse((root / "evaluator.py").read_text() + "\n" + (root / "federation.py").read_text())
     key_sets = [{k.value for k in node.keys} for node in ast.walk(tree) if isinstance(node, ast.Dict)
                 and node.keys and all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys)]
     assert set(record(1)) in key_sets

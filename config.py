@@ -1,0 +1,71 @@
+"""The server's settings, built once from the command line and read everywhere else.
+
+A frozen dataclass rather than an ``argparse.Namespace``: the round logic, the transport
+and the evaluator each read the fields they need, nobody can change one mid-run, and a
+test builds one with only the fields it cares about. Credentials are not in here: they
+live in the transport's key ring and never reach a checkpoint or a log.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MNIST_TRAIN_SIZE = 60_000
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    # network
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_connections: int = 1100  # authenticated sessions
+    max_pending: int = 64  # connections still in their handshake, all addresses together
+    max_pending_per_address: int = 8
+    max_frame_mb: int = 8
+    handshake_timeout: float = 10.0
+    # federation
+    rounds: int = 5
+    min_clients: int = 2
+    min_fit: int = 1
+    fraction: float = 1.0
+    round_timeout: float = 600.0
+    quantize_broadcast: bool = False
+    local_epochs: int = 1
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    batch_size: int = 64
+    augment: bool = True
+    hflip: bool = False
+    seed: int = 0
+    # aggregation
+    strategy: str = "fedavg"
+    strategy_params: dict[str, Any] = field(default_factory=dict)
+    weighting: str = "samples"
+    clip_norm: float | None = None
+    max_samples: int = MNIST_TRAIN_SIZE
+    norm_ratio: float | None = 4.0  # None: no screening of update norms
+    screen_hold: int = 3
+    # data and output
+    data_dir: str | None = None
+    download: bool = True
+    test_limit: int | None = None
+    checkpoint: str = "checkpoint.pt"
+    resume: bool = False
+    metrics: str = "metrics.jsonl"
+    threads: int | None = None
+    quiet: bool = False
+    verbose: bool = False
+    progress: bool = True
+
+    def training_config(self) -> dict[str, Any]:
+        """What every client is told, besides the round's learning rate and the strategy's keys."""
+        return {"epochs": self.local_epochs, "batch_size": self.batch_size, "augment": self.augment,
+                "hflip": self.hflip}
+
+    def public(self) -> dict[str, Any]:
+        """The settings as plain JSON-able values, for the checkpoint (no credentials here)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if isinstance(v, (int, float, str, bool, dict)) or v is None}
