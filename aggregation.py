@@ -11,6 +11,7 @@ is what the averaged model has "seen" on a typical client.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping, Sequence
 
 import torch
@@ -134,3 +135,32 @@ def fedavg(updates: Sequence[tuple[State, int]]) -> dict[str, torch.Tensor]:
     for state, num_samples in updates:
         acc.add(state, num_samples)
     return acc.result()
+
+
+def l2_norm(t: torch.Tensor) -> float:
+    """The L2 norm of all of ``t``'s values, accumulated in float64 (in slices, so a float32
+    input is never copied whole to float64). NaN or Inf anywhere gives a non-finite result."""
+    flat = t.detach().reshape(-1)
+    total = 0.0
+    for i in range(0, flat.numel(), _FOLD_SLICE):
+        part = flat[i:i + _FOLD_SLICE].to(torch.float64)
+        total += float(torch.dot(part, part))
+    return math.sqrt(total)
+
+
+def clip_by_norm(delta: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, float]:
+    """``delta`` scaled down to an L2 norm of at most ``max_norm`` (up to the rounding of its
+    dtype, ~1e-7 relative for float32), and its original norm.
+
+    At or below ``max_norm`` the very same tensor comes back (no copy); above, a new one
+    ``delta * (max_norm / norm)``. A NaN or Inf anywhere in it raises :class:`InvalidUpdate`:
+    such a vector has no direction to keep.
+    """
+    if not 0 < max_norm < math.inf:
+        raise ValueError(f"max_norm must be positive and finite, got {max_norm!r}")
+    norm = l2_norm(delta)
+    if not math.isfinite(norm):
+        raise InvalidUpdate(f"update norm is {norm} (it holds NaN or Inf)")
+    if norm <= max_norm:
+        return delta, norm
+    return delta * (max_norm / norm), norm

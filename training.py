@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,12 +41,25 @@ def train(
     hflip: bool = False,
     progress: bool = True,
     desc: str = "train",
+    mu: float = 0.0,
 ) -> TrainResult:
     """Adam from a fresh state each round: optimizer moments from an old global model
-    would point the wrong way after aggregation."""
+    would point the wrong way after aggregation.
+
+    ``mu`` > 0 is FedProx's local objective (Li et al., 2020): the loss minimised is
+    cross-entropy + mu/2 * ||w - w_global||^2, w_global a frozen copy of the model's
+    parameters (not buffers) at the start of this call. The term's gradient,
+    mu * (w - w_global), is added to the gradients after ``backward()`` (two fused calls
+    per step) rather than built into the autograd graph: the same update, without the
+    graph's cost (a loss-side term made a CPU step ~15% slower here). The reported loss stays the cross-entropy,
+    comparable across strategies. mu = 0 runs the plain loop (no copy, no extra work)."""
+    if not 0 <= mu < math.inf:
+        raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params] if mu > 0 else None
     model.train()
     n = len(labels)
     steps = math.ceil(n / batch_size)
@@ -67,6 +81,8 @@ def train(
             out = model(x)
             loss = F.cross_entropy(out, y)
             loss.backward()
+            if anchors is not None:
+                add_proximal_gradient(params, anchors, mu)
             optimizer.step()
             loss_sum += loss.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
@@ -78,6 +94,24 @@ def train(
         bar.close()
     return TrainResult(loss=loss_sum.item() / n, accuracy=correct.item() / n,
                        samples=n * epochs, seconds=time.perf_counter() - start)
+
+
+def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """FedProx's ||w - w_global||^2: the squared L2 distance of ``params`` from ``anchors``
+    (differentiable in ``params``; its gradient is 2 (w - w_global))."""
+    return torch.stack([(p - a).pow(2).sum() for p, a in zip(params, anchors, strict=True)]).sum()
+
+
+@torch.no_grad()
+def add_proximal_gradient(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> None:
+    """grad += mu * (w - w_global): the gradient of mu/2 * ``proximal_term``, added in place
+    after ``backward()``. A parameter without a gradient this step gets none (it has not
+    moved from its anchor: Adam skips it)."""
+    pairs = [(p, a) for p, a in zip(params, anchors, strict=True) if p.grad is not None]
+    if pairs:
+        grads = [p.grad for p, _ in pairs]
+        torch._foreach_add_(grads, [p for p, _ in pairs], alpha=mu)
+        torch._foreach_add_(grads, [a for _, a in pairs], alpha=-mu)
 
 
 @torch.inference_mode()

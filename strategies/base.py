@@ -21,13 +21,25 @@ adding a strategy is adding one file to this folder.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Protocol
+import math
+import typing
+from typing import Any, ClassVar, Mapping, Protocol
 
 import torch
 
 
 class StrategyError(ValueError):
     """A bad strategy name or parameter; ``str(e)`` is one line for the command line."""
+
+
+def flag(field_name: str) -> str:
+    """The command-line spelling of a parameter: ``server_lr`` -> ``--server-lr``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def param(default: Any, help: str) -> Any:
+    """A strategy parameter: a dataclass field with its ``--help`` line."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 class Aggregator(Protocol):
@@ -45,6 +57,15 @@ class Aggregator(Protocol):
 _SLICE = 1 << 17  # elements per step: a float64 temporary of 1 MiB at most
 
 
+def check_delta(delta: torch.Tensor, numel: int, weight: float) -> None:
+    """What every aggregator asks of its input: a flat vector of the model's size and a
+    finite positive weight (a short vector would otherwise fold into a prefix silently)."""
+    if delta.dim() != 1 or delta.numel() != numel:
+        raise ValueError(f"delta has shape {list(delta.shape)}, expected [{numel}]")
+    if not (isinstance(weight, (int, float)) and 0 < weight < math.inf):
+        raise ValueError(f"weight must be positive and finite, got {weight!r}")
+
+
 class MeanAggregator:
     """Streaming weighted mean in float64: arrival order does not change the result,
     and no list of deltas is ever held."""
@@ -55,8 +76,7 @@ class MeanAggregator:
         self.count = 0
 
     def add(self, delta: torch.Tensor, weight: float) -> None:
-        if not weight > 0:
-            raise ValueError(f"weight must be positive, got {weight}")
+        check_delta(delta, self.sum.numel(), weight)
         # In slices: a float32 operand of a float64 add is cast whole otherwise.
         for i in range(0, delta.numel(), _SLICE):
             self.sum[i:i + _SLICE].add_(delta[i:i + _SLICE], alpha=weight)
@@ -69,6 +89,36 @@ class MeanAggregator:
         return self.sum / self.total_weight
 
 
+def checked_state(state: object, strategy: str, keys: set[str]) -> int:
+    """Check a saved optimizer state's envelope (``{"strategy", "step", *keys}``) and
+    return its step count; :meth:`Strategy.load_state_dict`'s common part."""
+    if not isinstance(state, Mapping):
+        raise StrategyError(f"{strategy} state is a {type(state).__name__}, not a dict")
+    if state.get("strategy") != strategy:
+        raise StrategyError(f"the saved optimizer state belongs to {state.get('strategy')!r}, not {strategy!r}")
+    expected = keys | {"strategy", "step"}
+    if set(state) != expected:
+        raise StrategyError(f"{strategy} state has keys {sorted(map(str, state))}, expected {sorted(expected)}")
+    step = state["step"]
+    if type(step) is not int or step < 0:
+        raise StrategyError(f"{strategy} state has step {step!r}, expected an int >= 0")
+    return step
+
+
+def checked_vector(value: object, what: str, numel: int | None = None) -> torch.Tensor:
+    """A saved state vector as a fresh float64 tensor: 1-D, floating, finite, of ``numel``
+    values when given."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() != 1:
+        got = f"{value.dtype}{list(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+        raise StrategyError(f"saved {what} is {got}, expected a 1-D floating tensor")
+    if numel is not None and value.numel() != numel:
+        raise StrategyError(f"saved {what} has {value.numel()} values, expected {numel}")
+    value = value.detach().to("cpu", torch.float64, copy=True)
+    if not bool(value.isfinite().all()):
+        raise StrategyError(f"saved {what} holds NaN or Inf")
+    return value
+
+
 @dataclasses.dataclass
 class Strategy:
     """FedAvg's behaviour; subclasses override what their published rule changes."""
@@ -79,7 +129,21 @@ class Strategy:
     holds_updates: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hints.get(f.name) is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise StrategyError(f"{flag(f.name)} must be a finite number, got {value!r}")
+                setattr(self, f.name, float(value))
         self.validate()
+
+    def require(self, field_name: str, ok: bool, requirement: str) -> None:
+        """``validate()``'s one check: "--mu must be >= 0, got -1" unless ``ok``."""
+        if not ok:
+            value = getattr(self, field_name)
+            shown = f"{value:g}" if isinstance(value, float) else repr(value)
+            raise StrategyError(f"{flag(field_name)} must be {requirement}, got {shown}")
 
     def validate(self) -> None:
         """Raise StrategyError for a parameter outside its published range."""
@@ -96,11 +160,15 @@ class Strategy:
         return (weights.double() + delta).float()
 
     def state_dict(self) -> dict[str, Any]:
-        """Optimizer state (tensors and numbers) for the checkpoint."""
+        """Optimizer state (tensors and numbers) for the checkpoint: {} when stateless;
+        else ``{"strategy": name, "step": rounds applied, ...tensors or None}``, loadable
+        with ``torch.load(weights_only=True)``. Its tensors are never modified afterwards."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output; raise StrategyError if it does not fit."""
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; raise StrategyError if it does not fit
+        (another strategy's, missing keys, NaN...; a model-size mismatch is caught by the
+        next :meth:`server_update`). Stateless strategies ignore it."""
 
     @classmethod
     def parameters(cls) -> dict[str, dataclasses.Field]:

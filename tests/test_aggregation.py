@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from aggregation import FedAvg, InvalidUpdate, fedavg, validate_flat, validate_num_samples, validate_state
+from aggregation import (FedAvg, InvalidUpdate, clip_by_norm, fedavg, l2_norm, validate_flat, validate_num_samples,
+                         validate_state)
 from layout import Layout
 from model import ImprovedCNN
 
@@ -329,3 +330,42 @@ def test_validate_num_samples_accepts(n):
 def test_validate_num_samples_rejects(n):
     with pytest.raises(InvalidUpdate):
         validate_num_samples(n, 60_000)
+
+
+def test_l2_norm_in_float64_across_slices():
+    assert l2_norm(torch.tensor([3.0, 4.0])) == 5.0
+    assert l2_norm(torch.zeros(0)) == 0.0
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(0))  # more than two slices
+    assert l2_norm(x) == pytest.approx(torch.linalg.vector_norm(x.double()).item(), rel=1e-12)
+    # float32 squares would overflow: 1e30^2 > 3.4e38
+    big = torch.full((4,), 1e30)
+    assert l2_norm(big) == pytest.approx(2e30, rel=1e-6)
+    assert l2_norm(torch.tensor([[3.0, 0.0], [0.0, 4.0]])) == 5.0  # any shape
+
+
+def test_clip_by_norm_leaves_small_updates_alone():
+    delta = torch.tensor([3.0, 4.0])
+    for max_norm in (5.0, 10.0):  # at and above the norm: the same tensor, no copy
+        clipped, norm = clip_by_norm(delta, max_norm)
+        assert clipped is delta and norm == 5.0
+
+
+def test_clip_by_norm_scales_large_updates_down():
+    delta = torch.tensor([3.0, 4.0])
+    clipped, norm = clip_by_norm(delta, 1.0)
+    assert norm == 5.0 and torch.allclose(clipped, torch.tensor([0.6, 0.8]))
+    assert torch.equal(delta, torch.tensor([3.0, 4.0]))  # the input is not modified
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(1)) * 10
+    clipped, norm = clip_by_norm(x, 3.0)
+    assert clipped.dtype == x.dtype and norm == pytest.approx(l2_norm(x))
+    assert l2_norm(clipped) == pytest.approx(3.0, rel=1e-6) and l2_norm(clipped) <= 3.0 * (1 + 1e-6)
+    assert torch.allclose(clipped / l2_norm(clipped), x / norm, atol=1e-6)  # same direction
+
+
+def test_clip_by_norm_refuses_non_finite_updates_and_bad_limits():
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(InvalidUpdate, match="NaN or Inf"):
+            clip_by_norm(torch.tensor([1.0, bad]), 10.0)
+    for max_norm in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="max_norm"):
+            clip_by_norm(torch.tensor([1.0]), max_norm)

@@ -6,7 +6,10 @@ import torch.nn.functional as F
 
 from conftest import make_synthetic_images
 from model import ImprovedCNN
-from training import evaluate, round_lr, train
+from torch import nn
+
+import training
+from training import add_proximal_gradient, evaluate, proximal_term, round_lr, train
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +67,85 @@ def test_round_lr_cosine_from_base_to_floor():
     assert lrs == sorted(lrs, reverse=True)
     assert round_lr(1e-3, 4, 5, "constant") == 1e-3
     assert round_lr(1e-3, 1, 1) == 1e-3
+
+
+def test_proximal_term_and_its_gradient():
+    # w = [1, 2] (weight) and [-1] (bias), w_global = [0.5, -1] and [1]:
+    # ||w - w_g||^2 = 0.25 + 9 + 4 = 13.25; gradient of mu/2 * that = mu * (w - w_g)
+    w = [torch.tensor([1.0, 2.0], requires_grad=True), torch.tensor([-1.0], requires_grad=True)]
+    anchors = [torch.tensor([0.5, -1.0]), torch.tensor([1.0])]
+    term = proximal_term(w, anchors)
+    assert term.item() == 13.25
+    (0.1 / 2 * term).backward()
+    assert torch.allclose(w[0].grad, torch.tensor([0.05, 0.3])) and torch.allclose(w[1].grad, torch.tensor([-0.2]))
+
+
+def test_proximal_gradient_on_a_tiny_model_equals_mu_times_the_drift():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    params = list(model.parameters())
+    anchors = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p))
+    mu = 0.7
+    (mu / 2 * proximal_term(params, anchors)).backward()
+    for p, a in zip(params, anchors):
+        assert torch.allclose(p.grad, mu * (p.detach() - a))
+
+
+def test_proximal_gradient_added_after_backward_equals_the_term_in_the_loss():
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    models = [nn.Linear(5, 3), nn.Linear(5, 3)]
+    models[1].load_state_dict(models[0].state_dict())
+    anchors = [p.detach().clone() for p in models[0].parameters()]
+    with torch.no_grad():
+        for m in models:
+            for p, d in zip(m.parameters(), (torch.full((3, 5), 0.3), torch.full((3,), -0.2))):
+                p.add_(d)
+    mu = 0.5
+    params = list(models[0].parameters())
+    (F.cross_entropy(models[0](x), y) + mu / 2 * proximal_term(params, anchors)).backward()
+    F.cross_entropy(models[1](x), y).backward()
+    add_proximal_gradient(list(models[1].parameters()), anchors, mu)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-7)
+
+
+def tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+
+
+def fit(data, **kwargs) -> nn.Module:
+    images, labels = data
+    model = tiny_model()
+    train(model, images[:96], labels[:96], epochs=2, lr=1e-2, batch_size=16,
+          generator=torch.Generator().manual_seed(5), progress=False, augment=False, **kwargs)
+    return model
+
+
+def test_fedprox_mu_zero_is_the_plain_loop(data, monkeypatch):
+    plain = fit(data)
+    monkeypatch.setattr(training, "add_proximal_gradient", lambda *a: pytest.fail("proximal gradient at mu=0"))
+    zero = fit(data, mu=0.0)
+    for a, b in zip(plain.parameters(), zero.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_fedprox_keeps_the_model_near_the_one_it_received(data):
+    start = [p.detach().clone() for p in tiny_model().parameters()]
+
+    def drift(model):
+        return math.sqrt(sum((p.detach() - s).pow(2).sum().item() for p, s in zip(model.parameters(), start)))
+
+    free, pulled = drift(fit(data)), drift(fit(data, mu=10.0))
+    assert pulled < free / 2
+    assert drift(fit(data, mu=1e-9)) == pytest.approx(free, rel=1e-3)
+
+
+def test_fedprox_refuses_a_bad_mu(data):
+    for mu in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="mu"):
+            fit(data, mu=mu)
