@@ -108,9 +108,11 @@ def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
     (each strategy's dataclass fields), so a new strategy file brings its own flags."""
     d = ServerConfig()
     known = strategies.available()
-    g = p.add_argument_group("aggregation", "strategies: " + "; ".join(
-        f"{name}{' (holds the round’s updates: memory grows with the sampled clients)' if cls.holds_updates else ''}"
-        for name, cls in known.items()))
+    holding = [n for n, cls in known.items() if cls.holds_updates]
+    g = p.add_argument_group("aggregation", (
+        f"{', '.join(holding)} hold the round's updates (memory grows with the sampled clients); the "
+        "others fold each update as it arrives (memory: one model). Strategy parameters apply to the "
+        "strategies named in their help."))
     g.add_argument("--strategy", default=d.strategy, choices=list(known), metavar="NAME",
                    help=f"aggregation strategy: {', '.join(known)}")
     g.add_argument("--weighting", choices=("samples", "uniform"), default=d.weighting,
@@ -118,15 +120,12 @@ def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip-norm", type=float, default=None,
                    help="scale each update's delta down to this L2 norm before it is aggregated (any strategy)")
     g.add_argument("--max-samples", type=int, default=d.max_samples,
-                   help="largest sample count a client may claim (default: the MNIST training set)")
+                   help="largest sample count a client may claim (60,000: the MNIST training set)")
     g.add_argument("--norm-ratio", type=float, default=d.norm_ratio,
                    help="reject an update whose delta norm exceeds this multiple of the round's median (0: off)")
     for name, f in strategies.cli_parameters().items():
-        owners = [(n, cls.parameters()[name].default) for n, cls in known.items() if name in cls.parameters()]
-        defaults = ", ".join(f"{n}: {v}" for n, v in owners)
-        kind = type(owners[0][1]) if owners[0][1] is not None else float
-        g.add_argument("--" + name.replace("_", "-"), dest=f"strategy_{name}", type=kind, default=None,
-                       help=f"{f.metadata.get('help', name)} (default {defaults})")
+        g.add_argument("--" + name.replace("_", "-"), dest=f"strategy_{name}", type=f.type, default=argparse.SUPPRESS,
+                       metavar=name.upper(), help=f.metadata["help"])
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
@@ -191,7 +190,12 @@ def resume(fed: Federation, config: ServerConfig) -> ckpt.History:
     """Load and check the checkpoint, restore model, strategy and RNG; ValueError/OSError if unusable."""
     saved = ckpt.load(config.checkpoint)
     ckpt.check(saved, fed.global_state, config.rounds)
-    fed.strategy.load_state_dict(saved.get("strategy") or {})
+    state = saved.get("strategy") or {}
+    if state.get("strategy", fed.strategy.name) != fed.strategy.name or (not state and fed.strategy.state_dict()):
+        log.warning("the checkpoint holds no %s state (written by %s): its server optimizer starts fresh",
+                    fed.strategy.name, state.get("strategy", "a stateless strategy"))
+    elif state:
+        fed.strategy.load_state_dict(state)
     fed.global_state = fed.layout.unflatten(*fed.layout.flatten(saved["model"]))
     fed.start_round = saved["round"]
     ckpt.restore_rng(saved)

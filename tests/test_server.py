@@ -1,0 +1,108 @@
+"""server.py: the command line, the config it builds, and resuming a run with its strategy state."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import checkpoint as ckpt
+import server
+import strategies
+from federation import Federation, Session
+from layout import Layout
+from security import Peer
+
+
+def test_flags_build_a_frozen_config_with_the_strategy_parameters():
+    config, _ = server.parse_args(["--strategy", "fedadam", "--server-lr", "0.05", "--fraction", "0.5",
+                                   "--weighting", "uniform", "--clip-norm", "2", "--no-augment"])
+    assert config.strategy == "fedadam" and config.strategy_params == {"server_lr": 0.05}
+    assert (config.fraction, config.weighting, config.clip_norm, config.augment) == (0.5, "uniform", 2.0, False)
+    with pytest.raises(AttributeError):
+        config.rounds = 3  # frozen
+    assert "secret" not in str(config.public())
+
+
+def test_every_strategy_is_listed_in_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        server.parse_args(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for name in strategies.available():
+        assert name in text
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strategy", "nope"], "invalid choice"),
+    (["--strategy", "fedprox", "--mu", "-1"], "--mu must be >= 0"),
+    (["--fraction", "0"], "--fraction must be in (0, 1]"),
+    (["--fraction", "1.5"], "--fraction must be in (0, 1]"),
+    (["--strategy", "trimmed-mean", "--trim-fraction", "0.5"], "--trim-fraction must be in [0, 0.5)"),
+    (["--strategy", "fedavg", "--mu", "0.1"], "--mu is not a parameter of fedavg"),
+    (["--clip-norm", "0"], "--clip-norm must be positive"),
+    (["--norm-ratio", "0.5"], "--norm-ratio must be > 1"),
+])
+def test_bad_parameters_are_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        server.parse_args(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("server.py: error:") or message in err[-1]
+
+
+def run_rounds(fed: Federation, numbers, seed_base=0):
+    """Rounds of two clients whose deltas depend only on the round number."""
+    sessions = [Session(Peer(i, 100, {}), f"t:{i}") for i in range(2)]
+    for s in sessions:
+        fed.sessions[s.client_id] = s
+    for number in numbers:
+        rnd, task = fed.open_round(number, 0, dict(fed.sessions))
+        for s in sessions:
+            g = torch.Generator().manual_seed(seed_base + 10 * number + s.client_id)
+            local = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                     for k, v in task.base.items()}
+            fed.submit(s, task, {"round": number, "num_samples": 100, "metrics": {}, "quantized": False,
+                                 "flat": Layout.of(local).pack(local)}, 1, 1)
+        fed.close_round(rnd)
+        assert fed.finish_round(rnd) is not None
+
+
+def test_resume_restores_the_strategy_state_and_continues_like_an_uninterrupted_run(tmp_path):
+    argv = ["--strategy", "fedadam", "--rounds", "4", "--checkpoint", str(tmp_path / "c.pt")]
+    config, _ = server.parse_args(argv)
+    torch.manual_seed(0)
+    straight = Federation(config, strategies.make("fedadam", **config.strategy_params))
+    run_rounds(straight, [1, 2, 3, 4])
+
+    torch.manual_seed(0)
+    first = Federation(config, strategies.make("fedadam", **config.strategy_params))
+    run_rounds(first, [1, 2])
+    ckpt.save(config.checkpoint, first.global_state, 2, [], config.public(), strategy=first.strategy.state_dict())
+    resumed_config, _ = server.parse_args(argv + ["--resume"])
+    torch.manual_seed(123)  # a different initial model: everything must come from the checkpoint
+    second = Federation(resumed_config, strategies.make("fedadam"))
+    server.resume(second, resumed_config)
+    assert second.start_round == 2 and second.strategy.step == 2
+    run_rounds(second, [3, 4])
+    for key in ("m", "v"):
+        assert torch.equal(second.strategy.state_dict()[key], straight.strategy.state_dict()[key])
+    for k, v in straight.global_state.items():
+        assert torch.equal(second.global_state[k], v), k
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda s: s.update(round="2"), "round"),
+    (lambda s: s.update(round=99), "round"),
+    (lambda s: s["model"].update({"classifier.4.bias": torch.full((10,), float("nan"))}), "NaN"),
+    (lambda s: s["model"].update({"features.1.running_var": -torch.ones(32)}), "negative variances"),
+    (lambda s: s.update(torch_rng=torch.zeros(3, dtype=torch.uint8)), "RNG"),
+    (lambda s: s.update(python_rng=[3, "x", None]), "RNG"),
+])
+def test_resume_refuses_a_tampered_checkpoint(tmp_path, tamper, message):
+    config, _ = server.parse_args(["--checkpoint", str(tmp_path / "c.pt"), "--rounds", "5"])
+    fed = Federation(config, strategies.make("fedavg"))
+    ckpt.save(config.checkpoint, fed.global_state, 1, [], config.public())
+    state = ckpt.load(config.checkpoint)
+    state["model"] = dict(state["model"])
+    tamper(state)
+    with pytest.raises(ValueError, match=message):
+        ckpt.check(state, fed.global_state, config.rounds)
