@@ -1,0 +1,402 @@
+"""Tests for privacy/: clipping, noise, the DP wrappers and the accountant."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import dp_accounting
+import pytest
+import torch
+from dp_accounting import rdp
+from dp_accounting.privacy_accountant import NeighboringRelation
+
+from aggregation import InvalidUpdate
+from privacy import (WEIGHTING_MESSAGE, DPAdaptiveClipping, DPFixedClipping, PrivacyAccountant,
+                     adaptive_delta_noise_multiplier, check_weighting, clip_update, default_delta,
+                     l2_norm, make_generator)
+from strategies.base import Strategy, StrategyError
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return make_generator(seed)[0]
+
+
+def vector(norm: float, numel: int = 1000, seed: int = 0) -> torch.Tensor:
+    v = torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    return (v * (norm / v.double().norm().item())).float()
+
+
+# --- clipping ----------------------------------------------------------------------------
+
+def test_l2_norm_matches_float64_reference():
+    v = torch.randn(300_001, generator=gen())  # spans several slices
+    assert l2_norm(v) == pytest.approx(v.double().norm().item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("norm", [1.5, 10.0, 1e4])
+def test_clip_update_bounds_the_norm_and_keeps_the_direction(norm):
+    v = vector(norm)
+    clipped, original = clip_update(v, 1.0)
+    assert original == pytest.approx(norm, rel=1e-6)
+    assert l2_norm(clipped) <= 1.0 * (1 + 1e-6)
+    assert l2_norm(clipped) == pytest.approx(1.0, rel=1e-6)
+    assert torch.allclose(clipped * (original / 1.0), v, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_update_leaves_a_short_delta_untouched():
+    v = vector(0.5)
+    clipped, original = clip_update(v, 1.0)
+    assert clipped is v and original == pytest.approx(0.5, rel=1e-6)
+    zero = torch.zeros(10)
+    assert clip_update(zero, 1.0)[0] is zero
+
+
+def test_clip_update_refuses_bad_input():
+    with pytest.raises(ValueError):
+        clip_update(torch.tensor([float("nan"), 1.0]), 1.0)
+    with pytest.raises(ValueError):
+        clip_update(torch.ones(3), 0.0)
+
+
+# --- the fixed-clipping wrapper ----------------------------------------------------------
+
+def dp(inner: Strategy | None = None, z: float = 0.0, clip: float = 1.0, **kw: Any) -> DPFixedClipping:
+    return DPFixedClipping(inner or Strategy(), noise_multiplier=z, clip_norm=clip, generator=gen(), **kw)
+
+
+def test_check_weighting():
+    check_weighting("uniform")
+    with pytest.raises(StrategyError) as e:
+        check_weighting("samples")
+    assert str(e.value) == WEIGHTING_MESSAGE and "\n" not in WEIGHTING_MESSAGE
+
+
+def test_weights_are_ignored_and_the_mean_divides_by_m():
+    s = dp(clip=10.0)
+    s.begin_round(3)
+    agg = s.aggregator(4)
+    agg.add(torch.tensor([1.0, 0, 0, 0]), 1.0)
+    agg.add(torch.tensor([0, 2.0, 0, 0]), 1000.0)  # a sample-count weight: ignored
+    agg.add(torch.tensor([0, 0, 3.0, 0]), 7.0)
+    assert torch.allclose(agg.result(), torch.tensor([1.0, 2.0, 3.0, 0], dtype=torch.float64) / 3)
+    assert agg.result().dtype == torch.float64
+
+
+def test_a_dropped_client_does_not_shrink_the_divisor():
+    s = dp(clip=10.0)
+    s.begin_round(4)
+    agg = s.aggregator(2)
+    agg.add(torch.tensor([4.0, 0]), 1.0)
+    agg.add(torch.tensor([0, 4.0]), 1.0)
+    assert torch.equal(agg.result(), torch.tensor([1.0, 1.0], dtype=torch.float64))  # / 4, not / 2
+
+
+def test_more_updates_than_sampled_are_refused():
+    s = dp()
+    s.begin_round(1)
+    agg = s.aggregator(3)
+    agg.add(torch.zeros(3), 1.0)
+    with pytest.raises(ValueError, match="more updates"):
+        agg.add(torch.zeros(3), 1.0)
+
+
+def test_server_side_clipping_bounds_each_contribution():
+    s = dp(clip=1.0)
+    s.begin_round(2)
+    agg = s.aggregator(1000)
+    agg.add(vector(50.0, seed=1), 1.0)
+    agg.add(vector(0.25, seed=2), 1.0)
+    assert agg.unclipped == 1
+    expected = (vector(50.0, seed=1).double() / 50.0 + vector(0.25, seed=2).double()) / 2
+    assert torch.allclose(agg.result(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_aggregation_needs_begin_round():
+    with pytest.raises(RuntimeError, match="begin_round"):
+        dp().aggregator(3)
+
+
+@pytest.mark.parametrize("z,clip,m", [(1.0, 1.0, 1), (1.3, 0.7, 4), (0.5, 2.0, 10)])
+def test_noise_std_is_z_c_over_m(z, clip, m):
+    s = dp(z=z, clip=clip)
+    s.begin_round(m)
+    agg = s.aggregator(200_000)
+    agg.add(torch.zeros(200_000), 1.0)  # the average is pure noise
+    noise = agg.result()
+    expected = z * clip / m
+    assert s.noise_std() == pytest.approx(expected)
+    assert noise.std().item() == pytest.approx(expected, rel=0.02)  # 200k draws: ~0.2% spread
+    assert abs(noise.mean().item()) < 0.01 * expected
+
+
+def test_noise_is_drawn_once_per_round():
+    s = dp(z=1.0)
+    s.begin_round(2)
+    agg = s.aggregator(100)
+    agg.add(torch.zeros(100), 1.0)
+    first = agg.result().clone()
+    assert torch.equal(agg.result(), first)
+    with pytest.raises(RuntimeError, match="released"):
+        agg.add(torch.zeros(100), 1.0)
+
+
+def test_client_side_mode_checks_norms_and_sends_c():
+    s = dp(z=1.0, clip=1.0, clipping="client", norm_tolerance=1e-3)
+    assert s.fit_config(1) == {"dp_clip_norm": 1.0}
+    assert dp().fit_config(1) == {}
+    assert s.accounting_noise_multiplier == pytest.approx(1.0 / 1.001)
+    assert dp(z=1.0).accounting_noise_multiplier == 1.0
+    s.begin_round(2)
+    agg = s.aggregator(1000)
+    inside, _ = clip_update(vector(7.0), 1.0)  # what an honest client sends
+    agg.add(inside, 1.0)  # accepted as is, not rescaled
+    assert torch.equal(agg.sum, inside.double())
+    with pytest.raises(InvalidUpdate, match="exceeds the DP clip norm"):
+        agg.add(vector(1.01), 1.0)
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"z": -1.0}, "noise-multiplier"),
+    ({"clip": 0.0}, "clip-norm"),
+    ({"clipping": "both"}, "clipping"),
+])
+def test_bad_parameters_are_refused(kw, message):
+    with pytest.raises(StrategyError, match=message):
+        dp(**kw)
+
+
+@dataclasses.dataclass
+class ServerMomentum(Strategy):
+    """A stand-in for a server-optimiser strategy (FedAvgM): state, a config key, its own update."""
+
+    server_lr: float = 1.0
+    momentum: float = 0.9
+    name = "fedavgm-test"
+
+    def __post_init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        super().__post_init__()
+
+    def fit_config(self, round_num: int) -> dict[str, float]:
+        return {"mu": 0.01}
+
+    def server_update(self, weights: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        self.buffer = delta.clone() if self.buffer is None else self.momentum * self.buffer + delta
+        return (weights.double() + self.server_lr * self.buffer).float()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"buffer": self.buffer}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.buffer = state["buffer"]
+
+
+def test_wrapper_composes_with_a_server_optimiser():
+    inner, twin = ServerMomentum(), ServerMomentum()
+    s = dp(inner, z=0.5, clip=1.0, clipping="client")
+    assert s.fit_config(3) == {"mu": 0.01, "dp_clip_norm": 1.0}
+    weights = torch.zeros(5)
+    for round_num in range(3):
+        s.begin_round(2)
+        agg = s.aggregator(5)
+        agg.add(torch.full((5,), 0.1), 1.0)
+        agg.add(torch.full((5,), -0.2), 1.0)
+        delta = agg.result()
+        new = s.server_update(weights, delta)
+        assert torch.equal(new, twin.server_update(weights, delta))  # the inner rule, unchanged
+        weights = new
+    restored = ServerMomentum()
+    dp(restored).load_state_dict(s.state_dict())
+    assert torch.equal(restored.buffer, inner.buffer)
+
+
+def test_wrapper_refuses_a_strategy_that_does_not_average():
+    class Median(Strategy):
+        name = "median-test"
+
+        def aggregator(self, numel):  # a robust rule: not a mean, other sensitivity
+            raise NotImplementedError
+
+    with pytest.raises(StrategyError, match="averages"):
+        dp(Median())
+    with pytest.raises(StrategyError, match="already"):
+        dp(dp())
+
+
+# --- adaptive clipping -------------------------------------------------------------------
+
+def adaptive(z: float = 0.0, clip: float = 1.0, **kw: Any) -> DPAdaptiveClipping:
+    return DPAdaptiveClipping(Strategy(), noise_multiplier=z, clip_norm=clip, generator=gen(), **kw)
+
+
+def test_delta_noise_multiplier_spends_exactly_z():
+    """The paper's z_delta, checked by dp-accounting: the round's two Gaussians (deltas,
+    sensitivity C; centred count, sensitivity 1/2) compose to one Gaussian of multiplier z."""
+    z, sigma_b = 1.0, 2.0
+    z_delta = adaptive_delta_noise_multiplier(z, sigma_b)
+    assert z_delta > z
+
+    def eps(event: dp_accounting.DpEvent, relation=NeighboringRelation.ADD_OR_REMOVE_ONE) -> float:
+        acc = rdp.RdpAccountant(neighboring_relation=relation)
+        acc.compose(event, 50)
+        return acc.get_epsilon(1e-5)
+
+    both = dp_accounting.ComposedDpEvent([dp_accounting.GaussianDpEvent(z_delta),
+                                          dp_accounting.GaussianDpEvent(2 * sigma_b)])
+    assert eps(both) == pytest.approx(eps(dp_accounting.GaussianDpEvent(z)), rel=1e-9)
+    # Fixed-size sampling (replace-one: sensitivities 2C and 1) is what the accountant charges.
+    fixed = dp_accounting.SampledWithoutReplacementDpEvent(20, 5, dp_accounting.ComposedDpEvent(
+        [dp_accounting.GaussianDpEvent(z_delta / 2), dp_accounting.GaussianDpEvent(sigma_b)]))
+    assert eps(fixed, NeighboringRelation.REPLACE_ONE) == pytest.approx(
+        PrivacyAccountant(z, 20, 5, delta=1e-5).epsilon_after(50), rel=1e-9)
+
+
+def test_adaptive_refuses_a_count_noise_too_small_for_z():
+    s = adaptive(z=1.0)  # sigma_b defaults to m / 20
+    with pytest.raises(StrategyError, match="clipped-count"):
+        s.begin_round(3)  # 2 * 0.15 < 1
+    s.begin_round(100)  # 2 * 5 > 1
+    assert s.delta_noise_multiplier == pytest.approx(adaptive_delta_noise_multiplier(1.0, 5.0))
+    with pytest.raises(StrategyError, match="clipped-count"):
+        adaptive(z=1.0, clipped_count_stddev=0.4)
+    with pytest.raises(StrategyError, match="server"):
+        adaptive(clipping="client")
+
+
+@pytest.mark.parametrize("norms,sampled,expected_fraction", [
+    ([5.0, 5.0, 5.0, 5.0], 4, 0.0),   # all clipped: C grows
+    ([0.5, 0.5, 5.0, 5.0], 4, 0.5),   # at the target: C stays
+    ([0.5, 0.5], 4, 0.75),            # two of four dropped: centred count / m + 1/2
+])
+def test_adaptive_clip_norm_update(norms, sampled, expected_fraction):
+    s = adaptive(clip=1.0, clipped_count_stddev=1e-12, target_quantile=0.5, clip_lr=0.2)
+    s.begin_round(sampled)
+    agg = s.aggregator(1000)
+    for i, n in enumerate(norms):
+        agg.add(vector(n, seed=i), 1.0)
+    agg.result()
+    assert s.last_unclipped_fraction == pytest.approx(expected_fraction, abs=1e-9)
+    assert s.clip_norm == pytest.approx(math.exp(-0.2 * (expected_fraction - 0.5)))
+    restored = adaptive(clip=1.0, clipped_count_stddev=1e-12)
+    restored.load_state_dict(s.state_dict())
+    assert restored.clip_norm == s.clip_norm
+
+
+def test_adaptive_clip_norm_converges_to_the_target_quantile():
+    """Norms uniform on [0, 2]: the median is 1; start at the paper's C0 = 0.1."""
+    s = adaptive(z=0.5, clip=0.1)  # sigma_b = m / 20 = 2.5
+    norms = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        s.begin_round(50)
+        agg = s.aggregator(2)
+        for n in (2 * torch.rand(50, generator=norms)).tolist():
+            agg.add(torch.tensor([n, 0.0]), 1.0)
+        agg.result()
+    assert 0.8 < s.clip_norm < 1.25
+
+
+# --- the generator -----------------------------------------------------------------------
+
+def test_generator_seeding():
+    a, how_a = make_generator(None)
+    b, _ = make_generator(None)
+    assert not torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))
+    assert "CSPRNG" in how_a
+    c, how_c = make_generator(1234)
+    d, _ = make_generator(1234)
+    assert torch.equal(torch.randn(8, generator=c), torch.randn(8, generator=d))
+    assert "1234" in how_c
+
+
+def test_seeded_runs_reproduce_the_noise():
+    def noised() -> torch.Tensor:
+        s = DPFixedClipping(Strategy(), 1.0, 1.0, make_generator(7)[0])
+        s.begin_round(2)
+        agg = s.aggregator(50)
+        agg.add(torch.ones(50), 1.0)
+        return agg.result()
+    assert torch.equal(noised(), noised())
+
+
+# --- the accountant ----------------------------------------------------------------------
+
+def _phi(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+
+
+def exact_gaussian_epsilon(mu: float, delta: float) -> float:
+    """Exact epsilon of a Gaussian mechanism with sensitivity/std = mu (Balle & Wang 2018,
+    "Improving the Gaussian mechanism", Thm. 8), by bisection: an oracle independent of
+    dp-accounting. T rounds of the same Gaussian compose to mu * sqrt(T) (Dong, Roth, Su 2019)."""
+    lo, hi = 0.0, 1000.0
+    for _ in range(200):
+        eps = (lo + hi) / 2
+        d = _phi(-eps / mu + mu / 2) - math.exp(eps) * _phi(-eps / mu - mu / 2)
+        lo, hi = (eps, hi) if d > delta else (lo, eps)
+    return hi
+
+
+@pytest.mark.parametrize("clients,z,rounds", [(5, 2.0, 10), (10, 1.0, 1), (3, 8.0, 100)])
+def test_fixed_sampling_of_everyone_is_the_gaussian_with_sensitivity_2c(clients, z, rounds):
+    """m = N: no amplification, each round is a Gaussian of std zC on a sum that one
+    replaced client moves by 2C. RDP is an upper bound on the exact epsilon, and close to it."""
+    epsilon = PrivacyAccountant(z, clients, clients, delta=1e-5).epsilon_after(rounds)
+    exact = exact_gaussian_epsilon(2 / z * math.sqrt(rounds), 1e-5)
+    assert exact <= epsilon <= 1.1 * exact
+
+
+@pytest.mark.parametrize("z,epochs,published", [(1.12, 60, 2.92), (0.6, 30, 9.74), (1.2, 10, 1.20)])
+def test_poisson_accounting_against_the_tf_privacy_table(z, epochs, published):
+    """TF Privacy's tutorials/README.md table (MNIST DP-SGD: 60,000 examples, batch 256,
+    delta 1e-5) was computed with its earlier RDP accountant; dp-accounting converts RDP to
+    (epsilon, delta) with the tighter bound of Canonne, Kamath, Steinke 2020, so the same
+    mechanism must come out somewhat below the published figure, never above it."""
+    acc = PrivacyAccountant(z, 60000, 256, delta=1e-5, sampling="poisson")
+    epsilon = acc.epsilon_after(int(epochs * 60000 / 256))
+    assert 0.75 * published <= epsilon <= published
+
+
+def test_step_epsilon_and_state():
+    acc = PrivacyAccountant(2.0, 5, 5)
+    assert acc.epsilon() == 0.0 and acc.delta == default_delta(5) == 5 ** -1.1
+    acc.step()
+    acc.step(2)
+    assert acc.rounds == 3 and acc.epsilon() == acc.epsilon_after(3) > acc.epsilon_after(2) > 0
+    other = PrivacyAccountant(2.0, 5, 5)
+    other.load_state_dict(acc.state_dict())
+    assert other.rounds == 3
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        PrivacyAccountant(1.0, 5, 5).load_state_dict(acc.state_dict())
+    assert PrivacyAccountant(0.0, 5, 5).epsilon_after(1) == math.inf
+
+
+def test_rounds_within_stops_before_the_target():
+    acc = PrivacyAccountant(2.0, 5, 5, delta=1e-5)
+    target = acc.epsilon_after(7) + 1e-9
+    assert acc.rounds_within(target, 100) == 7
+    assert acc.epsilon_after(8) > target
+    assert acc.rounds_within(target, 5) == 5  # the whole run fits
+    assert acc.rounds_within(acc.epsilon_after(1) / 2, 100) == 0
+    assert PrivacyAccountant(0.0, 5, 5).rounds_within(10.0, 100) == 0
+
+
+def test_rounds_within_with_subsampling():
+    acc = PrivacyAccountant(3.0, 100, 10, delta=1e-5)
+    rounds = acc.rounds_within(2.0, 8)
+    assert 0 < rounds < 8
+    assert acc.epsilon_after(rounds) <= 2.0 < acc.epsilon_after(rounds + 1)
+
+
+def test_fixed_sampling_charges_more_than_the_poisson_approximation():
+    fixed = PrivacyAccountant(1.0, 100, 10).epsilon_after(20)
+    poisson = PrivacyAccountant(1.0, 100, 10, sampling="poisson").epsilon_after(20)
+    assert fixed > poisson > 0
+
+
+@pytest.mark.parametrize("args", [(-1.0, 10, 2), (1.0, 10, 11), (1.0, 10, 0), (1.0, 0, 1)])
+def test_accountant_refuses_bad_parameters(args):
+    with pytest.raises(ValueError):
+        PrivacyAccountant(*args)
+    with pytest.raises(ValueError):
+        default_delta(1)
