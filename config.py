@@ -48,6 +48,16 @@ class ServerConfig:
     max_samples: int = MNIST_TRAIN_SIZE
     norm_ratio: float | None = 4.0  # None: no screening of update norms
     screen_hold: int = 3
+    # differential privacy (privacy/): on when dp_noise_multiplier is set
+    dp_noise_multiplier: float | None = None
+    dp_clipping: str = "server"
+    dp_adaptive: bool = False
+    dp_target_quantile: float = 0.5
+    dp_clip_lr: float = 0.2
+    dp_delta: float | None = None  # None: 1 / N^1.1
+    dp_population: int | None = None  # N for the accountant; None: --min-clients
+    target_epsilon: float | None = None
+    dp_seed: int | None = None  # None: noise seeded from the OS CSPRNG
     # data and output
     data_dir: str | None = None
     download: bool = True
@@ -59,6 +69,10 @@ class ServerConfig:
     quiet: bool = False
     verbose: bool = False
     progress: bool = True
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_noise_multiplier is not None
 
     def training_config(self) -> dict[str, Any]:
         """What every client is told, besides the round's learning rate and the strategy's keys."""

@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -29,6 +29,7 @@ class Finished:
     round: RoundState
     state: dict[str, torch.Tensor]
     strategy_state: dict[str, Any]  # a snapshot: the strategy steps on in the main thread
+    extra: dict[str, Any] = field(default_factory=dict)  # more keys for the record (epsilon, delta)
 
 
 def round_record(rnd: RoundState, loss: float, accuracy: float, eval_s: float) -> dict[str, Any]:
@@ -78,11 +79,13 @@ class Evaluator:
         t0 = time.monotonic()
         self.model.load_state_dict(job.state)
         loss, accuracy = evaluate(self.model, self.test_images, self.test_labels)
-        record = round_record(rnd, loss, accuracy, time.monotonic() - t0)
+        record = {**round_record(rnd, loss, accuracy, time.monotonic() - t0), **job.extra}
         self.history.append(record)
         ckpt.save(cfg.checkpoint, job.state, rnd.number, self.history, cfg.public(), strategy=job.strategy_state)
         ckpt.append_metrics(cfg.metrics, record)
         rejected = f" | {len(rnd.rejected)} rejected" if rnd.rejected else ""
+        if "epsilon" in record:
+            rejected += f" | epsilon {record['epsilon']:.3f}"
         log.info("round %d/%d: accuracy %.2f%% loss %.4f | %d of %d clients%s | up %.2f MB down %.2f MB | %.1f s",
                  rnd.number, cfg.rounds, 100 * accuracy, loss, record["clients"], rnd.connected, rejected,
                  rnd.bytes_up / 1e6, rnd.bytes_down / 1e6, rnd.seconds)
@@ -99,11 +102,13 @@ def summary(history: ckpt.History, elapsed: float, config: ServerConfig) -> str:
     up = sum(m["bytes_up"] for m in history) / MIB
     down = sum(m["bytes_down"] for m in history) / MIB
     rows = [("rounds", f"{history[-1]['round']}"),
-            ("strategy", config.strategy),
+            ("strategy", config.strategy + (" with DP" if config.dp else "")),
             ("final accuracy", f"{history[-1]['accuracy']:.2%} (loss {history[-1]['loss']:.4f})"),
             ("best accuracy", f"{best['accuracy']:.2%} (round {best['round']})"),
             ("bytes up / down", f"{up:.1f} MiB / {down:.1f} MiB"),
             ("time", f"{elapsed:.1f} s"),
+            *([("privacy", f"epsilon {history[-1]['epsilon']:.3f} at delta {history[-1]['delta']:.3g}")]
+              if "epsilon" in history[-1] else []),
             ("checkpoint", str(config.checkpoint)), ("metrics", str(config.metrics))]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -128,6 +128,11 @@ class Federation:
         self.view: dict[str, torch.Tensor] | None = None  # what clients hold (--quantize-broadcast)
         self.view_id = 0
         self._variances = [e for e in self.layout.entries if e.name.endswith("running_var")]
+        # Under DP the strategy clips (its sensitivity bound) and nothing may drop an update
+        # for its size relative to the others: that decision would depend on other clients.
+        wrapped = getattr(strategy, "clips_updates", False)
+        self.clip_norm = None if wrapped else config.clip_norm
+        self.norm_ratio = None if wrapped else config.norm_ratio
 
     # --- called from handler threads ---------------------------------------------------
 
@@ -206,8 +211,8 @@ class Federation:
         norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
         if not math.isfinite(norm):
             raise InvalidUpdate("update norm is not finite")
-        if self.config.clip_norm is not None and norm > self.config.clip_norm:
-            delta = delta * (self.config.clip_norm / norm)
+        if self.clip_norm is not None and norm > self.clip_norm:
+            delta = delta * (self.clip_norm / norm)
         weight = float(num_samples) if self.config.weighting == "samples" else 1.0
         record = {"client_id": session.client_id, "samples": num_samples, "quantized": quantized, "bytes_up": up,
                   "norm": norm, "train_s": _num(metrics.get("train_s")), "loss": _num(metrics.get("loss")),
@@ -290,7 +295,9 @@ class Federation:
             compact = encode_payload({**header, "delta": compact, "base_view": self.view_id - 1,
                                       "view_id": self.view_id})
         base_floats = self.layout.flatten(base)[0]
-        screen = NormScreen(cfg.norm_ratio, cfg.screen_hold) if cfg.norm_ratio else None
+        screen = NormScreen(self.norm_ratio, cfg.screen_hold) if self.norm_ratio else None
+        if hasattr(self.strategy, "begin_round"):  # DP: m, the divisor and noise scale
+            self.strategy.begin_round(len(participants))
         rnd = RoundState(number, participants, len(connected), self.strategy.aggregator(self.layout.float_numel),
                          base_floats, screen, torch.zeros(self.layout.int_numel, dtype=torch.float64), lr=lr)
         with self.lock:

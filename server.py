@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
+import privacy
 import strategies
 from config import ServerConfig
 from data import DataError, load_mnist, resolve_data_dir
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--hflip", action="store_true", help="add random horizontal flips to augmentation (hurts digits)")
     fl.add_argument("--seed", type=int, default=d.seed, help="seed of the initial global model and of client sampling")
     add_strategy_arguments(p)
+    add_privacy_arguments(p)
     io = p.add_argument_group("data and output")
     io.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
     io.add_argument("--no-download", action="store_true", help="never try to download MNIST")
@@ -115,8 +117,9 @@ def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
         "strategies named in their help."))
     g.add_argument("--strategy", default=d.strategy, choices=list(known), metavar="NAME",
                    help=f"aggregation strategy: {', '.join(known)}")
-    g.add_argument("--weighting", choices=("samples", "uniform"), default=d.weighting,
-                   help="weight of each update in the mean: its sample count (capped by --max-samples), or 1")
+    g.add_argument("--weighting", choices=("samples", "uniform"), default=None,
+                   help="weight of each update in the mean: its sample count (capped by --max-samples), or 1 "
+                        "(default: samples; uniform under DP)")
     g.add_argument("--clip-norm", type=float, default=None,
                    help="scale each update's delta down to this L2 norm before it is aggregated (any strategy)")
     g.add_argument("--max-samples", type=int, default=d.max_samples,
@@ -126,6 +129,29 @@ def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
     for name, f in strategies.cli_parameters().items():
         g.add_argument("--" + name.replace("_", "-"), dest=f"strategy_{name}", type=f.type, default=argparse.SUPPRESS,
                        metavar=name.upper(), help=f.metadata["help"])
+
+
+def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("differential privacy", (
+        "client-level DP-FedAvg (McMahan et al. 2018): each sampled client's delta clipped to --clip-norm, "
+        "a uniform mean over the m sampled clients, Gaussian noise of std z x C / m; epsilon at --dp-delta "
+        "from dp-accounting's RDP accountant, in every round's metrics"))
+    g.add_argument("--dp-noise-multiplier", type=float, default=None, metavar="Z",
+                   help="turn DP on with noise multiplier z (0: clipping only); needs --clip-norm")
+    g.add_argument("--dp-clipping", choices=("server", "client"), default="server",
+                   help="who clips: the server (clients trust it with raw deltas), or each client itself")
+    g.add_argument("--dp-adaptive", action="store_true",
+                   help="the clip norm follows a quantile of the update norms (Andrew et al. 2021), "
+                        "starting at --clip-norm")
+    g.add_argument("--dp-target-quantile", type=float, default=0.5, help="adaptive clipping's target quantile")
+    g.add_argument("--dp-clip-lr", type=float, default=0.2, help="adaptive clipping's learning rate")
+    g.add_argument("--dp-delta", type=float, default=None, help="delta of (epsilon, delta) (default: 1/N^1.1)")
+    g.add_argument("--dp-population", type=int, default=None, metavar="N",
+                   help="clients in the federation, for the accountant's sampling rate m/N (default: --min-clients)")
+    g.add_argument("--target-epsilon", type=float, default=None,
+                   help="stop before the round that would spend more than this epsilon")
+    g.add_argument("--dp-seed", type=int, default=None,
+                   help="seed the noise for a reproducible run (default: from the OS's CSPRNG; the log says which)")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
@@ -155,6 +181,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
         strategies.make(a.strategy, **params)
     except StrategyError as exc:
         p.error(str(exc))
+    dp = a.dp_noise_multiplier is not None
+    if dp:
+        if a.weighting == "samples":
+            p.error(privacy.WEIGHTING_MESSAGE)
+        if a.clip_norm is None:
+            p.error("--dp-noise-multiplier needs --clip-norm C: the clip norm is the sensitivity bound")
+        if a.target_epsilon is not None and not a.target_epsilon > 0:
+            p.error(f"--target-epsilon must be positive, got {a.target_epsilon}")
+        if a.dp_population is not None and a.dp_population < a.min_clients:
+            p.error("--dp-population cannot be smaller than --min-clients")
+        if a.dp_delta is not None and not 0 < a.dp_delta < 1:
+            p.error(f"--dp-delta must be in (0, 1), got {a.dp_delta}")
+    elif a.target_epsilon is not None or a.dp_adaptive:
+        p.error("--target-epsilon and --dp-adaptive need --dp-noise-multiplier")
     config = ServerConfig(
         host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, max_connections=a.max_connections,
         max_pending=a.max_pending, max_pending_per_address=a.max_pending_per_address, max_frame_mb=a.max_frame_mb,
@@ -162,11 +202,41 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
         fraction=a.fraction, round_timeout=a.round_timeout, quantize_broadcast=a.quantize_broadcast,
         local_epochs=a.local_epochs, lr=a.lr, lr_schedule=a.lr_schedule, batch_size=a.batch_size,
         augment=not a.no_augment, hflip=a.hflip, seed=a.seed, strategy=a.strategy, strategy_params=params,
-        weighting=a.weighting, clip_norm=a.clip_norm, max_samples=a.max_samples, norm_ratio=a.norm_ratio or None,
+        weighting=a.weighting or ("uniform" if dp else "samples"), clip_norm=a.clip_norm, max_samples=a.max_samples, norm_ratio=a.norm_ratio or None,
         data_dir=a.data_dir, download=not a.no_download, test_limit=a.test_limit, checkpoint=a.checkpoint,
-        resume=a.resume, metrics=a.metrics, threads=a.threads, quiet=a.quiet, verbose=a.verbose,
+        dp_noise_multiplier=a.dp_noise_multiplier, dp_clipping=a.dp_clipping, dp_adaptive=a.dp_adaptive,
+        dp_target_quantile=a.dp_target_quantile, dp_clip_lr=a.dp_clip_lr, dp_delta=a.dp_delta,
+        dp_population=a.dp_population, target_epsilon=a.target_epsilon, dp_seed=a.dp_seed, resume=a.resume, metrics=a.metrics, threads=a.threads, quiet=a.quiet, verbose=a.verbose,
         progress=not (a.no_progress or a.quiet))
+    try:
+        build_strategy(config)
+    except StrategyError as exc:
+        p.error(str(exc))
     return config, a
+
+
+def build_strategy(config: ServerConfig) -> strategies.Strategy:
+    """The strategy, wrapped in DP-FedAvg when --dp-noise-multiplier is set."""
+    strategy = strategies.make(config.strategy, **config.strategy_params)
+    if not config.dp:
+        return strategy
+    generator, _ = privacy.make_generator(config.dp_seed)
+    if config.dp_adaptive:
+        return privacy.DPAdaptiveClipping(strategy, config.dp_noise_multiplier, config.clip_norm, generator,
+                                          clipping=config.dp_clipping, target_quantile=config.dp_target_quantile,
+                                          clip_lr=config.dp_clip_lr)
+    return privacy.DPFixedClipping(strategy, config.dp_noise_multiplier, config.clip_norm, generator,
+                                   clipping=config.dp_clipping)
+
+
+def build_accountant(config: ServerConfig, strategy: Any) -> Any:
+    """The accountant for m of N clients a round, or None without DP."""
+    if not config.dp:
+        return None
+    from sampling import sample_size
+    population = config.dp_population or config.min_clients
+    per_round = sample_size(population, config.fraction, config.min_fit)
+    return privacy.PrivacyAccountant(strategy.accounting_noise_multiplier, population, per_round, config.dp_delta)
 
 
 def _limit_malloc_arenas(n: int = 2) -> None:
@@ -218,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         test_images, test_labels = test_images[:config.test_limit], test_labels[:config.test_limit]
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    strategy = strategies.make(config.strategy, **config.strategy_params)
+    strategy = build_strategy(config)
+    accountant = build_accountant(config, strategy)
     fed = Federation(config, strategy, {k: v.detach().clone() for k, v in ImprovedCNN().state_dict().items()})
     fed.start_round = 0
     history = ckpt.History()
@@ -229,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
             log.error("cannot resume from %s: %s", config.checkpoint, _one_line(exc))
             return 2
         log.info("resumed from %s after round %d", config.checkpoint, fed.start_round)
+    if accountant is not None:
+        accountant.step(fed.start_round)  # every completed round released one noised aggregate
+        log.info("%s; %s; noise %s", strategy.describe(), accountant.describe(),
+                 "seeded by --dp-seed (reproducible)" if config.dp_seed is not None else "from the OS CSPRNG")
     ckpt.rewrite_metrics(config.metrics, history)
     credentials = resolve_secret(args.secret)
     try:
@@ -257,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        return run(fed, config, history, (test_images, test_labels))
+        return run(fed, config, history, (test_images, test_labels), accountant)
     finally:
         server.refusals.flush()
         server.shutdown()
@@ -265,14 +340,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(fed: Federation, config: ServerConfig, history: ckpt.History,
-        test_set: tuple[torch.Tensor, torch.Tensor]) -> int:
+        test_set: tuple[torch.Tensor, torch.Tensor], accountant: Any = None) -> int:
     started = time.monotonic()
     bar = tqdm(total=config.rounds, initial=fed.start_round, desc="rounds", unit="round",
                disable=not config.progress, dynamic_ncols=True)
     evaluator = Evaluator(config, test_set, history, bar, on_failure=fed.stop.set)
     number, attempt = fed.start_round + 1, 0
+    reason = "server stopping"
     while number <= config.rounds and not fed.stop.is_set():
         bar.set_description(f"round {number}")
+        if accountant is not None and config.target_epsilon is not None and \
+                accountant.epsilon_after(accountant.rounds + 1) > config.target_epsilon:
+            log.warning("stopping before round %d: it would spend epsilon %.3f > --target-epsilon %g (delta %.3g)",
+                        number, accountant.epsilon_after(accountant.rounds + 1), config.target_epsilon,
+                        accountant.delta)
+            reason = "federation complete (privacy budget spent)"
+            break
         rnd = fed.run_round(number, attempt)
         if rnd is None or fed.stop.is_set():
             log.warning("round %d abandoned; the checkpoint keeps round %d", number, number - 1)
@@ -283,11 +366,15 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
             continue
         strategy_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
                           for k, v in fed.strategy.state_dict().items()}
-        evaluator.submit(Finished(rnd, state, strategy_state))  # overlaps with the next round's training
+        extra = {}
+        if accountant is not None:
+            accountant.step()
+            extra = {"epsilon": accountant.epsilon(), "delta": accountant.delta}
+        evaluator.submit(Finished(rnd, state, strategy_state, extra))  # overlaps with the next round's training
         number, attempt = number + 1, 0
     evaluator.close()
     bar.close()
-    fed.stop_all("federation complete" if number > config.rounds else "server stopping")
+    fed.stop_all("federation complete" if number > config.rounds else reason)
     grace = min(config.round_timeout, 30.0)
     if fed.drain(grace):  # else clients mid-round would see a dead server and keep retrying
         log.warning("%d client(s) still busy after %.0f s; closing their connections", len(fed.sessions), grace)

@@ -139,6 +139,7 @@ class DPFixedClipping(Strategy):
     norm_tolerance: float = 1e-3
 
     name: ClassVar[str] = "dp-fixed-clipping"
+    clips_updates: ClassVar[bool] = True  # the server must not clip or screen before it
 
     def __post_init__(self) -> None:
         self._sampled: Optional[int] = None
