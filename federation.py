@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from aggregation import InvalidUpdate, validate_flat, validate_num_samples, validate_state
+from aggregation import InvalidUpdate, clip_by_norm, l2_norm, validate_flat, validate_num_samples, validate_state
 from config import ServerConfig
 from layout import Layout, LayoutError
 from logs import sanitize
@@ -208,11 +208,11 @@ class Federation:
             floats, ints = self.layout.flatten(state)
             delta = floats - task.base_floats
         self._check_variances(task.base_floats, delta)
-        norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+        norm = l2_norm(delta)
         if not math.isfinite(norm):
             raise InvalidUpdate("update norm is not finite")
-        if self.clip_norm is not None and norm > self.clip_norm:
-            delta = delta * (self.clip_norm / norm)
+        if self.clip_norm is not None:
+            delta, _ = clip_by_norm(delta, self.clip_norm)
         weight = float(num_samples) if self.config.weighting == "samples" else 1.0
         record = {"client_id": session.client_id, "samples": num_samples, "quantized": quantized, "bytes_up": up,
                   "norm": norm, "train_s": _num(metrics.get("train_s")), "loss": _num(metrics.get("loss")),

@@ -1,6 +1,6 @@
 """Client-level differential privacy for the federation (DP-FedAvg), in pure parts.
 
-- ``clipping``: L2 norm and clipping of a flat delta (``clip_update``, also for clients).
+- clipping itself is ``aggregation.clip_by_norm`` (also what a client calls on its own delta).
 - ``noise``: the noise generator, seeded from the OS CSPRNG unless a seed is given.
 - ``fixed_clipping``: ``DPFixedClipping``, a wrapper around any averaging strategy
   (McMahan et al. 2018), with server-side or client-side clipping.
@@ -20,15 +20,13 @@ from typing import Any
 
 from privacy.adaptive_clipping import (DPAdaptiveClipping, adaptive_delta_noise_multiplier,
                                        default_clipped_count_stddev)
-from privacy.clipping import clip_factor, clip_update, l2_norm
 from privacy.fixed_clipping import WEIGHTING_MESSAGE, DPFixedClipping, DPMeanAggregator, check_weighting
 from privacy.noise import add_gaussian_noise_, make_generator
 
 __all__ = [
     "DPAdaptiveClipping", "DPFixedClipping", "DPMeanAggregator", "PrivacyAccountant",
     "WEIGHTING_MESSAGE", "adaptive_delta_noise_multiplier", "add_gaussian_noise_",
-    "check_weighting", "clip_factor", "clip_update", "default_clipped_count_stddev",
-    "default_delta", "l2_norm", "make_generator",
+    "check_weighting", "default_clipped_count_stddev", "default_delta", "make_generator",
 ]
 
 

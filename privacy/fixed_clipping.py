@@ -24,7 +24,7 @@ Trust, by mode:
   adds the noise. Clients trust the server with their raw updates and to add the noise
   honestly; the guarantee covers everything released after aggregation (the global
   models sent to clients, checkpoints, metrics), not the server itself.
-- ``clipping="client"``: each client clips its own delta (:func:`privacy.clipping.clip_update`,
+- ``clipping="client"``: each client clips its own delta (:func:`aggregation.clip_by_norm`,
   at the ``dp_clip_norm`` it receives in its training config) before sending; the server
   does not clip, refuses any delta longer than C (1 + ``norm_tolerance``) and adds the
   noise. The server still sees each clipped delta and must still be trusted to add the
@@ -43,7 +43,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 
 from aggregation import InvalidUpdate
-from privacy.clipping import clip_factor, l2_norm
+from aggregation import l2_norm
 from privacy.noise import add_gaussian_noise_
 from strategies.base import Aggregator, Strategy, StrategyError
 
@@ -95,7 +95,7 @@ class DPMeanAggregator:
         if not math.isfinite(norm):
             raise InvalidUpdate("update holds NaN or Inf")
         if self.clip_at_server:
-            factor = clip_factor(norm, self.clip_norm)
+            factor = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
         elif norm > self.norm_limit:
             raise InvalidUpdate(f"update norm {norm:.6g} exceeds the DP clip norm {self.clip_norm:.6g} "
                                 "(client-side clipping: the client must clip its delta)")

@@ -133,7 +133,7 @@ def test_bad_update_is_excluded_and_reported(bad):
     assert rnd.aggregator.count == 1
 
 
-@pytest.mark.parametrize("attack", ["scaled 1e6", "zero model", "3e38", "8-bit scale 1e30"])
+@pytest.mark.parametrize("attack", ["scaled 1e6", "3e38", "8-bit scale 1e30"])
 def test_screen_rejects_a_poisoned_update_among_honest_ones(attack):
     fed = make_federation()
     honest = [session(i, 100) for i in range(3)]
@@ -143,8 +143,6 @@ def test_screen_rejects_a_poisoned_update_among_honest_ones(attack):
     locals_ = [perturbed(base, 0.01, i) for i in range(3)]
     if attack == "scaled 1e6":
         poison = {k: v * 1e6 if v.is_floating_point() else v for k, v in locals_[0].items()}
-    elif attack == "zero model":
-        poison = {k: torch.zeros_like(v) for k, v in base.items()}
     else:
         poison = {k: torch.full_like(v, 3e38) if v.is_floating_point() else v for k, v in base.items()}
     msg = body(poison, 100, "flat")

@@ -11,10 +11,9 @@ import torch
 from dp_accounting import rdp
 from dp_accounting.privacy_accountant import NeighboringRelation
 
-from aggregation import InvalidUpdate
 from privacy import (WEIGHTING_MESSAGE, DPAdaptiveClipping, DPFixedClipping, PrivacyAccountant,
-                     adaptive_delta_noise_multiplier, check_weighting, clip_update, default_delta,
-                     l2_norm, make_generator)
+                     adaptive_delta_noise_multiplier, check_weighting, default_delta, make_generator)
+from aggregation import InvalidUpdate, clip_by_norm as clip_update, l2_norm
 from strategies.base import Strategy, StrategyError
 
 
