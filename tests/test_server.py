@@ -106,3 +106,46 @@ def test_resume_refuses_a_tampered_checkpoint(tmp_path, tamper, message):
     tamper(state)
     with pytest.raises(ValueError, match=message):
         ckpt.check(state, fed.global_state, config.rounds)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dp-noise-multiplier", "1"], "needs --clip-norm"),
+    (["--dp-noise-multiplier", "1", "--clip-norm", "1", "--weighting", "samples"], "needs --weighting uniform"),
+    (["--dp-noise-multiplier", "1", "--clip-norm", "1", "--strategy", "median"], "replaces the mean"),
+    (["--target-epsilon", "2"], "need --dp-noise-multiplier"),
+    (["--dp-noise-multiplier", "-1", "--clip-norm", "1"], "--dp-noise-multiplier must be >= 0"),
+])
+def test_bad_privacy_settings_are_one_line_and_exit_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        server.parse_args(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_dp_wraps_the_strategy_and_the_accountant_sees_m_of_n():
+    config, _ = server.parse_args(["--dp-noise-multiplier", "1.0", "--clip-norm", "2", "--min-clients", "100",
+                                   "--fraction", "0.1", "--strategy", "fedadam", "--dp-seed", "3"])
+    assert config.weighting == "uniform"  # the default under DP
+    strategy = server.build_strategy(config)
+    accountant = server.build_accountant(config, strategy)
+    assert strategy.inner.name == "fedadam" and strategy.clip_norm == 2.0
+    assert (accountant.num_clients, accountant.clients_per_round) == (100, 10)
+    assert accountant.delta == pytest.approx(100 ** -1.1)
+
+
+def test_under_dp_the_federation_neither_screens_nor_clips_and_fixes_m_per_round():
+    config, _ = server.parse_args(["--dp-noise-multiplier", "0", "--clip-norm", "0.5", "--min-clients", "2",
+                                   "--dp-seed", "0"])
+    fed = Federation(config, server.build_strategy(config))
+    assert fed.norm_ratio is None and fed.clip_norm is None
+    sessions = [Session(Peer(i, 100, {}), f"t:{i}") for i in range(2)]
+    for s in sessions:
+        fed.sessions[s.client_id] = s
+    rnd, task = fed.open_round(1, 0, dict(fed.sessions))
+    assert fed.strategy.sampled == 2
+    local = {k: v + 1.0 if v.is_floating_point() else v for k, v in task.base.items()}  # a long delta
+    fed.submit(sessions[0], task, {"round": 1, "num_samples": 100, "metrics": {}, "quantized": False,
+                                   "flat": Layout.of(local).pack(local)}, 1, 1)
+    fed.close_round(rnd)  # one of the two sampled clients dropped out: still divided by m = 2
+    got = fed.finish_round(rnd)
+    moved = Layout.of(got).flatten(got)[0] - task.base_floats
+    assert float(moved.double().norm()) == pytest.approx(0.5 / 2, rel=1e-4)
