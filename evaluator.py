@@ -3,6 +3,7 @@ next round's training is not held up by the test set."""
 from __future__ import annotations
 
 import logging
+import resource
 import queue
 import threading
 import time
@@ -45,6 +46,7 @@ def round_record(rnd: RoundState, loss: float, accuracy: float, eval_s: float) -
         "overhead": rnd.seconds / slowest if slowest else None, "eval_s": eval_s,
         "lr": rnd.lr, "quantized": sum(c["quantized"] for c in rnd.clients),
         "samples": sum(c["samples"] for c in rnd.clients), "time": time.time(),
+        "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "per_client": sorted(rnd.clients, key=lambda c: c["client_id"]),
     }
 
