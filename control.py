@@ -27,7 +27,7 @@ MAX_CLIENT_ID = 999_999
 MAX_NUM_SAMPLES = 10**9
 NONCE_SIZE = 32
 PROOF_SIZE = 32  # HMAC-SHA256
-REASON_LIMIT = 300
+REASON_LIMIT = 256  # sanitized, so with its "...[N more chars]" note under 300
 DEVICES = ("auto", "cpu", "cuda")
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
