@@ -6,7 +6,6 @@ import os
 import pickle
 import random
 import socket
-import struct
 import threading
 import time
 import tracemalloc
