@@ -27,7 +27,7 @@ from logs import setup_logging
 from model import ImprovedCNN
 from protocol import Connection, ConnectionClosed, MsgType, ProtocolError, RemoteError, field
 from quantization import QuantizationError, apply_delta, dequantize_state, quantize_state, state_delta
-from security import AuthError, client_handshake, client_tls_context, resolve_secret
+from security import AuthError, CredentialError, client_handshake, client_tls_context, resolve_secret
 from training import train
 
 log = logging.getLogger("client")
@@ -44,7 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     net = p.add_argument_group("network")
     net.add_argument("--host", default="127.0.0.1", help="server address")
     net.add_argument("--port", type=int, default=8080, help="server port")
-    net.add_argument("--secret", default=None, help="shared secret (default: $FL_SECRET)")
+    secret = net.add_mutually_exclusive_group()
+    secret.add_argument("--secret-file", default=None, metavar="PATH",
+                        help="file holding this client's secret on one line (default: $FL_SECRET)")
+    secret.add_argument("--secret", default=None,
+                        help="the secret itself: visible to other users in the process list, "
+                             "prefer --secret-file or $FL_SECRET")
     net.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS server; enables TLS")
     net.add_argument("--connect-timeout", type=float, default=120.0,
                      help="seconds to keep retrying to reach the server (at start and after a lost connection)")
@@ -175,6 +180,11 @@ def serve(conn: Connection, model: torch.nn.Module, images: torch.Tensor, labels
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.quiet, args.verbose)
+    try:
+        secret = resolve_secret(args.secret, args.secret_file)
+    except CredentialError as exc:
+        log.error("%s", exc)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -194,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot load --tls-ca %s: %s", args.tls_ca, exc)
         return 2
-    secret = resolve_secret(args.secret)
     model = ImprovedCNN().to(device)
     log.info("client %d of %d: %d samples (%s shard) on %s", args.client_id, args.num_clients,
              len(labels), args.partition, device)

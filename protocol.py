@@ -1,15 +1,18 @@
-"""Wire protocol: length-prefixed frames whose payloads are ``torch.save`` bytes.
+"""Wire protocol: length-prefixed frames; control messages are bounded JSON, model
+messages ``torch.save`` bytes.
 
 Frame layout (network byte order)::
 
     magic "FLMN" | version u8 | type u8 | flags u16 | payload length u64 | payload | [tag]
 
 The 16-byte header is checked (magic, version, type, length <= limit) before a single
-payload byte is allocated. Payloads are decoded only with ``torch.load(weights_only=True)``,
-whose restricted unpickler builds tensors and plain containers and nothing else. After an
-authenticated handshake every frame carries a 32-byte HMAC-SHA256 tag over a per-direction
-sequence number, the header and the payload, so tampered, replayed or reordered frames
-are refused.
+payload byte is allocated, and a payload's buffer then grows only as its bytes arrive.
+The handshake messages, DONE and ERROR are small schema-checked JSON (``control.py``), so
+nothing a peer sends before authenticating reaches ``torch.load``; MODEL and UPDATE
+payloads pass an allowlist of their own before and after ``torch.load(weights_only=True)``
+(``safe_decode.py``). After an authenticated handshake every frame carries a 32-byte
+HMAC-SHA256 tag, under a key of its direction, over a per-direction sequence number, the
+header and the payload, so tampered, replayed, reordered or reflected frames are refused.
 """
 from __future__ import annotations
 
@@ -19,25 +22,35 @@ import io
 import socket
 import struct
 import time
-import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, Iterable
 
 import torch
 
+import safe_decode
+from control import CONTROL_MAX_FRAME, REASON_LIMIT, decode_control, encode_control
+from errors import ConnectionClosed, ProtocolError, RemoteError
+from logs import sanitize
+
+__all__ = ["ConnectionClosed", "ProtocolError", "RemoteError"]  # re-exported from errors.py
+
 MAGIC = b"FLMN"
-VERSION = 1
+VERSION = 2  # 2: JSON control messages, per-direction session keys
 HEADER = struct.Struct("!4sBBHQ")
 HEADER_SIZE = HEADER.size
 TAG_SIZE = 32
 FLAG_TAGGED = 0x1
 MIB = 1 << 20
-# The float32 model is 1.7 MB on the wire; 64 MiB leaves room for bigger models and
-# per-client extras while still refusing absurd lengths before allocating.
-DEFAULT_MAX_FRAME = 64 * MIB
-# Nothing before authentication needs more than a few hundred bytes.
-HANDSHAKE_MAX_FRAME = 64 * 1024
+# The float32 ImprovedCNN is 1.7 MB on the wire (its 8-bit update 0.45 MB): 8 MiB is
+# ~5x headroom and still refuses absurd lengths before anything is allocated.
+DEFAULT_MAX_FRAME = 8 * MIB
+# Control messages (everything before authentication, DONE, ERROR) are JSON of < 2 KB.
+HANDSHAKE_MAX_FRAME = CONTROL_MAX_FRAME
+# A payload's buffer grows by this much as its bytes arrive, so a header that announces a
+# large frame costs at most this much memory until the peer really sends the bytes.
+RECV_STEP = MIB
 
 
 class MsgType(IntEnum):
@@ -51,16 +64,9 @@ class MsgType(IntEnum):
     ERROR = 8  # either way: a one-line reason, then the sender closes
 
 
-class ProtocolError(Exception):
-    """The peer sent something that is not a valid frame or message."""
-
-
-class ConnectionClosed(ProtocolError):
-    """The peer closed the connection (possibly in the middle of a frame)."""
-
-
-class RemoteError(ProtocolError):
-    """The peer sent an ERROR message; its reason is the exception text."""
+# These are bounded JSON (control.py); the rest are torch.save payloads (safe_decode.py).
+CONTROL_TYPES = frozenset({MsgType.HELLO, MsgType.CHALLENGE, MsgType.AUTH, MsgType.WELCOME,
+                           MsgType.DONE, MsgType.ERROR})
 
 
 @dataclass(frozen=True)
@@ -105,73 +111,42 @@ def decode_header(header: bytes, max_size: int) -> tuple[MsgType, int, int]:
 
 
 def encode_payload(body: dict[str, Any]) -> bytes:
-    """torch.save with its default pickle protocol 2. Note: under that protocol an empty
-    ``bytes`` pickles as a call the restricted unpickler refuses, so messages use None."""
+    """torch.save with its default pickle protocol 2, of plain containers only: mappings
+    (``model.state_dict()``'s OrderedDict and its ``_metadata``) are written as dicts and
+    tensors detached, because the receiver's allowlist (``safe_decode``) refuses the BUILD
+    and Parameter records torch.save would write for them. Storage sharing is kept."""
     buf = io.BytesIO()
-    torch.save(body, buf)
+    torch.save(_plain(body), buf)
     return buf.getvalue()
 
 
-# A peer choosing pickle protocol 3-5 must not make torch print a multi-line warning into
-# the server log: the payload is refused (or decoded) either way.
-warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-
-
-class _BufferReader(io.RawIOBase):
-    """A seekable read-only file over received bytes. torch.load reads each tensor's record
-    straight into its storage (``readinto``); io.BytesIO would first copy a bytearray
-    payload whole, which costs a model-sized allocation and ~2x the decode time."""
-
-    def __init__(self, raw: bytes | bytearray | memoryview) -> None:
-        super().__init__()
-        self._view = memoryview(raw).cast("B")
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        chunk = self._view[self._pos:self._pos + len(buffer)]
-        memoryview(buffer).cast("B")[:len(chunk)] = chunk
-        self._pos += len(chunk)
-        return len(chunk)
-
-    def read(self, size: int | None = -1) -> bytes:
-        end = len(self._view) if size is None or size < 0 else self._pos + size
-        chunk = bytes(self._view[self._pos:end])
-        self._pos += len(chunk)
-        return chunk
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach() if obj.requires_grad or type(obj) is not torch.Tensor else obj
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
 
 
 def decode_payload(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
-    """Decode untrusted bytes: tensors and plain containers only, never arbitrary objects."""
-    try:
-        body = torch.load(_BufferReader(raw), map_location="cpu", weights_only=True)
-    except Exception as exc:  # the restricted unpickler raises many types; all mean "refused"
-        raise ProtocolError(f"undecodable payload: {_reason(exc)}") from None
-    if not isinstance(body, dict):
-        raise ProtocolError(f"payload is a {type(body).__name__}, expected a dict")
-    return body
+    """Decode an untrusted MODEL or UPDATE payload: a dict of plain values and plain CPU
+    tensors, or ProtocolError("undecodable payload: ...") that keeps nothing alive."""
+    return safe_decode.load(raw)
 
 
-def _reason(exc: Exception) -> str:
-    """The informative line of torch.load's long error text (the unpickler's verdict)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    # torch 2.6+ words it "Trying to load unsupported GLOBAL posix.system ..." or
-    # "Unsupported operand 149", after a generic "Weights only load failed" preamble.
-    verdict = [ln for ln in lines if "unsupported" in ln.lower()] or [ln for ln in lines if "Unpickler error" in ln]
-    return (verdict or lines or [type(exc).__name__])[0][:200]
+def encode_body(msg_type: MsgType, body: dict[str, Any]) -> bytes:
+    """A message body as its type travels: control JSON, or torch.save bytes."""
+    if msg_type in CONTROL_TYPES:
+        return encode_control(msg_type.name, body)
+    return encode_payload(body)
+
+
+def decode_body(msg_type: MsgType, raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+    if msg_type in CONTROL_TYPES:
+        return decode_control(msg_type.name, raw)
+    return decode_payload(raw)
 
 
 def frame_tag(key: bytes, seq: int, header: bytes, payload: bytes | bytearray | memoryview) -> bytes:
@@ -195,9 +170,14 @@ def recv_exact(sock: socket.socket, n: int, deadline: float | None = None,
                into: bytearray | None = None) -> bytearray | memoryview:
     """Read exactly n bytes across partial recvs; the deadline bounds the whole read, so a
     peer that dribbles one byte at a time cannot hold the reader forever. With ``into``
-    (at least n bytes) the bytes land there and a view of them is returned."""
-    buf: bytearray | memoryview = bytearray(n) if into is None else memoryview(into)[:n]
-    view = memoryview(buf)
+    (at least n bytes) the bytes land there and a view of them is returned; without, the
+    buffer grows by ``RECV_STEP`` as bytes arrive, so announcing a length costs nothing."""
+    if into is not None:
+        buf: bytearray | memoryview = memoryview(into)[:n]
+        if len(buf) < n:
+            raise ValueError(f"buffer of {len(buf)} bytes for {n}")
+    else:
+        buf = bytearray(min(n, RECV_STEP))
     got = 0
     while got < n:
         if deadline is not None:
@@ -205,16 +185,24 @@ def recv_exact(sock: socket.socket, n: int, deadline: float | None = None,
             if remaining <= 0:
                 raise socket.timeout(f"timed out after {got} of {n} bytes")
             sock.settimeout(remaining)
-        k = sock.recv_into(view[got:], n - got)
+        if got == len(buf):  # only a grown bytearray can be full before n
+            buf.extend(_ZEROS[:min(RECV_STEP, n - got)])  # type: ignore[union-attr]
+        with memoryview(buf)[got:] as tail:  # released before the buffer may grow again
+            k = sock.recv_into(tail, len(tail))
         if k == 0:
             raise ConnectionClosed(f"connection closed after {got} of {n} bytes")
         got += k
     return buf
 
 
-class Connection:
-    """One peer: frames in and out, byte counters, and the session key once authenticated.
+_ZEROS = memoryview(bytes(RECV_STEP))  # slices of it are views, not copies
 
+
+class Connection:
+    """One peer: frames in and out, byte counters, and the session keys once authenticated.
+
+    Frames are tagged with ``send_key`` and checked with ``recv_key``; the handshake derives
+    one key per direction, so a frame reflected back to its sender fails the check.
     Not thread-safe by design: exactly one thread owns a connection at a time, which also
     keeps TLS sockets safe (OpenSSL objects must not be read and written concurrently).
     """
@@ -222,15 +210,32 @@ class Connection:
     def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.sock = sock
         self.max_frame = max_frame
-        self.key: bytes | None = None
+        self.send_key: bytes | None = None
+        self.recv_key: bytes | None = None
         self.send_seq = 0
         self.recv_seq = 0
         self.bytes_sent = 0
         self.bytes_received = 0
 
+    def set_keys(self, send: bytes, recv: bytes) -> None:
+        self.send_key, self.recv_key = send, recv
+
+    @property
+    def authenticated(self) -> bool:
+        return self.recv_key is not None
+
+    @property
+    def key(self) -> bytes | None:
+        """The send key; assigning one key sets both directions (tests, symmetric links)."""
+        return self.send_key
+
+    @key.setter
+    def key(self, value: bytes | None) -> None:
+        self.send_key = self.recv_key = value
+
     def send_payload(self, msg_type: MsgType, payload: bytes, timeout: float | None = None) -> int:
         """Send an already-encoded payload (a broadcast encodes once, sends many times)."""
-        parts = pack_frame(msg_type, payload, self.key, self.send_seq)
+        parts = pack_frame(msg_type, payload, self.send_key, self.send_seq)
         n = sum(len(p) for p in parts)
         self.sock.settimeout(timeout)
         if n <= 64 * 1024:  # one segment, so Nagle never holds a small frame back
@@ -243,7 +248,7 @@ class Connection:
         return n
 
     def send(self, msg_type: MsgType, body: dict[str, Any], timeout: float | None = None) -> int:
-        return self.send_payload(msg_type, encode_payload(body), timeout)
+        return self.send_payload(msg_type, encode_body(msg_type, body), timeout)
 
     def recv(
         self,
@@ -253,7 +258,11 @@ class Connection:
     ) -> Message:
         """Receive and decode one message. ``timeout`` bounds the whole frame, not each recv call."""
         frame = self.recv_frame(expect, timeout, max_size)
-        return Message(frame.type, decode_payload(frame.payload), frame.nbytes, frame.payload)
+        body, refusal = _try_decode(frame.type, frame.payload)
+        if refusal is None:
+            return Message(frame.type, body, frame.nbytes, frame.payload)
+        del frame  # a refused payload must not live on in this frame's traceback
+        raise ProtocolError(refusal)
 
     def recv_frame(
         self,
@@ -265,28 +274,35 @@ class Connection:
         """Receive one authenticated frame of an expected type, its payload not yet decoded
         (the server decodes updates on its ingest thread). An ERROR frame raises RemoteError.
 
-        ``buffer``, if the payload fits, receives it instead of a new allocation; the
-        payload is then a view of it, valid until the buffer is reused."""
+        Control messages (handshake, DONE, ERROR) are refused above ``HANDSHAKE_MAX_FRAME``
+        whatever ``max_size`` says. ``buffer``, if the payload fits, receives it instead of
+        a new allocation; the payload is then a view of it, valid until the buffer is reused.
+        Without it, memory grows with the bytes that really arrive, not the announced length."""
         deadline = None if timeout is None else time.monotonic() + timeout
         if deadline is None:
             self.sock.settimeout(None)
         header = bytes(recv_exact(self.sock, HEADER_SIZE, deadline))
-        msg_type, flags, length = decode_header(header, max_size or self.max_frame)
+        limit = max_size or self.max_frame
+        msg_type, flags, length = decode_header(header, limit)
+        if msg_type in CONTROL_TYPES and length > min(limit, HANDSHAKE_MAX_FRAME):
+            raise ProtocolError(f"{msg_type.name} frame of {length} bytes exceeds the limit of "
+                                f"{min(limit, HANDSHAKE_MAX_FRAME)}")
         tagged = bool(flags & FLAG_TAGGED)
-        if tagged != (self.key is not None):
+        if tagged != (self.recv_key is not None):
             raise ProtocolError("frame authentication flag does not match the session")
         into = buffer if buffer is not None and len(buffer) >= length else None
         payload = recv_exact(self.sock, length, deadline, into)
         nbytes = HEADER_SIZE + length
-        if self.key is not None:
+        if self.recv_key is not None:
             tag = recv_exact(self.sock, TAG_SIZE, deadline)
             nbytes += TAG_SIZE
-            if not hmac.compare_digest(tag, frame_tag(self.key, self.recv_seq, header, payload)):
-                raise ProtocolError("frame authentication failed (tampered, replayed or wrong key)")
+            if not hmac.compare_digest(tag, frame_tag(self.recv_key, self.recv_seq, header, payload)):
+                raise ProtocolError("frame authentication failed (tampered, replayed, reflected or wrong key)")
         self.recv_seq += 1
         self.bytes_received += nbytes
         if msg_type == MsgType.ERROR and not _expects(expect, MsgType.ERROR):
-            raise RemoteError(str(decode_payload(payload).get("reason", "unspecified error"))[:300])
+            reason = decode_control(MsgType.ERROR.name, payload).get("reason", "unspecified error")
+            raise RemoteError(reason)  # sanitized and bounded by the schema
         if expect is not None and not _expects(expect, msg_type):
             raise ProtocolError(f"unexpected {msg_type.name} message")
         return Frame(msg_type, payload, nbytes)
@@ -294,7 +310,7 @@ class Connection:
     def send_error(self, reason: str) -> None:
         """Best effort: tell the peer why we are closing; never raises."""
         try:
-            self.send(MsgType.ERROR, {"reason": reason}, timeout=2.0)
+            self.send(MsgType.ERROR, {"reason": sanitize(reason, REASON_LIMIT)}, timeout=2.0)
         except (OSError, ProtocolError):
             pass
 
@@ -304,6 +320,14 @@ class Connection:
         except OSError:
             pass
         self.sock.close()
+
+
+def _try_decode(msg_type: MsgType, raw: bytes | bytearray | memoryview) -> tuple[Any, str | None]:
+    """(body, None) or (None, reason): the exception stays here, with its frames."""
+    try:
+        return decode_body(msg_type, raw), None
+    except ProtocolError as exc:
+        return None, str(exc)
 
 
 def _expects(expect: MsgType | Iterable[MsgType] | None, msg_type: MsgType) -> bool:

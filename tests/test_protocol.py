@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import pickle
 import random
 import socket
 import threading
 import time
+import tracemalloc
 
 import pytest
 import torch
@@ -16,7 +18,11 @@ from procs import Worker
 import protocol
 from model import ImprovedCNN
 from protocol import (
+    CONTROL_TYPES,
+    Frame,
     DEFAULT_MAX_FRAME,
+    MIB,
+    RECV_STEP,
     FLAG_TAGGED,
     HANDSHAKE_MAX_FRAME,
     HEADER,
@@ -164,13 +170,20 @@ def test_decode_header_length_limit_is_inclusive():
 # --- payload ----------------------------------------------------------------------------
 
 def test_payload_round_trip_plain_values():
-    body = {"round": 7, "lr": 0.01, "name": "x", "flag": True, "none": None, "blob": b"\x00\xff",
+    body = {"round": 7, "lr": 0.01, "name": "x", "flag": True, "none": None,
             "list": [1, 2.5, "a"], "tuple": (1, 2), "nested": {"t": torch.arange(5)}}
     out = decode_payload(encode_payload(body))
     assert out["round"] == 7 and out["lr"] == 0.01 and out["name"] == "x"
-    assert out["flag"] is True and out["none"] is None and out["blob"] == b"\x00\xff"
+    assert out["flag"] is True and out["none"] is None
     assert out["list"] == [1, 2.5, "a"] and tuple(out["tuple"]) == (1, 2)
     assert torch.equal(out["nested"]["t"], torch.arange(5))
+
+
+def test_payload_values_messages_never_hold_are_refused():
+    """bytes, sets, bytearrays ... pass torch.load's allowlist but not ours (safe_decode.py)."""
+    for value in (b"\x00\xff", {1}, bytearray(2)):
+        with pytest.raises(ProtocolError, match="not allowed"):
+            decode_payload(encode_payload({"v": value}))
 
 
 def test_decode_payload_accepts_bytearray_and_memoryview():
@@ -707,3 +720,229 @@ def test_field_bool_is_not_an_int(value):
 def test_field_wrong_type(value, kind):
     with pytest.raises(ProtocolError, match="has type"):
         field({"x": value}, "x", kind)
+
+
+# --- control messages: bounded JSON, never torch.load -------------------------------------
+
+HELLO = {"client_id": 1, "num_samples": 10, "options": {"quantization": False}, "nonce": "00" * 32}
+
+
+def test_control_types_are_the_handshake_done_and_error():
+    assert CONTROL_TYPES == {MsgType.HELLO, MsgType.CHALLENGE, MsgType.AUTH, MsgType.WELCOME,
+                             MsgType.DONE, MsgType.ERROR}
+
+
+def test_control_messages_travel_as_json(pair):
+    a, b = pair
+    sender, receiver = Connection(a), Connection(b)
+    sender.send(MsgType.HELLO, HELLO, timeout=5)
+    msg = receiver.recv(MsgType.HELLO, timeout=5)
+    assert msg.body == HELLO and json.loads(bytes(msg.raw)) == HELLO
+    sender.send(MsgType.DONE, {"reason": "federation finished"}, timeout=5)
+    assert receiver.recv(MsgType.DONE, timeout=5).body == {"reason": "federation finished"}
+
+
+def test_control_frames_never_reach_torch_load(pair, monkeypatch):
+    """The pre-authentication attacks: a 455-byte HELLO holding bytearray(1 GiB) and a
+    Counter over 2e8 bytes. A HELLO is JSON now: torch.load is not even called."""
+    a, b = pair
+
+    def boom(*_args, **_kwargs):
+        raise AssertionError("torch.load reached for a control message")
+
+    hostile = []
+    for pkl in (b"\x80\x02}X\x01\x00\x00\x00xcbuiltins\nbytearray\nJ\x00\x00\x00@\x85Rs.",
+                b"\x80\x02}X\x01\x00\x00\x00xccollections\nCounter\ncbuiltins\nbytearray\n"
+                b"J\x00\xc2\xeb\x0b\x85R\x85Rs."):
+        buf = io.BytesIO()
+        writer = torch._C.PyTorchFileWriter(buf, True, 64)
+        writer.write_record("data.pkl", pkl, len(pkl))
+        writer.write_end_of_file()
+        hostile.append(buf.getvalue())
+    monkeypatch.setattr(torch, "load", boom)
+    receiver = Connection(b)
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        for msg_type in (MsgType.HELLO, MsgType.AUTH, MsgType.ERROR):
+            for raw in hostile:
+                assert len(raw) < HANDSHAKE_MAX_FRAME
+                Connection(a).send_payload(msg_type, raw, timeout=5)
+                with pytest.raises(ProtocolError, match="JSON|ASCII"):
+                    receiver.recv(timeout=5)
+        elapsed = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 1.0 and peak < 1 << 20
+
+
+@pytest.mark.parametrize("msg_type", sorted(CONTROL_TYPES))
+def test_control_frames_are_bounded_whatever_max_size_says(pair, msg_type):
+    a, b = pair
+    a.sendall(encode_header(msg_type, HANDSHAKE_MAX_FRAME + 1))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        Connection(b, max_frame=DEFAULT_MAX_FRAME).recv(timeout=5)
+
+
+def test_error_reason_with_escape_codes_is_sanitized(pair):
+    a, b = pair
+    evil = "\x1b[2J\x1b[1;31mpwned\r\n12:00:00 INFO    server: round 9: accuracy 100%\u202e"
+    Connection(a).send_payload(MsgType.ERROR, json.dumps({"reason": evil}).encode(), timeout=5)
+    with pytest.raises(RemoteError) as info:
+        Connection(b).recv(MsgType.MODEL, timeout=5)
+    text = str(info.value)
+    assert text.isprintable() and "\x1b" not in text and "\n" not in text and "\r" not in text
+    assert text.startswith("\\x1b[2J\\x1b[1;31mpwned\\r\\n12:00:00")
+
+
+def test_nested_error_reason_is_a_protocol_error_not_a_recursion_error(pair):
+    a, b = pair
+    raw = b'{"reason": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    Connection(a).send_payload(MsgType.ERROR, raw[:HANDSHAKE_MAX_FRAME], timeout=5)
+    with pytest.raises(ProtocolError, match="nested") as info:
+        Connection(b).recv(MsgType.MODEL, timeout=5)
+    assert not isinstance(info.value, RemoteError)
+
+
+def test_error_and_done_after_authentication_are_tagged(pair):
+    a, b = pair
+    sender, receiver = keyed(a), keyed(b)
+    sender.send_error("bye")
+    with pytest.raises(RemoteError, match="bye"):
+        receiver.recv(MsgType.MODEL, timeout=5)
+    sender.send(MsgType.DONE, {"reason": "done"}, timeout=5)
+    assert receiver.recv(MsgType.DONE, timeout=5).body == {"reason": "done"}
+
+
+def test_refused_payload_is_not_kept_by_the_exception(pair):
+    a, b = pair
+    Connection(a).send_payload(MsgType.UPDATE, encode_payload({"t": torch.zeros(3, requires_grad=True)})
+                               .replace(b"\x89", b"\x88"), timeout=5)  # requires_grad True again
+    with pytest.raises(ProtocolError) as info:
+        Connection(b).recv(MsgType.UPDATE, timeout=5)
+    frames = []
+    tb = info.value.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in frames:
+        assert not any(isinstance(v, (bytearray, memoryview, Frame)) for v in frame.f_locals.values()), frame
+
+
+# --- receive buffers grow with the bytes that arrive --------------------------------------
+
+def test_announced_length_is_not_allocated_up_front(pair):
+    """Sixteen 16-byte headers announcing 64 MiB each made the server allocate 1 GiB."""
+    a, b = pair
+    tracemalloc.start()
+    try:
+        for _ in range(16):
+            c, d = socket.socketpair()
+            try:
+                c.sendall(encode_header(MsgType.UPDATE, 64 * MIB) + b"x" * 100)
+                c.close()
+                with pytest.raises(ConnectionClosed, match="after 100 of"):
+                    Connection(d, max_frame=64 * MIB).recv_frame(MsgType.UPDATE, timeout=5)
+            finally:
+                c.close()
+                d.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * RECV_STEP, peak
+
+
+def test_growing_buffer_receives_large_frames_exactly(pair):
+    a, b = pair
+    body = {"t": torch.randn((3 * RECV_STEP + 12345) // 4)}
+    data = frame_bytes(MsgType.UPDATE, body, key=KEY)
+
+    def dribble():
+        for i in range(0, len(data), 300_001):
+            a.sendall(data[i:i + 300_001])
+
+    w = Worker(dribble)
+    frame = keyed(b).recv_frame(MsgType.UPDATE, timeout=30)
+    w.get()
+    assert isinstance(frame.payload, bytearray) and len(frame.payload) == len(data) - HEADER_SIZE - TAG_SIZE
+    assert torch.equal(decode_payload(frame.payload)["t"], body["t"])
+
+
+def test_recv_exact_grows_in_steps():
+    data = bytes(range(256)) * ((RECV_STEP * 2 + 1000) // 256)
+    sock = TrickleSock(data, chunk=RECV_STEP // 3 + 7)
+    out = recv_exact(sock, len(data))  # type: ignore[arg-type]
+    assert bytes(out) == data and len(out) == len(data)
+
+
+def test_recv_exact_refuses_a_short_buffer():
+    with pytest.raises(ValueError):
+        recv_exact(TrickleSock(b"abcdef"), 6, into=bytearray(3))  # type: ignore[arg-type]
+
+
+def test_default_limits_fit_this_model():
+    state = ImprovedCNN().state_dict()
+    assert len(encode_payload({"state": state})) * 4 < DEFAULT_MAX_FRAME <= 16 * MIB
+    assert HANDSHAKE_MAX_FRAME <= 8 * 1024
+
+
+# --- per-direction keys -------------------------------------------------------------------
+
+C2S, S2C = bytes(range(32)), bytes(range(1, 33))
+
+
+def test_reflected_frame_fails_the_tag_check(pair):
+    """Both directions used to share one key and numbering: a peer's own frame, sent back
+    to it, passed. With a key per direction it does not."""
+    a, b = pair
+    server, client = Connection(a), Connection(b)
+    server.set_keys(send=S2C, recv=C2S)
+    client.set_keys(send=C2S, recv=S2C)
+    server.send(MsgType.MODEL, {"round": 1}, timeout=5)
+    b.settimeout(5)
+    wire = b.recv(65536)  # the client-side attacker captures the server's MODEL frame ...
+    b.sendall(wire)  # ... and reflects it, seq 0 and all
+    with pytest.raises(ProtocolError, match="authentication failed"):
+        server.recv(timeout=5)
+
+
+def test_per_direction_keys_round_trip(pair):
+    a, b = pair
+    server, client = Connection(a), Connection(b)
+    server.set_keys(send=S2C, recv=C2S)
+    client.set_keys(send=C2S, recv=S2C)
+    assert server.authenticated and client.authenticated
+    for i in range(3):
+        server.send(MsgType.MODEL, {"round": i}, timeout=5)
+        assert client.recv(MsgType.MODEL, timeout=5).body == {"round": i}
+        client.send(MsgType.UPDATE, {"round": i}, timeout=5)
+        assert server.recv(MsgType.UPDATE, timeout=5).body == {"round": i}
+    assert server.send_seq == server.recv_seq == client.send_seq == client.recv_seq == 3
+
+
+def test_key_property_sets_both_directions(pair):
+    conn = Connection(pair[0])
+    assert conn.key is None and not conn.authenticated
+    conn.key = KEY
+    assert conn.send_key == conn.recv_key == KEY == conn.key
+
+
+# --- honest messages over a socket --------------------------------------------------------
+
+def test_honest_update_and_done_over_a_socket(pair):
+    from client import update_message
+
+    a, b = pair
+    torch.manual_seed(0)
+    base = {k: v.detach().clone() for k, v in ImprovedCNN().state_dict().items()}
+    local = {k: v + 0.01 if v.is_floating_point() else v for k, v in base.items()}
+    sender, receiver = keyed(a), keyed(b)
+    for quantization in (False, True):
+        body = update_message(local, base, 1, 600, {"loss": 1.0}, quantization=quantization)
+        w = Worker(sender.send, MsgType.UPDATE, body, 10)
+        msg = receiver.recv(MsgType.UPDATE, timeout=10)
+        w.get()
+        assert msg.body["quantized"] is quantization and msg.body["num_samples"] == 600
+    sender.send(MsgType.DONE, {"reason": "federation finished after 3 rounds"}, timeout=5)
+    assert receiver.recv(MsgType.DONE, timeout=5).body["reason"] == "federation finished after 3 rounds"

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
 import socket
 import ssl
 import subprocess
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -18,11 +21,13 @@ from protocol import (
     MsgType,
     ProtocolError,
     RemoteError,
+    encode_body,
     encode_payload,
 )
 from security import (
     SECRET_ENV,
     AuthError,
+    KeyRing,
     Peer,
     client_handshake,
     client_tls_context,
@@ -30,7 +35,7 @@ from security import (
     resolve_secret,
     server_handshake,
     server_tls_context,
-    session_key,
+    session_keys,
     transcript,
 )
 
@@ -98,21 +103,28 @@ def test_proofs_are_role_bound():
     t = transcript(b"hello", b"challenge")
     client = proof(SECRET, b"fl-client", t)
     server = proof(SECRET, b"fl-server", t)
+    keys = session_keys(SECRET, t)
     assert client != server
-    assert session_key(SECRET, t) not in (client, server)
-    assert len(client) == len(server) == len(session_key(SECRET, t)) == 32
-    assert proof(SECRET, b"fl-client", t) == client  # deterministic
+    assert keys.client_to_server != keys.server_to_client  # a reflected frame fails the tag check
+    assert not {keys.client_to_server, keys.server_to_client} & {client, server}
+    assert len(client) == len(server) == len(keys.client_to_server) == len(keys.server_to_client) == 32
+    assert proof(SECRET, b"fl-client", t) == client and session_keys(SECRET, t) == keys  # deterministic
     assert proof(b"other", b"fl-client", t) != client
 
 
+def hello_raw(client_id=1, nonce="6e" * 32) -> bytes:
+    return encode_body(MsgType.HELLO, {"client_id": client_id, "num_samples": 5, "options": {}, "nonce": nonce})
+
+
 def test_transcript_binds_both_messages():
-    h, c = encode_payload({"client_id": 1}), encode_payload({"nonce": b"n" * 32})
+    h, c = hello_raw(), encode_body(MsgType.CHALLENGE, {"nonce": "6e" * 32, "auth": True})
     base = transcript(h, c)
     assert len(base) == 32
-    assert transcript(encode_payload({"client_id": 2}), c) != base
-    assert transcript(h, encode_payload({"nonce": b"m" * 32})) != base
+    assert transcript(hello_raw(2), c) != base
+    assert transcript(h, encode_body(MsgType.CHALLENGE, {"nonce": "6d" * 32, "auth": True})) != base
+    assert transcript(b"ab", b"c") != transcript(b"a", b"bc")  # the boundary cannot move
     p = proof(SECRET, b"fl-client", base)
-    assert p != proof(SECRET, b"fl-client", transcript(encode_payload({"client_id": 2}), c))
+    assert p != proof(SECRET, b"fl-client", transcript(hello_raw(2), c))
 
 
 # --- handshakes over socketpairs --------------------------------------------------------
@@ -135,9 +147,10 @@ def test_same_secret_derives_same_key_and_frames_round_trip(pair):
     cconn, cres, sconn, sres = run_handshake(*pair, SECRET, SECRET, client_id=3)
     assert cres is None
     assert isinstance(sres, Peer) and sres.client_id == 3
-    assert cconn.key is not None and len(cconn.key) == 32
-    assert cconn.key == sconn.key
-    assert SECRET not in cconn.key
+    assert cconn.send_key is not None and len(cconn.send_key) == 32
+    assert cconn.send_key == sconn.recv_key and cconn.recv_key == sconn.send_key
+    assert cconn.send_key != cconn.recv_key
+    assert SECRET not in cconn.send_key + cconn.recv_key
     state = {"w": torch.randn(5, 5)}
     sconn.send(MsgType.MODEL, {"round": 1, "state": state}, timeout=TIMEOUT)
     msg = cconn.recv(MsgType.MODEL, timeout=TIMEOUT)
@@ -197,7 +210,7 @@ def test_client_with_secret_refuses_open_server(pair):
 
 
 @pytest.mark.parametrize("welcome_proof", [
-    lambda client_proof: bytes(32),  # a fake server that cannot prove the secret
+    lambda client_proof: "00" * 32,  # a fake server that cannot prove the secret
     lambda client_proof: client_proof,  # one that reflects the client's own proof back
 ], ids=["bogus", "reflected"])
 def test_client_refuses_server_that_cannot_prove_the_secret(pair, welcome_proof):
@@ -206,7 +219,7 @@ def test_client_refuses_server_that_cannot_prove_the_secret(pair, welcome_proof)
     def fake_server():
         conn = Connection(s)
         conn.recv(MsgType.HELLO, timeout=TIMEOUT)
-        conn.send(MsgType.CHALLENGE, {"nonce": secrets.token_bytes(32), "auth": True}, timeout=TIMEOUT)
+        conn.send(MsgType.CHALLENGE, {"nonce": secrets.token_hex(32), "auth": True}, timeout=TIMEOUT)
         auth = conn.recv(MsgType.AUTH, timeout=TIMEOUT)
         conn.send(MsgType.WELCOME, {"proof": welcome_proof(auth.body["proof"])}, timeout=TIMEOUT)
         return auth.body["proof"]
@@ -215,9 +228,8 @@ def test_client_refuses_server_that_cannot_prove_the_secret(pair, welcome_proof)
     cconn = Connection(c)
     with pytest.raises(AuthError, match="server failed"):
         client_handshake(cconn, 1, 10, {}, SECRET, timeout=TIMEOUT)
-    assert isinstance(w.get(), bytes)
-    assert cconn.key is None
-    assert cconn.key is None
+    assert isinstance(w.get(), str)
+    assert cconn.send_key is None and cconn.recv_key is None
 
 
 # --- man in the middle ------------------------------------------------------------------
@@ -243,14 +255,14 @@ def run_mitm(secret, tamper_hello=None, tamper_challenge=None, client_id=5):
         if tamper_hello:
             body = dict(hello.body)
             tamper_hello(body)
-            raw = encode_payload(body)
+            raw = encode_body(MsgType.HELLO, body)
         to_server.send_payload(MsgType.HELLO, raw, timeout=TIMEOUT)
         challenge = to_server.recv(MsgType.CHALLENGE, timeout=TIMEOUT)
         raw = bytes(challenge.raw)
         if tamper_challenge:
             body = dict(challenge.body)
             tamper_challenge(body)
-            raw = encode_payload(body)
+            raw = encode_body(MsgType.CHALLENGE, body)
         to_client.send_payload(MsgType.CHALLENGE, raw, timeout=TIMEOUT)
         auth = to_client.recv(MsgType.AUTH, timeout=TIMEOUT)
         to_server.send_payload(MsgType.AUTH, bytes(auth.raw), timeout=TIMEOUT)
@@ -273,7 +285,7 @@ def test_transparent_mitm_relay_does_not_break_handshake():
     assert cres is None
     assert isinstance(sres, Peer) and sres.client_id == 5
     assert relayed == MsgType.WELCOME
-    assert cconn.key == sconn.key is not None
+    assert cconn.send_key == sconn.recv_key is not None
 
 
 @pytest.mark.parametrize("edit", [
@@ -292,7 +304,7 @@ def test_tampered_hello_fails_authentication(edit):
 
 def test_tampered_challenge_nonce_fails_authentication():
     cconn, cres, sconn, sres, _ = run_mitm(
-        SECRET, tamper_challenge=lambda b: b.__setitem__("nonce", bytes(32)))
+        SECRET, tamper_challenge=lambda b: b.__setitem__("nonce", "00" * 32))
     assert isinstance(sres, AuthError)
     assert isinstance(cres, (RemoteError, AuthError))
     assert cconn.key is None and sconn.key is None
@@ -308,17 +320,24 @@ def test_downgrade_to_no_auth_is_refused_by_client_with_secret():
 
 # --- server input validation ------------------------------------------------------------
 
+NONCE = "ab" * 32
+
+
 @pytest.mark.parametrize("hello", [
-    {"client_id": -1, "num_samples": 5, "options": {}},
-    {"client_id": 1_000_000, "num_samples": 5, "options": {}},
-    {"client_id": True, "num_samples": 5, "options": {}},
-    {"client_id": 1, "num_samples": "5", "options": {}},
-    {"client_id": 1, "num_samples": 5},
-    {"client_id": 1, "num_samples": 5, "options": [1]},
+    {"client_id": -1, "num_samples": 5, "options": {}, "nonce": NONCE},
+    {"client_id": 1_000_000, "num_samples": 5, "options": {}, "nonce": NONCE},
+    {"client_id": True, "num_samples": 5, "options": {}, "nonce": NONCE},
+    {"client_id": 1, "num_samples": "5", "options": {}, "nonce": NONCE},
+    {"client_id": 1, "num_samples": 5, "nonce": NONCE},
+    {"client_id": 1, "num_samples": 5, "options": [1], "nonce": NONCE},
+    {"client_id": 1, "num_samples": 5, "options": {"quantization": True, "evil": 1}, "nonce": NONCE},
+    {"client_id": 1, "num_samples": 5, "options": {}, "nonce": NONCE[:-2]},
+    {"client_id": 1, "num_samples": 5, "options": {}},
+    {"client_id": 1, "num_samples": 5, "options": {}, "nonce": NONCE, "admin": True},
 ])
 def test_server_rejects_bad_hello(pair, hello):
     c, s = pair
-    Connection(c).send(MsgType.HELLO, hello, timeout=TIMEOUT)
+    Connection(c).send_payload(MsgType.HELLO, json.dumps(hello).encode(), timeout=TIMEOUT)
     sconn = RecordingConnection(s)
     with pytest.raises(ProtocolError):
         server_handshake(sconn, None, timeout=TIMEOUT)
@@ -328,11 +347,70 @@ def test_server_rejects_bad_hello(pair, hello):
 def test_server_rejects_oversized_hello(pair):
     c, s = pair
     body = {"client_id": 1, "num_samples": 5, "options": {"pad": "x" * (HANDSHAKE_MAX_FRAME + 1)}}
-    w = Worker(Connection(c).send, MsgType.HELLO, body, TIMEOUT)
+    w = Worker(Connection(c).send_payload, MsgType.HELLO, json.dumps(body).encode(), TIMEOUT)
     with pytest.raises(ProtocolError, match="exceeds"):
         server_handshake(Connection(s), None, timeout=TIMEOUT)
     s.close()
     w.outcome()
+
+
+def _torch_saved_pickle(pkl: bytes) -> bytes:
+    import io
+    buf = io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(buf, True, 64)
+    writer.write_record("data.pkl", pkl, len(pkl))
+    writer.write_end_of_file()
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["bytearray-1GiB", "counter-2e8", "deflate", "hostile-pickle"])
+def test_hostile_torch_hello_is_refused_before_torch_load(pair, monkeypatch, kind):
+    """The observed attacks on HELLO (checked before the secret): bytearray(1 GiB) in 455
+    bytes, Counter(bytearray(2e8)) in 477, a DEFLATE bomb. A HELLO is JSON now."""
+    import io
+    import zipfile
+
+    payloads = {
+        "bytearray-1GiB": _torch_saved_pickle(b"\x80\x02}X\x01\x00\x00\x00xcbuiltins\nbytearray\n"
+                                              b"J\x00\x00\x00@\x85Rs."),
+        "counter-2e8": _torch_saved_pickle(b"\x80\x02}X\x01\x00\x00\x00xccollections\nCounter\n"
+                                           b"cbuiltins\nbytearray\nJ\x00\xc2\xeb\x0b\x85R\x85Rs."),
+        "hostile-pickle": encode_payload({"client_id": 1, "x": "\x1b[31m"}),
+    }
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02]q\x00(" + b"N" * 3_000_000 + b"e.")
+    payloads["deflate"] = buf.getvalue()
+    raw = payloads[kind]
+    assert len(raw) <= HANDSHAKE_MAX_FRAME
+
+    def boom(*_args, **_kwargs):
+        raise AssertionError("torch.load reached before authentication")
+
+    monkeypatch.setattr(torch, "load", boom)
+    c, s = pair
+    Connection(c).send_payload(MsgType.HELLO, raw, timeout=TIMEOUT)
+    sconn = RecordingConnection(s)
+    tracemalloc.start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(ProtocolError, match="HELLO is not"):
+            server_handshake(sconn, SECRET, timeout=TIMEOUT)
+        elapsed = time.perf_counter() - t0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 0.5 and peak < 1 << 20
+    assert sconn.sent_types == []
+
+
+def test_handshake_never_calls_torch_load(pair, monkeypatch):
+    def boom(*_args, **_kwargs):
+        raise AssertionError("torch.load in the handshake")
+
+    monkeypatch.setattr(torch, "load", boom)
+    cconn, cres, sconn, sres = run_handshake(*pair, SECRET, SECRET)
+    assert cres is None and isinstance(sres, Peer)
 
 
 def test_server_handshake_times_out_on_silent_client(pair):
@@ -441,3 +519,52 @@ def test_server_tls_context_rejects_mismatched_key(certs):
     _, other_key = certs["other"]
     with pytest.raises(ssl.SSLError):
         server_tls_context(cert, other_key)
+
+
+# --- per-client secrets: nobody can take over another client's id ------------------------
+
+ALICE, BOB = b"alice's own secret", b"bob's own secret"
+RING = KeyRing(per_client={1: ALICE, 2: BOB})
+
+
+def test_per_client_secrets_admit_each_client_with_its_own_secret(pair):
+    cconn, cres, sconn, sres = run_handshake(*pair, BOB, RING, client_id=2)
+    assert cres is None and isinstance(sres, Peer) and sres.client_id == 2
+    sconn.send(MsgType.MODEL, {"round": 1}, timeout=TIMEOUT)
+    assert cconn.recv(MsgType.MODEL, timeout=TIMEOUT).body == {"round": 1}
+
+
+@pytest.mark.parametrize("client_id,secret", [(1, BOB), (3, BOB), (3, ALICE)],
+                         ids=["bob-claims-alice", "bob-claims-unknown", "alice-claims-unknown"])
+def test_id_takeover_with_per_client_secrets_is_refused(pair, client_id, secret):
+    """With a shared secret any holder could claim any id (and the server replaces the
+    session of a duplicate id). A clients file binds each id to its own secret."""
+    cconn, cres, sconn, sres = run_handshake(*pair, secret, RING, client_id=client_id)
+    assert isinstance(sres, AuthError) and f"client {client_id} failed" in str(sres)
+    assert isinstance(cres, (RemoteError, AuthError)) and "authentication" in str(cres)
+    assert MsgType.WELCOME not in sconn.sent_types
+    assert sconn.key is None and cconn.key is None
+
+
+def test_shared_secret_lets_any_holder_claim_any_id(pair):
+    """The documented limit of a shared secret: what per-client secrets are for."""
+    cconn, cres, sconn, sres = run_handshake(*pair, SECRET, KeyRing(shared=SECRET), client_id=1)
+    assert cres is None and isinstance(sres, Peer) and sres.client_id == 1
+
+
+def test_open_key_ring_is_an_open_server(pair):
+    cconn, cres, sconn, sres = run_handshake(*pair, None, KeyRing())
+    assert cres is None and isinstance(sres, Peer) and sconn.key is None
+
+
+def test_reflected_frame_after_a_real_handshake_is_refused(pair):
+    """Both directions used to share one key: the server's own MODEL frame, sent back to
+    it by the client, passed the tag check."""
+    c, s = pair
+    cconn, cres, sconn, sres = run_handshake(c, s, SECRET, SECRET)
+    assert cres is None and isinstance(sres, Peer)
+    sconn.send(MsgType.MODEL, {"round": 1}, timeout=TIMEOUT)
+    c.settimeout(TIMEOUT)
+    c.sendall(c.recv(65536))  # the client reflects the frame, tag and all
+    with pytest.raises(ProtocolError, match="authentication failed"):
+        sconn.recv(MsgType.UPDATE, timeout=TIMEOUT)
