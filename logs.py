@@ -52,8 +52,3 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
 
-
-def sanitize(text: str, limit: int = 200) -> str:
-    """Peer-provided text made safe for a log line (temporary; the wire branch owns this)."""
-    out = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text)[:limit])
-    return out + ("..." if len(str(text)) > limit else "")

@@ -38,7 +38,9 @@ from evaluator import Evaluator, Finished, summary
 from federation import Federation
 from logs import setup_logging
 from model import ImprovedCNN
-from security import resolve_secret, server_tls_context
+from credentials import CredentialError, build_keyring, resolve_secret
+from logs import sanitize
+from security import server_tls_context
 from strategies.base import StrategyError
 from transport import FLServer
 
@@ -55,9 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     net = p.add_argument_group("network")
     net.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for all interfaces)")
     net.add_argument("--port", type=int, default=d.port, help="TCP port (0 picks a free one)")
+    net.add_argument("--secret-file", default=None, metavar="PATH",
+                     help="file holding the shared secret clients must prove (or set $FL_SECRET); "
+                          "without either, the server is open to anyone who can reach it")
+    net.add_argument("--clients-file", default=None, metavar="PATH",
+                     help="per-client secrets, one 'client_id secret' per line: a participant cannot "
+                          "take over another's id (instead of a shared secret)")
     net.add_argument("--secret", default=None,
-                     help="shared secret clients must prove (default: $FL_SECRET; none = open server). "
-                          "Visible in the process list: prefer $FL_SECRET")
+                     help="the shared secret itself: visible in the process list, so prefer --secret-file "
+                          "or $FL_SECRET")
     net.add_argument("--tls-cert", default=None, help="PEM certificate: serve over TLS")
     net.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
     net.add_argument("--max-connections", type=int, default=d.max_connections, help="authenticated clients at once")
@@ -252,8 +260,7 @@ def _limit_malloc_arenas(n: int = 2) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return sanitize(f"{type(exc).__name__}: {exc}")
 
 
 def resume(fed: Federation, config: ServerConfig) -> ckpt.History:
@@ -305,22 +312,26 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s; %s; noise %s", strategy.describe(), accountant.describe(),
                  "seeded by --dp-seed (reproducible)" if config.dp_seed is not None else "from the OS CSPRNG")
     ckpt.rewrite_metrics(config.metrics, history)
-    credentials = resolve_secret(args.secret)
+    try:
+        keyring = build_keyring(resolve_secret(args.secret, args.secret_file), args.clients_file)
+    except CredentialError as exc:
+        log.error("%s", exc)
+        return 2
     try:
         tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
     except (OSError, ssl.SSLError) as exc:
         log.error("cannot load the TLS certificate/key: %s", _one_line(exc))
         return 2
     try:
-        server = FLServer(config, fed, credentials, tls)
+        server = FLServer(config, fed, keyring, tls)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         return 2
     port = server.server_address[1]
     log.info("listening on %s:%d%s; %d rounds of %s, waiting for %d clients", config.host, port,
              " (TLS)" if tls else "", config.rounds, config.strategy, config.min_clients)
-    if credentials is None:
-        log.warning("no shared secret set: any client that can reach this port may join (set FL_SECRET)")
+    if not keyring.required:
+        log.warning("no secret set: any client that can reach this port may join (--secret-file or FL_SECRET)")
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
 
     def on_signal(signum: int, _frame: Any) -> None:

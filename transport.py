@@ -29,6 +29,7 @@ from federation import Federation, RoundTask, Session, Stop
 from ingest import Ingest
 from logs import sanitize
 from protocol import MIB, Connection, MsgType, ProtocolError
+from credentials import KeyRing
 from security import AuthError, server_handshake
 
 log = logging.getLogger("server")
@@ -117,7 +118,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
             sock = self.server.tls.wrap_socket(sock, server_side=True)
         conn = Connection(sock, max_frame=cfg.max_frame_mb * MIB)
         try:
-            peer = server_handshake(conn, self.server.credentials, timeout=max(0.01, end - time.monotonic()))
+            peer = server_handshake(conn, self.server.keyring, timeout=max(0.01, end - time.monotonic()))
             if not 1 <= peer.num_samples <= cfg.max_samples:
                 conn.send_error(f"sample count {peer.num_samples} outside 1..{cfg.max_samples} (--max-samples)")
                 raise ProtocolError(f"client {peer.client_id} claims {peer.num_samples} samples")
@@ -180,11 +181,11 @@ class FLServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     request_queue_size = 1024  # a burst of 1,000 virtual clients joining at once
 
-    def __init__(self, config: ServerConfig, federation: Federation, credentials: Any,
+    def __init__(self, config: ServerConfig, federation: Federation, keyring: KeyRing,
                  tls: ssl.SSLContext | None) -> None:
         self.config = config
         self.federation = federation
-        self.credentials = credentials
+        self.keyring = keyring
         self.tls = tls
         layout = federation.layout  # a float update's frame is this plus a little metadata
         self.ingest = Ingest(federation.submit, INGEST_SLOTS,
