@@ -190,8 +190,8 @@ def _smaps(pid: int) -> dict[str, int]:
 def test_fifty_idle_virtual_clients_cost_little_memory(tmp_path, synthetic_mnist_dir, free_port):
     """A worker hosting 50 connected, idle clients is about as big as one hosting 1: the
     process (torch, data, one model) is paid once, a client adds a thread and a socket."""
-    server = start("server.py", *server_args(free_port, tmp_path, synthetic_mnist_dir, 1, 52),
-                   log=tmp_path / "server.log")  # waits for 52: never starts a round
+    server = start("server.py", *server_args(free_port, tmp_path, synthetic_mnist_dir, 1, 52, "-v"),
+                   log=tmp_path / "server.log")  # waits for 52: never starts a round; -v logs every join
     common = ["--num-clients", 51, "--port", free_port, "--data-dir", synthetic_mnist_dir, "--no-download",
               "--no-progress"]
     many = start("worker.py", "--client-ids", "0-49", *common, log=tmp_path / "many.log")
