@@ -169,7 +169,7 @@ class Unrunnable:
     nothing, and the round is retried after a pause."""
 
     failure: str
-    timed_out: set[int] = field(default_factory=set)
+    dropped: dict[int, str] = field(default_factory=dict)
     bytes_up: dict[int, int] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
 
@@ -244,7 +244,9 @@ class SecAggFederation(Federation):
         assert coordinator is not None
         total = coordinator.run(self.stop)
         with self.lock:
-            for cid in coordinator.timed_out:  # their handlers hang up on them; a retry must not count them
+            # Timed out, hung up or refused: their handlers are ending these sessions (a retry
+            # must not sample one before its handler has unregistered it).
+            for cid in coordinator.dropped:
                 if self.sessions.get(cid) is rnd.participants.get(cid):
                     del self.sessions[cid]
             rnd.bytes_up += sum(coordinator.bytes_up.values())
