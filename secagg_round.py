@@ -151,6 +151,7 @@ class SecAggRound:
     def run(self, stop: threading.Event | None = None) -> torch.Tensor | None:
         """Drive the four stages; the ring sum of the survivors' inputs, or None when the
         round aborted (``failure`` says why)."""
+        opened = self.clock()
         for stage in range(len(STAGES)):
             with self.cond:
                 while True:
@@ -168,6 +169,9 @@ class SecAggRound:
                         self.dropped.setdefault(cid, f"timed out at stage {STAGES[stage]}")
                     log.warning("round %d: secure aggregation stage %s closed at its deadline without %d "
                                 "client(s): %s", self.round, STAGES[stage], len(pending), _ids(sorted(pending)))
+                log.debug("round %d: stage %s closed after %.3f s with %d answers", self.round, STAGES[stage],
+                          self.clock() - opened, len(self.answered[stage]))
+                opened = self.clock()
                 if stage == 3:
                     self.stage = 4  # closed: nothing more is accepted; finish outside the lock
                     self.cond.notify_all()
@@ -184,10 +188,12 @@ class SecAggRound:
                                              else min(start + self.stage_timeout, self.round_deadline))
                 self.cond.notify_all()
         try:
-            return self.server.finish()
+            total = self.server.finish()
         except SecAggAbort as exc:
             self._fail(str(exc))
             return None
+        log.debug("round %d: unmasked the sum in %.3f s", self.round, self.clock() - opened)
+        return total
 
     def _close(self, stage: int) -> None:
         s = self.server
