@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from data import DataError, load_mnist, resolve_data_dir, shard
+from data import DataError, load_mnist, resolve_data_dir, shard, subset
 from credentials import CredentialError
 from logs import setup_logging
 from participant import (  # noqa: F401 - update_message, pick_device, Unreachable: importable from here as before
@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    if args.limit:
-        idx = idx[:args.limit]
+    idx = subset(idx, args.limit, args.seed * 1009 + args.client_id)
     images, labels = images[idx].to(device), labels[idx].to(device)
     torch.manual_seed(args.seed + args.client_id)
     random.seed(args.seed + args.client_id)

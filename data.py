@@ -196,6 +196,15 @@ def pathological_partition(
             for c in range(num_clients)]
 
 
+def subset(indices: torch.Tensor, limit: int | None, seed: int = 0) -> torch.Tensor:
+    """At most ``limit`` of a client's indices, drawn at random (seeded), in the shard's order: the
+    first ``limit`` would keep one label of a label-sorted shard (``pathological_partition``)."""
+    if limit is None or limit >= indices.numel():
+        return indices
+    pick = torch.randperm(indices.numel(), generator=torch.Generator().manual_seed(seed))[:limit]
+    return indices[pick.sort().values]
+
+
 def partition(
     labels: torch.Tensor,
     num_clients: int,

@@ -166,13 +166,11 @@ class Federation:
         try:
             contribution = self.contribution(session, task, body, up)
         except (InvalidUpdate, ProtocolError, QuantizationError, LayoutError, ValueError, TypeError) as exc:
-            reason = sanitize(str(exc))
-            log.warning("round %d: rejected update from client %d: %s", task.round, cid, reason)
             with self.lock:
                 if rnd is not None and rnd is self.round and rnd.number == task.round:
                     rnd.bytes_up += up
                     rnd.bytes_down += down
-                    rnd.rejected.append({"client_id": cid, "reason": reason})
+                    self._reject(rnd, cid, sanitize(str(exc)))
                 self._report(session, task.round)
             return
         with self.lock:
@@ -226,7 +224,11 @@ class Federation:
                 raise InvalidUpdate(f"{e.name} holds negative variances")
 
     def _fold(self, rnd: RoundState, c: Contribution) -> None:
-        rnd.aggregator.add(c.delta, c.weight)
+        try:
+            rnd.aggregator.add(c.delta, c.weight)  # a DP aggregator checks norms and counts too
+        except (InvalidUpdate, ValueError) as exc:
+            self._reject(rnd, c.client_id, sanitize(str(exc)))
+            return
         rnd.int_sum.add_(c.ints.to(torch.float64), alpha=c.weight)
         rnd.int_weight += c.weight
         rnd.clients.append(c.record)
@@ -235,8 +237,11 @@ class Federation:
         for c in verdicts.accepted:
             self._fold(rnd, c)
         for c, reason in verdicts.rejected:
-            log.warning("round %d: rejected update from client %d: %s", rnd.number, c.client_id, reason)
-            rnd.rejected.append({"client_id": c.client_id, "reason": reason})
+            self._reject(rnd, c.client_id, reason)
+
+    def _reject(self, rnd: RoundState, client_id: int, reason: str) -> None:
+        log.warning("round %d: rejected update from client %d: %s", rnd.number, client_id, reason)
+        rnd.rejected.append({"client_id": client_id, "reason": reason})
 
     def fail(self, session: Session, round_num: int, down: int, reason: str) -> None:
         log.warning("round %d: client %d dropped out: %s", round_num, session.client_id, sanitize(reason))

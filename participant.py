@@ -30,6 +30,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 import secagg_client
+from aggregation import clip_by_norm
 from data import SCHEMES
 from layout import Layout
 from model import ImprovedCNN
@@ -137,6 +138,17 @@ def round_seed(seed: int, client_id: int, round_num: int) -> int:
     """Seed of one client's training in one round: the same whether the client is a
     process of its own or one of many in a worker, and whatever order a worker trains in."""
     return seed * 100_003 + client_id * 1009 + round_num
+
+
+def clip_delta(local: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+               clip_norm: float) -> dict[str, torch.Tensor]:
+    """``local`` moved back toward ``base`` so the float delta has L2 norm <= ``clip_norm``
+    (DP-FedAvg's client-side clipping); integer counters are kept as trained."""
+    layout = Layout.of(local)
+    floats, ints = layout.flatten(local)
+    base_floats, _ = layout.flatten(base)
+    delta, _ = clip_by_norm(floats - base_floats, clip_norm)
+    return layout.unflatten(base_floats + delta, ints)
 
 
 # --- what the clients of one process share ---------------------------------------------------
@@ -292,10 +304,14 @@ class Participant:
         config = field(model_msg, "config", dict)
         base = self._base(model_msg)
         local, result, generator, num_samples = self._fit(round_num, config, base)
+        quantization = self.config.quantization
+        if "dp_clip_norm" in config:  # client-side DP clipping: our raw delta never leaves us
+            local = clip_delta(local, base, float(config["dp_clip_norm"]))
+            quantization = False  # 8-bit rounding could push the norm past the bound the server checks
         # Built under the lock: the flat vector and the 8-bit delta are copies, so the next
         # client may overwrite the model while this one's update is being sent.
         body = update_message(local, base, round_num, num_samples, train_metrics(result),
-                              quantization=self.config.quantization, stochastic=self.config.stochastic_rounding,
+                              quantization=quantization, stochastic=self.config.stochastic_rounding,
                               generator=generator)
         return body, result
 
@@ -325,14 +341,11 @@ class Participant:
             images, labels = self.host.images, self.host.labels
         else:
             images, labels = self.host.images[self.indices], self.host.labels[self.indices]
-        extra: dict[str, Any] = {}
-        mu = float(config.get("mu", 0.0))
-        if mu:  # FedProx's proximal term; only passed when the server asks for it
-            extra["mu"] = mu
         result = train(model, images, labels, epochs=int(config["epochs"]), lr=float(config["lr"]),
                        batch_size=int(config["batch_size"]), generator=generator,
                        augment=bool(config.get("augment", True)), hflip=bool(config.get("hflip", False)),
-                       progress=self.config.progress, desc=f"round {round_num}", **extra)
+                       progress=self.config.progress, desc=f"round {round_num}",
+                       mu=float(config.get("mu", 0.0)))  # FedProx's proximal term, when asked for
         local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return local, result, generator, len(labels)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from data import DataError, load_mnist, partition, resolve_data_dir
+from data import DataError, load_mnist, partition, resolve_data_dir, subset
 from logs import setup_logging
 from participant import (
     ClientConfig,
@@ -138,7 +138,7 @@ def build(args: argparse.Namespace) -> Worker:
     host = Host(images, labels, device)
     participants = []
     for cid in args.client_ids:
-        idx = parts[cid][:args.limit] if args.limit else parts[cid]
+        idx = subset(parts[cid], args.limit, args.seed * 1009 + cid)
         quantize = config.quantization or cid in args.quantize_ids
         cfg = dataclasses.replace(config, quantization=quantize) if quantize != config.quantization else config
         participants.append(Participant(cid, host, cfg, indices=idx.clone(), log_prefix=f"client {cid}: "))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -26,26 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, REPO, descendants  # noqa: E402
-
-
-def smaps(pid: int) -> dict[str, float]:
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except OSError:
-        return {"rss": 0.0, "pss": 0.0}
-    kb = {k: int(v) for k, v in re.findall(r"^(\w+):\s+(\d+) kB", text, re.M)}
-    return {"rss": kb.get("Rss", 0) / 1024, "pss": kb.get("Pss", 0) / 1024}
-
-
-def tree(pid: int) -> dict[str, float]:
-    total = {"rss": 0.0, "pss": 0.0, "processes": 0}
-    for p in [pid, *descendants(pid)]:
-        m = smaps(p)
-        total["rss"] += m["rss"]
-        total["pss"] += m["pss"]
-        total["processes"] += 1
-    return total
+from common import DEFAULT_DATA, REPO, smaps, tree  # noqa: E402
 
 
 class Peak(threading.Thread):

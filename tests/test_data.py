@@ -319,3 +319,16 @@ def test_shard_matches_partition_and_checks_range() -> None:
     for bad in (3, -1):
         with pytest.raises(ValueError, match=r"valid: 0\.\.2"):
             shard(BALANCED, 3, bad)
+
+
+def test_subset_draws_across_the_whole_shard_not_its_head():
+    from data import pathological_partition, subset
+    labels = torch.arange(10).repeat_interleave(100)  # sorted by label
+    shard = pathological_partition(labels, 5, seed=0)[0]  # two label-contiguous shards of 100
+    picked = subset(shard, 50, seed=1)
+    assert picked.numel() == 50 and set(picked.tolist()) <= set(shard.tolist())
+    order = {v: i for i, v in enumerate(shard.tolist())}
+    assert [order[v] for v in picked.tolist()] == sorted(order[v] for v in picked.tolist())  # shard order kept
+    assert len(set(labels[picked].tolist())) == len(set(labels[shard].tolist()))  # both labels kept
+    assert torch.equal(subset(shard, 50, seed=1), picked) and not torch.equal(subset(shard, 50, seed=2), picked)
+    assert subset(shard, None) is shard and subset(shard, 10_000) is shard
