@@ -54,6 +54,7 @@ class RoundTask:
     deadline: float  # time.monotonic() by which the update must have arrived
     view_id: int = 0  # which broadcast this is (--quantize-broadcast)
     compact: bytes | None = None  # the same model as an 8-bit delta to broadcast view_id - 1
+    secagg: Any = None  # the round's secure-aggregation coordinator (secagg_round.py), if any
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,8 @@ class Federation:
         participants = {cid: connected[cid] for cid in sampled}
         lr = round_lr(cfg.lr, number, cfg.rounds, cfg.lr_schedule)
         config = {**cfg.training_config(), "lr": lr, **self.strategy.fit_config(number)}
-        header = {"round": number, "rounds": cfg.rounds, "config": config}
+        header = {"round": number, "rounds": cfg.rounds, "config": config,
+                  **self.round_extras(number, participants)}
         base, compact = self.broadcast_state()
         payload = encode_payload({**header, "state": base, "view_id": self.view_id})
         if compact is not None:
@@ -313,6 +315,10 @@ class Federation:
                     rnd.reported.add(cid)
         task = RoundTask(number, payload, base, base_floats, rnd.started + cfg.round_timeout, self.view_id, compact)
         return rnd, task
+
+    def round_extras(self, number: int, participants: dict[int, Session]) -> dict[str, Any]:
+        """More keys for this round's MODEL message (a subclass's settings); none here."""
+        return {}
 
     def collect(self, rnd: RoundState, deadline: float) -> None:
         """Wait until every sampled client reported (or the deadline), then close the round."""

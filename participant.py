@@ -29,6 +29,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
+import secagg_client
 from aggregation import clip_by_norm
 from data import SCHEMES
 from layout import Layout
@@ -111,6 +112,7 @@ class ClientConfig:
     stochastic_rounding: bool = False
     seed: int = 0
     device: str = "auto"  # the --device choice, as announced to the server in HELLO
+    secagg: bool = True  # announce secure-aggregation support in HELLO (secagg_client.py)
     progress: bool = True
 
     @classmethod
@@ -251,7 +253,7 @@ class Participant:
                     sock = cfg.tls.wrap_socket(sock, server_hostname=cfg.host)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 conn = Connection(sock)
-                options = {"quantization": cfg.quantization, "device": cfg.device}
+                options = {"quantization": cfg.quantization, "device": cfg.device, "secagg": cfg.secagg}
                 client_handshake(conn, self.client_id, self.num_samples, options, cfg.secret,
                                  timeout=cfg.handshake_timeout)
                 return conn
@@ -271,13 +273,23 @@ class Participant:
         """Answer MODEL messages with updates until the server says DONE; returns its reason."""
         while True:
             _wait_readable(conn.sock)  # idle: blocked in poll(), no CPU
+            secure = None
             with self.host.lock:  # one client of this process at a time reads, trains, encodes
                 msg = conn.recv({MsgType.MODEL, MsgType.DONE})
                 if msg.type == MsgType.DONE:
                     return str(msg.body.get("reason", "done"))
                 round_num = field(msg.body, "round", int)
-                body, result = self.host.compute(self._train, round_num, msg.body)
+                if msg.body.get("secagg") is not None:  # the server requires secure aggregation
+                    secure = secagg_client.begin(self, conn, round_num, msg.body)
+                else:
+                    body, result = self.host.compute(self._train, round_num, msg.body)
                 del msg
+            if secure is not None:  # the stages wait for the other clients: not under the lock
+                done = secure.run()
+                del secure
+                if done is not None:
+                    return done
+                continue
             sent = conn.send(MsgType.UPDATE, body)
             del body  # an idle client holds no update
             self.rounds_trained += 1
@@ -290,6 +302,22 @@ class Participant:
         """Train the host's model from the model we were sent; the UPDATE body. Runs on the
         host's training thread while the participant holds the lock."""
         config = field(model_msg, "config", dict)
+        base = self._base(model_msg)
+        local, result, generator, num_samples = self._fit(round_num, config, base)
+        quantization = self.config.quantization
+        if "dp_clip_norm" in config:  # client-side DP clipping: our raw delta never leaves us
+            local = clip_delta(local, base, float(config["dp_clip_norm"]))
+            quantization = False  # 8-bit rounding could push the norm past the bound the server checks
+        # Built under the lock: the flat vector and the 8-bit delta are copies, so the next
+        # client may overwrite the model while this one's update is being sent.
+        body = update_message(local, base, round_num, num_samples, train_metrics(result),
+                              quantization=quantization, stochastic=self.config.stochastic_rounding,
+                              generator=generator)
+        return body, result
+
+    def _base(self, model_msg: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The model the server sent (rebuilt from an 8-bit delta to our last one), shared
+        with the host's other clients when equal; on the training thread."""
         if "delta" in model_msg:  # the server sent only the 8-bit change to our last model
             if self.view is None or model_msg.get("base_view") != self.view_id:
                 raise ProtocolError("the server sent a delta to a model this client does not hold")
@@ -298,6 +326,12 @@ class Participant:
             base = field(model_msg, "state", dict)
         self.view_id = model_msg.get("view_id")
         self.view = base = self.host.views.share(self.view_id, base)
+        return base
+
+    def _fit(self, round_num: int, config: dict[str, Any],
+             base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any, torch.Generator, int]:
+        """Train the host's model from ``base``: the local state (a copy), the training
+        result, the round's generator and the sample count; on the training thread."""
         model = self.host.model
         model.load_state_dict(base)
         seed = round_seed(self.config.seed, self.client_id, round_num)
@@ -313,17 +347,7 @@ class Participant:
                        progress=self.config.progress, desc=f"round {round_num}",
                        mu=float(config.get("mu", 0.0)))  # FedProx's proximal term, when asked for
         local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        quantization = self.config.quantization
-        if "dp_clip_norm" in config:  # client-side DP clipping: our raw delta never leaves us
-            local = clip_delta(local, base, float(config["dp_clip_norm"]))
-            quantization = False  # 8-bit rounding could push the norm past the bound the server checks
-        metrics = {"loss": result.loss, "accuracy": result.accuracy, "train_s": result.seconds,
-                   "samples_per_s": result.samples / max(result.seconds, 1e-9)}
-        # Built under the lock: the flat vector and the 8-bit delta are copies, so the next
-        # client may overwrite the model while this one's update is being sent.
-        body = update_message(local, base, round_num, len(labels), metrics, quantization=quantization,
-                              stochastic=self.config.stochastic_rounding, generator=generator)
-        return body, result
+        return local, result, generator, len(labels)
 
     def run(self) -> int:
         """Connect, serve rounds, reconnect after a lost connection; the exit status."""
@@ -353,6 +377,11 @@ class Participant:
                 conn.close()
             self.log.info("server says: %s; exiting", reason)
             return 0
+
+
+def train_metrics(result: Any) -> dict[str, float]:
+    return {"loss": result.loss, "accuracy": result.accuracy, "train_s": result.seconds,
+            "samples_per_s": result.samples / max(result.seconds, 1e-9)}
 
 
 def update_message(local: dict[str, torch.Tensor], base: dict[str, torch.Tensor], round_num: int,
