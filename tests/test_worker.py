@@ -132,8 +132,8 @@ def test_quantized_participant_and_8bit_broadcast():
     assert p.view_id == 2
 
 
-@pytest.mark.parametrize("config,expected", [({}, None), ({"mu": 0.0}, None), ({"mu": 0.01}, 0.01)])
-def test_fedprox_mu_is_passed_to_train_only_when_set(monkeypatch, config, expected):
+@pytest.mark.parametrize("config,expected", [({}, 0.0), ({"mu": 0.0}, 0.0), ({"mu": 0.01}, 0.01)])
+def test_fedprox_mu_from_the_round_config_reaches_train(monkeypatch, config, expected):
     seen = {}
     real_train = participant.train
 
