@@ -47,7 +47,8 @@ def load_run(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_metrics(runs: list[tuple[str, list[dict[str, Any]]]], out: Path, title: str | None = None) -> Path:
-    """Write a PNG of accuracy (%) and loss per round, one line per (label, records) run.
+    """Write a PNG of accuracy (%) and loss per round, one line per (label, records) run,
+    and a third panel of epsilon per round when a run was differentially private.
 
     Raises ImportError with :data:`MPL_HINT` if matplotlib is missing.
     """
@@ -60,13 +61,22 @@ def plot_metrics(runs: list[tuple[str, list[dict[str, Any]]]], out: Path, title:
     except ImportError:
         raise ImportError(MPL_HINT) from None
     # A bare Figure (no pyplot) keeps no global state, so the launcher may call this from any thread.
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax_acc, ax_loss = fig.subplots(1, 2)
+    private = any("epsilon" in r for _, records in runs for r in records)
+    fig = Figure(figsize=(16 if private else 11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3 if private else 2)
+    ax_acc, ax_loss = axes[0], axes[1]
+    panels = [(ax_acc, "test accuracy (%)"), (ax_loss, "test loss")]
     for label, records in runs:
         rounds = [r["round"] for r in records]
         ax_acc.plot(rounds, [100 * r["accuracy"] for r in records], marker="o", markersize=3, label=label)
         ax_loss.plot(rounds, [r["loss"] for r in records], marker="o", markersize=3, label=label)
-    for ax, name in ((ax_acc, "test accuracy (%)"), (ax_loss, "test loss")):
+        if private and any("epsilon" in r for r in records):
+            axes[2].plot([r["round"] for r in records if "epsilon" in r],
+                         [r["epsilon"] for r in records if "epsilon" in r], marker="o", markersize=3, label=label)
+    if private:
+        delta = next(r["delta"] for _, records in runs for r in records if "delta" in r)
+        panels.append((axes[2], f"epsilon (delta = {delta:.2g})"))
+    for ax, name in panels:
         ax.set_xlabel("round")
         ax.set_ylabel(name)
         ax.set_title(name)

@@ -116,3 +116,12 @@ def test_schema_matches_server_record() -> None:
                 and node.keys and all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys)]
     assert set(record(1)) in key_sets
     assert CLIENT_KEYS in key_sets
+
+
+def test_a_private_run_gets_an_epsilon_panel(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    records = [{**record(i), "epsilon": 0.5 * i, "delta": 1e-5} for i in (1, 2, 3)]
+    plain = plot.plot_metrics([("plain", [record(i) for i in (1, 2, 3)])], tmp_path / "plain.png")
+    private = plot.plot_metrics([("dp", records)], tmp_path / "dp.png")
+    from matplotlib.image import imread
+    assert imread(private).shape[1] > imread(plain).shape[1] * 1.3  # a third panel
