@@ -40,32 +40,41 @@ IDLE_CHECK_S = 1.0  # how often an idle session looks whether its peer hung up
 
 class RefusalLog:
     """Counts refused connections and logs them as one line per interval, so a flood of
-    hostile connections cannot flood the log."""
+    hostile connections cannot flood the log: the first refusal after a quiet interval is
+    logged at once, later ones are added up and logged by ``tick`` (called by the server
+    loop a few times a second) once the interval has passed, or by ``flush`` at exit."""
 
     def __init__(self, interval: float = 10.0) -> None:
         self.interval = interval
         self.counts: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
-        self.last = time.monotonic()
+        self.last = time.monotonic() - interval  # nothing logged yet: the first refusal shows at once
 
     def count(self, reason: str) -> None:
         with self.lock:
             self.counts[reason] += 1
+        self.tick()
+
+    def tick(self) -> None:
+        """Log what was counted, if the last line is at least ``interval`` old."""
+        with self.lock:
             now = time.monotonic()
-            if now - self.last < self.interval and sum(self.counts.values()) > 1:
+            if not self.counts or now - self.last < self.interval:
                 return
             counts, self.counts = self.counts, collections.Counter()
             self.last = now
-        total = sum(counts.values())
-        detail = "; ".join(f"{n} {why}" for why, n in counts.most_common(5))
-        log.warning("refused %d connection(s): %s", total, detail)
+        self._log(counts)
 
     def flush(self) -> None:
         with self.lock:
             counts, self.counts = self.counts, collections.Counter()
         if counts:
-            log.warning("refused %d connection(s): %s", sum(counts.values()),
-                        "; ".join(f"{n} {why}" for why, n in counts.most_common(5)))
+            self._log(counts)
+
+    @staticmethod
+    def _log(counts: "collections.Counter[str]") -> None:
+        log.warning("refused %d connection(s): %s", sum(counts.values()),
+                    "; ".join(f"{n} {why}" for why, n in counts.most_common(5)))
 
 
 class ClientHandler(socketserver.BaseRequestHandler):
@@ -224,6 +233,10 @@ class FLServer(socketserver.ThreadingTCPServer):
         except BaseException:  # no thread: give the slot back
             self.end_pending(str(client_address[0]))
             raise
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        self.refusals.tick()  # a burst of refusals is logged within an interval, not only at exit
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unexpected error serving %s", client_address)
