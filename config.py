@@ -58,6 +58,13 @@ class ServerConfig:
     dp_population: int | None = None  # N for the accountant; None: --min-clients
     target_epsilon: float | None = None
     dp_seed: int | None = None  # None: noise seeded from the OS CSPRNG
+    # secure aggregation (secagg_server.py): the server learns only the sum of the updates
+    secure_aggregation: bool = False
+    secagg_threshold: int | None = None  # None: max(2, ceil(2g/3)) for groups of g clients
+    secagg_neighbours: int | None = None  # SecAgg+ group size (odd); None: every sampled client
+    secagg_clip: float = 8.0  # fixed-point range per coordinate: [-clip, clip]
+    secagg_bits: int = 32  # the ring Z_{2^bits}
+    secagg_stage_timeout: float = 60.0  # seconds for each stage but the masked input's
     # data and output
     data_dir: str | None = None
     download: bool = True

@@ -117,7 +117,9 @@ class Obj(Spec):
         return {k: self.fields[k].check(v, f"{where}.{k}") for k, v in value.items()}
 
 
-OPTIONS = Obj({"quantization": Bool(), "device": Choice(DEVICES)}, frozenset({"quantization", "device"}))
+# "secagg": the client can run secure aggregation (secagg_wire.py); absent means it cannot.
+OPTIONS = Obj({"quantization": Bool(), "device": Choice(DEVICES), "secagg": Bool()},
+              frozenset({"quantization", "device", "secagg"}))
 _REASON = Obj({"reason": Text(REASON_LIMIT)}, frozenset({"reason"}))
 _PROOF = Obj({"proof": Hex(PROOF_SIZE, nullable=True)})
 SCHEMAS: dict[str, Obj] = {

@@ -28,6 +28,7 @@ _STEMS = {
 # The names a user has to provide, in the order the error message lists them.
 MNIST_FILES = tuple(f"{stem}.gz" for stems in _STEMS.values() for stem in stems)
 _UBYTE = 0x08
+SCHEMES = ("iid", "dirichlet", "shards")  # how ``partition`` splits the training set among clients
 _DOWNLOAD_TIMEOUT_S = 15.0
 
 
@@ -172,6 +173,38 @@ def _dirichlet_partition(
     return [torch.cat(p) for p in parts]
 
 
+def pathological_partition(
+    labels: torch.Tensor, num_clients: int, seed: int = 0, shards_per_client: int = 2
+) -> list[torch.Tensor]:
+    """The FedAvg paper's pathological non-IID split (McMahan et al. 2017): sort the samples
+    by label, cut them into ``shards_per_client * num_clients`` contiguous shards of equal
+    size, and give every client ``shards_per_client`` of them drawn at random (seeded).
+
+    With MNIST's 60,000 images and 100 clients: 200 shards of 300 images, so most clients
+    see two digits (a shard that straddles a label boundary adds one, so 2-4 at most).
+    When the count does not divide evenly, shard sizes differ by at most one. Pure: the
+    same labels, count and seed give the same split in every process."""
+    n = labels.numel()
+    count = shards_per_client * num_clients
+    if shards_per_client < 1 or count > n:
+        raise ValueError(f"cannot cut {n} samples into {shards_per_client} shards for each of {num_clients} clients")
+    # A stable sort keeps equal labels in index order, so the split depends on the labels only.
+    by_label = torch.sort(labels.flatten(), stable=True).indices
+    shards = torch.tensor_split(by_label, count)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [torch.cat([shards[s] for s in order[c * shards_per_client:(c + 1) * shards_per_client]])
+            for c in range(num_clients)]
+
+
+def subset(indices: torch.Tensor, limit: int | None, seed: int = 0) -> torch.Tensor:
+    """At most ``limit`` of a client's indices, drawn at random (seeded), in the shard's order: the
+    first ``limit`` would keep one label of a label-sorted shard (``pathological_partition``)."""
+    if limit is None or limit >= indices.numel():
+        return indices
+    pick = torch.randperm(indices.numel(), generator=torch.Generator().manual_seed(seed))[:limit]
+    return indices[pick.sort().values]
+
+
 def partition(
     labels: torch.Tensor,
     num_clients: int,
@@ -182,7 +215,8 @@ def partition(
 ) -> list[torch.Tensor]:
     """Split all sample indices among clients; every process derives the same split from the seed.
 
-    ``min_size`` is enforced for "dirichlet" only; "iid" chunks differ by at most one.
+    ``min_size`` is enforced for "dirichlet" only; "iid" chunks differ by at most one;
+    "shards" is the pathological two-shards-per-client split (``pathological_partition``).
     """
     n = labels.numel()
     if num_clients < 1:
@@ -196,8 +230,10 @@ def partition(
         parts = list(torch.tensor_split(torch.randperm(n, generator=gen), num_clients))
     elif scheme == "dirichlet":
         parts = _dirichlet_partition(labels.flatten(), num_clients, alpha, seed, min_size, gen)
+    elif scheme == "shards":
+        parts = pathological_partition(labels, num_clients, seed)
     else:
-        raise ValueError(f"unknown partition scheme {scheme!r} (expected 'iid' or 'dirichlet')")
+        raise ValueError(f"unknown partition scheme {scheme!r} (expected one of {', '.join(SCHEMES)})")
     return [p.sort().values.long() for p in parts]
 
 

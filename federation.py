@@ -54,6 +54,7 @@ class RoundTask:
     deadline: float  # time.monotonic() by which the update must have arrived
     view_id: int = 0  # which broadcast this is (--quantize-broadcast)
     compact: bytes | None = None  # the same model as an 8-bit delta to broadcast view_id - 1
+    secagg: Any = None  # the round's secure-aggregation coordinator (secagg_round.py), if any
 
 
 @dataclass(frozen=True)
@@ -165,13 +166,11 @@ class Federation:
         try:
             contribution = self.contribution(session, task, body, up)
         except (InvalidUpdate, ProtocolError, QuantizationError, LayoutError, ValueError, TypeError) as exc:
-            reason = sanitize(str(exc))
-            log.warning("round %d: rejected update from client %d: %s", task.round, cid, reason)
             with self.lock:
                 if rnd is not None and rnd is self.round and rnd.number == task.round:
                     rnd.bytes_up += up
                     rnd.bytes_down += down
-                    rnd.rejected.append({"client_id": cid, "reason": reason})
+                    self._reject(rnd, cid, sanitize(str(exc)))
                 self._report(session, task.round)
             return
         with self.lock:
@@ -225,7 +224,11 @@ class Federation:
                 raise InvalidUpdate(f"{e.name} holds negative variances")
 
     def _fold(self, rnd: RoundState, c: Contribution) -> None:
-        rnd.aggregator.add(c.delta, c.weight)
+        try:
+            rnd.aggregator.add(c.delta, c.weight)  # a DP aggregator checks norms and counts too
+        except (InvalidUpdate, ValueError) as exc:
+            self._reject(rnd, c.client_id, sanitize(str(exc)))
+            return
         rnd.int_sum.add_(c.ints.to(torch.float64), alpha=c.weight)
         rnd.int_weight += c.weight
         rnd.clients.append(c.record)
@@ -234,8 +237,11 @@ class Federation:
         for c in verdicts.accepted:
             self._fold(rnd, c)
         for c, reason in verdicts.rejected:
-            log.warning("round %d: rejected update from client %d: %s", rnd.number, c.client_id, reason)
-            rnd.rejected.append({"client_id": c.client_id, "reason": reason})
+            self._reject(rnd, c.client_id, reason)
+
+    def _reject(self, rnd: RoundState, client_id: int, reason: str) -> None:
+        log.warning("round %d: rejected update from client %d: %s", rnd.number, client_id, reason)
+        rnd.rejected.append({"client_id": client_id, "reason": reason})
 
     def fail(self, session: Session, round_num: int, down: int, reason: str) -> None:
         log.warning("round %d: client %d dropped out: %s", round_num, session.client_id, sanitize(reason))
@@ -288,7 +294,8 @@ class Federation:
         participants = {cid: connected[cid] for cid in sampled}
         lr = round_lr(cfg.lr, number, cfg.rounds, cfg.lr_schedule)
         config = {**cfg.training_config(), "lr": lr, **self.strategy.fit_config(number)}
-        header = {"round": number, "rounds": cfg.rounds, "config": config}
+        header = {"round": number, "rounds": cfg.rounds, "config": config,
+                  **self.round_extras(number, participants)}
         base, compact = self.broadcast_state()
         payload = encode_payload({**header, "state": base, "view_id": self.view_id})
         if compact is not None:
@@ -308,6 +315,10 @@ class Federation:
                     rnd.reported.add(cid)
         task = RoundTask(number, payload, base, base_floats, rnd.started + cfg.round_timeout, self.view_id, compact)
         return rnd, task
+
+    def round_extras(self, number: int, participants: dict[int, Session]) -> dict[str, Any]:
+        """More keys for this round's MODEL message (a subclass's settings); none here."""
+        return {}
 
     def collect(self, rnd: RoundState, deadline: float) -> None:
         """Wait until every sampled client reported (or the deadline), then close the round."""

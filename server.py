@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 import privacy
+import secagg_server
 import strategies
 from config import ServerConfig
 from data import DataError, load_mnist, resolve_data_dir
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--seed", type=int, default=d.seed, help="seed of the initial global model and of client sampling")
     add_strategy_arguments(p)
     add_privacy_arguments(p)
+    secagg_server.add_arguments(p)
     io = p.add_argument_group("data and output")
     io.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
     io.add_argument("--no-download", action="store_true", help="never try to download MNIST")
@@ -166,6 +168,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     """The config, and the namespace for the credentials (which never enter the config)."""
     p = build_parser()
     a = p.parse_args(argv)
+    secagg = secagg_server.check_arguments(p, a)  # may set uniform weighting and --min-fit 2
     if a.rounds < 1 or a.min_clients < 1 or a.min_fit < 1:
         p.error("--rounds, --min-clients and --min-fit must be at least 1")
     if a.min_fit > a.min_clients:
@@ -215,7 +218,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
         dp_noise_multiplier=a.dp_noise_multiplier, dp_clipping=a.dp_clipping, dp_adaptive=a.dp_adaptive,
         dp_target_quantile=a.dp_target_quantile, dp_clip_lr=a.dp_clip_lr, dp_delta=a.dp_delta,
         dp_population=a.dp_population, target_epsilon=a.target_epsilon, dp_seed=a.dp_seed, resume=a.resume, metrics=a.metrics, threads=a.threads, quiet=a.quiet, verbose=a.verbose,
-        progress=not (a.no_progress or a.quiet))
+        progress=not (a.no_progress or a.quiet), **secagg)
     try:
         build_strategy(config)
     except StrategyError as exc:
@@ -297,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(config.seed)
     strategy = build_strategy(config)
     accountant = build_accountant(config, strategy)
-    fed = Federation(config, strategy, {k: v.detach().clone() for k, v in ImprovedCNN().state_dict().items()})
+    fed_class = secagg_server.SecAggFederation if config.secure_aggregation else Federation
+    fed = fed_class(config, strategy, {k: v.detach().clone() for k, v in ImprovedCNN().state_dict().items()})
     fed.start_round = 0
     history = ckpt.History()
     if config.resume:
@@ -326,13 +330,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot load the TLS certificate/key: %s", _one_line(exc))
         return 2
     try:
-        server = FLServer(config, fed, keyring, tls)
+        server = (secagg_server.SecAggFLServer if config.secure_aggregation else FLServer)(config, fed, keyring, tls)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
         return 2
     port = server.server_address[1]
     log.info("listening on %s:%d%s; %d rounds of %s, waiting for %d clients", config.host, port,
              " (TLS)" if tls else "", config.rounds, config.strategy, config.min_clients)
+    if config.secure_aggregation:
+        log.info("%s", secagg_server.describe(config))
     if not keyring.required:
         log.warning("no secret set: any client that can reach this port may join (--secret-file or FL_SECRET)")
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()

@@ -1,11 +1,20 @@
-"""Run a whole federation on this machine: one server and N clients as real processes.
+"""Run a whole federation: one server and N clients hosted by W worker processes.
 
     python simulate.py --clients 3 --rounds 3 [--quantization] [--partition dirichlet]
+    python simulate.py --clients 100 --fraction 0.1 --rounds 20 --partition shards
+    python simulate.py --clients 100 --engine ray [--ray-address HOST:6379 --host 0.0.0.0 --port 8080]
 
-Picks a free port on 127.0.0.1, shares the CPU cores between the processes, shows the
-server's progress, keeps each client's log in the run folder (``runs/<timestamp>/``
-with the metrics, the checkpoint and a plot), and returns the server's exit status.
-On Ctrl-C or when any process fails it stops every process it started.
+Every client is a real client of the server (its own connection and handshake), hosted
+by a ``worker.py`` process that holds torch, the data and one model once for all of its
+clients. Workers are local processes (``--engine process``, the default) or Ray actors
+(``--engine ray``) placed on a local Ray or an existing cluster; the server is the same
+either way. Flags this launcher does not know go to ``server.py`` unchanged
+(``--strategy fedadam --server-lr 0.01``, ``--round-timeout 60``...).
+
+Picks a free port, shares the CPU cores between the workers, shows the server's progress,
+keeps each worker's log in the run folder (``runs/<timestamp>/`` with the metrics, the
+checkpoint and a plot), and returns the server's exit status. When a worker fails, on
+Ctrl-C, or when the server fails, it stops everything it started.
 """
 from __future__ import annotations
 
@@ -18,8 +27,12 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any, TextIO
 
 HERE = Path(__file__).resolve().parent
+SCHEMES = ("iid", "dirichlet", "shards")  # data.SCHEMES; not imported, so the launcher never loads torch
+# Server flags the launcher sets itself: passing them through would break the run folder or the workers.
+OWN_SERVER_FLAGS = ("--port", "--host", "--checkpoint", "--metrics", "--secret")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -28,73 +41,293 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def threads_per_client(clients: int, cores: int) -> int:
+def default_workers(clients: int, cores: int) -> int:
+    """One worker per core; a federation of at most two clients per core gets a worker per
+    client instead (the quickstart's layout: no slower, and memory is no issue there)."""
+    return clients if clients <= 2 * cores else cores
+
+
+def threads_per_worker(workers: int, cores: int) -> int:
     """Oversubscribing 2 cores with intra-op threads only adds contention: give each
-    client its share, at least one."""
-    return max(1, cores // max(1, clients))
+    worker its share, at least one."""
+    return max(1, cores // max(1, workers))
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Run a local federation: a server and N clients on 127.0.0.1.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--clients", type=int, default=3, help="number of client processes")
-    p.add_argument("--rounds", type=int, default=3, help="federated rounds")
-    p.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
-    p.add_argument("--quantization", action="store_true", help="clients send 8-bit quantized updates")
-    p.add_argument("--quantized-clients", type=int, default=None,
-                   help="only the first N clients quantize (a mixed federation)")
-    p.add_argument("--stochastic-rounding", action="store_true", help="quantized clients round stochastically")
-    p.add_argument("--quantize-broadcast", action="store_true", help="server sends 8-bit model deltas")
-    p.add_argument("--partition", choices=("iid", "dirichlet"), default="iid", help="how the shards are drawn")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet")
-    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate in round 1")
-    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine", help="learning rate over rounds")
-    p.add_argument("--batch-size", type=int, default=64, help="clients' batch size")
-    p.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    p.add_argument("--limit", type=int, default=None, help="each client trains on at most N samples (quick runs)")
-    p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images (quick runs)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the model, the split and training")
-    p.add_argument("--secret", default=None, help="shared secret for the run (default: a fresh random one)")
-    p.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="clients' device")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG plot at the end")
-    args = p.parse_args(argv)
+def split_clients(clients: int, workers: int) -> list[list[int]]:
+    """Contiguous id ranges, sizes differing by at most one: 10 over 3 -> 0-3, 4-6, 7-9."""
+    base, extra = divmod(clients, workers)
+    out, start = [], 0
+    for w in range(workers):
+        size = base + (w < extra)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+def id_spec(ids: list[int]) -> str:
+    """worker.py's --client-ids form of a contiguous or scattered id list."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The launcher's flags, and the rest (passed to server.py as they are)."""
+    p = argparse.ArgumentParser(
+        description="Run a federation: a server and N clients hosted by W worker processes (or Ray actors). "
+                    "Flags not listed here are passed to server.py unchanged.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fl = p.add_argument_group("federation")
+    fl.add_argument("--clients", type=int, default=3, help="number of clients")
+    fl.add_argument("--rounds", type=int, default=3, help="federated rounds")
+    fl.add_argument("--fraction", type=float, default=None,
+                    help="fraction of the clients the server samples each round (passed to server.py)")
+    fl.add_argument("--strategy", default=None,
+                    help="server strategy, e.g. fedavg, fedprox, fedadam (passed to server.py with its own flags)")
+    fl.add_argument("--quantization", action="store_true", help="clients send 8-bit quantized updates")
+    fl.add_argument("--quantized-clients", type=int, default=None,
+                    help="only the first N clients quantize (a mixed federation)")
+    fl.add_argument("--stochastic-rounding", action="store_true", help="quantized clients round stochastically")
+    fl.add_argument("--quantize-broadcast", action="store_true", help="server sends 8-bit model deltas")
+    fl.add_argument("--partition", choices=SCHEMES, default="iid",
+                    help="how the shards are drawn (shards: sorted by label, two per client, as in FedAvg's paper)")
+    fl.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet")
+    fl.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
+    fl.add_argument("--lr", type=float, default=1e-3, help="learning rate in round 1")
+    fl.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine", help="learning rate over rounds")
+    fl.add_argument("--batch-size", type=int, default=64, help="clients' batch size")
+    fl.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    fl.add_argument("--limit", type=int, default=None, help="each client trains on at most N samples (quick runs)")
+    fl.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images (quick runs)")
+    fl.add_argument("--seed", type=int, default=0, help="seed for the model, the split and training")
+    run = p.add_argument_group("workers")
+    run.add_argument("--workers", type=int, default=None,
+                     help="worker processes hosting the clients (default: one per core, or one per client "
+                          "when there are at most two clients per core)")
+    run.add_argument("--engine", choices=("process", "ray"), default="process",
+                     help="workers as local processes, or as Ray actors (pip install -r requirements-ray.txt)")
+    run.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster (e.g. HOST:6379 or auto) instead of starting a local Ray")
+    run.add_argument("--host", default=None,
+                     help="address the server listens on (default 127.0.0.1; 0.0.0.0 with --ray-address)")
+    run.add_argument("--connect-host", default=None,
+                     help="address the workers connect to (default: 127.0.0.1, or this node's IP on a cluster)")
+    run.add_argument("--port", type=int, default=None,
+                     help="server port (default: a free one; on a cluster, a port the nodes can reach)")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="workers' device")
+    out = p.add_argument_group("output")
+    out.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
+    out.add_argument("--secret", default=None, help="shared secret for the run (default: a fresh random one)")
+    out.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
+    out.add_argument("--no-plot", action="store_true", help="skip the PNG plot at the end")
+    args, server_extra = p.parse_known_args(argv)
     if args.clients < 1 or args.rounds < 1:
         p.error("--clients and --rounds must be at least 1")
-    return args
+    if args.workers is not None and args.workers < 1:
+        p.error("--workers must be at least 1")
+    if args.fraction is not None and not 0 < args.fraction <= 1:
+        p.error("--fraction must be in (0, 1]")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
+    if args.ray_address and args.engine != "ray":
+        p.error("--ray-address needs --engine ray")
+    own = [a for a in server_extra if a.split("=", 1)[0] in OWN_SERVER_FLAGS]
+    if own:
+        p.error(f"{own[0].split('=', 1)[0]} is set by the launcher (see --port, --host, --out, --secret)")
+    return args, server_extra
 
 
-def build_commands(args: argparse.Namespace, port: int, out: Path) -> tuple[list[str], list[list[str]]]:
-    cores = os.cpu_count() or 1
-    py = [sys.executable]
+def listen_host(args: argparse.Namespace) -> str:
+    return args.host or ("0.0.0.0" if args.ray_address else "127.0.0.1")
+
+
+def build_commands(args: argparse.Namespace, server_extra: list[str], port: int, out: Path,
+                   cores: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """The server's command line, and each worker's worker.py arguments (without the
+    interpreter, so a Ray actor can run them in its own process)."""
+    cores = cores or os.cpu_count() or 1
+    workers = min(args.clients, args.workers or default_workers(args.clients, cores))
     data = ["--data-dir", args.data_dir] if args.data_dir else []
-    server = py + [str(HERE / "server.py"), "--port", str(port), "--rounds", str(args.rounds),
-                   "--min-clients", str(args.clients), "--local-epochs", str(args.local_epochs),
-                   "--lr", str(args.lr), "--lr-schedule", args.lr_schedule, "--batch-size", str(args.batch_size),
-                   "--seed", str(args.seed), "--checkpoint", str(out / "checkpoint.pt"),
-                   "--metrics", str(out / "metrics.jsonl"), "--threads", "1"] + data
+    server = [sys.executable, str(HERE / "server.py"), "--host", listen_host(args), "--port", str(port),
+              "--rounds", str(args.rounds), "--min-clients", str(args.clients),
+              "--max-connections", str(max(128, args.clients + 32)),  # room for reconnects
+              "--local-epochs", str(args.local_epochs), "--lr", str(args.lr), "--lr-schedule", args.lr_schedule,
+              "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+              "--checkpoint", str(out / "checkpoint.pt"), "--metrics", str(out / "metrics.jsonl"),
+              "--threads", "1"] + data
     if args.no_augment:
         server.append("--no-augment")
     if args.quantize_broadcast:
         server.append("--quantize-broadcast")
     if args.test_limit:
         server += ["--test-limit", str(args.test_limit)]
+    if args.fraction is not None:
+        server += ["--fraction", str(args.fraction)]
+    if args.strategy is not None:
+        server += ["--strategy", args.strategy]
+    server += server_extra  # last, so an explicit server flag wins over the launcher's choice
     quantized = args.clients if args.quantization else (args.quantized_clients or 0)
-    clients = []
-    for i in range(args.clients):
-        cmd = py + [str(HERE / "client.py"), "--port", str(port), "--client-id", str(i),
-                    "--num-clients", str(args.clients), "--partition", args.partition, "--alpha", str(args.alpha),
-                    "--seed", str(args.seed), "--threads", str(threads_per_client(args.clients, cores)),
-                    "--device", args.device, "--no-progress"] + data
-        if i < quantized:
-            cmd.append("--quantization")
+    threads = threads_per_worker(workers, cores)
+    worker_args = []
+    for ids in split_clients(args.clients, workers):
+        cmd = ["--client-ids", id_spec(ids), "--num-clients", str(args.clients),
+               "--port", str(port), "--partition", args.partition, "--alpha", str(args.alpha),
+               "--seed", str(args.seed), "--threads", str(threads), "--device", args.device, "--no-progress"] + data
+        if args.connect_host:
+            cmd += ["--host", args.connect_host]
+        q = [i for i in ids if i < quantized]
+        if q:
+            cmd += ["--quantize-ids", id_spec(q)]
             if args.stochastic_rounding:
                 cmd.append("--stochastic-rounding")
         if args.limit:
             cmd += ["--limit", str(args.limit)]
-        clients.append(cmd)
-    return server, clients
+        worker_args.append(cmd)
+    return server, worker_args
+
+
+def prepare_data(data_dir: str | None) -> str | None:
+    """Fetch or check MNIST once here, rather than racing every worker's download; the
+    error line, or None. In a child process, so the launcher never holds torch (~0.5 GB)."""
+    code = ("import sys\nfrom data import DataError, load_mnist, resolve_data_dir\n"
+            "try:\n    [load_mnist(resolve_data_dir(sys.argv[1] or None), train=t) for t in (True, False)]\n"
+            "except DataError as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
+    r = subprocess.run([sys.executable, "-c", code, data_dir or ""], cwd=HERE, capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    lines = r.stderr.strip().splitlines()
+    return lines[-1] if lines else f"checking the data failed with status {r.returncode}"
+
+
+# --- engines: where the workers run -------------------------------------------------------
+
+class ProcessEngine:
+    """Workers as child processes of this launcher, each logging to its own file."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[TextIO] = []
+
+    def describe(self) -> str:
+        return "local processes"
+
+    def start(self, worker_args: list[list[str]], run_env: dict[str, str], log_paths: list[Path]) -> None:
+        env = dict(os.environ, **run_env)
+        for argv, path in zip(worker_args, log_paths):
+            log = open(path, "w")
+            self.logs.append(log)
+            self.procs.append(subprocess.Popen([sys.executable, str(HERE / "worker.py"), *argv], env=env,
+                                               stdout=log, stderr=subprocess.STDOUT))
+
+    def poll(self) -> tuple[int, int] | None:
+        """A worker that ended with a non-zero status: (index, status)."""
+        for i, p in enumerate(self.procs):
+            if p.poll() not in (None, 0):
+                return i, p.returncode
+        return None
+
+    def wait(self, timeout: float) -> list[int]:
+        """Wait up to ``timeout`` s for all workers to end; the indices of those still running."""
+        end = time.monotonic() + timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        return [i for i, p in enumerate(self.procs) if p.poll() is None]
+
+    def stop(self) -> None:
+        stop_all(self.procs)
+        for log in self.logs:
+            log.close()
+
+
+class RayEngine:
+    """Workers as Ray actors (one CPU each), on a local Ray or an existing cluster. Each
+    actor runs worker.py's main loop and connects back to the server's host:port."""
+
+    def __init__(self, address: str | None, workers: int) -> None:
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from a simulation
+        try:
+            import ray
+        except ImportError:
+            raise RuntimeError("--engine ray needs Ray: pip install -r requirements-ray.txt") from None
+        self.ray = ray
+        self.local = address is None
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                  "configure_logging": False}
+        if self.local:  # one CPU per worker; the server and this launcher run outside Ray
+            ray.init(num_cpus=workers, **kwargs)
+        else:  # ship this folder's code to the nodes (what .gitignore lists stays here)
+            ray.init(address=address, runtime_env={"working_dir": str(HERE), "excludes": ["bench/", "docs/", "tests/"]},
+                     **kwargs)
+        self.actor_class = ray.remote(num_cpus=1)(RayWorker)
+        self.actors: list[Any] = []
+        self.refs: list[Any] = []
+        self.status: dict[int, int] = {}
+
+    def describe(self) -> str:
+        return "Ray actors on " + ("a local Ray" if self.local else "the Ray cluster")
+
+    def node_ip(self) -> str:
+        return self.ray.util.get_node_ip_address()
+
+    def start(self, worker_args: list[list[str]], run_env: dict[str, str], log_paths: list[Path]) -> None:
+        """``run_env`` (the secret) travels as an argument: never on a command line."""
+        for argv, path in zip(worker_args, log_paths):
+            actor = self.actor_class.remote()
+            self.actors.append(actor)
+            self.refs.append(actor.run.remote(argv + ["--log-file", str(path)], run_env))
+
+    def _collect(self, timeout: float) -> None:
+        pending = [r for i, r in enumerate(self.refs) if i not in self.status]
+        if not pending:
+            return
+        ready, _ = self.ray.wait(pending, num_returns=len(pending), timeout=timeout)
+        for ref in ready:
+            i = self.refs.index(ref)
+            try:
+                self.status[i] = int(self.ray.get(ref))
+            except Exception as exc:  # the actor died (killed, out of memory, node lost)
+                print(f"error: worker {i} (Ray actor) failed: {str(exc).strip().splitlines()[0][:300]}",
+                      file=sys.stderr)
+                self.status[i] = 1
+
+    def poll(self) -> tuple[int, int] | None:
+        self._collect(timeout=0)
+        for i, status in sorted(self.status.items()):
+            if status != 0:
+                return i, status
+        return None
+
+    def wait(self, timeout: float) -> list[int]:
+        end = time.monotonic() + timeout
+        while len(self.status) < len(self.refs) and time.monotonic() < end:
+            self._collect(timeout=min(1.0, max(0.0, end - time.monotonic())))
+        return [i for i in range(len(self.refs)) if i not in self.status]
+
+    def stop(self) -> None:
+        for actor in self.actors:
+            try:
+                self.ray.kill(actor)
+            except Exception:  # already gone
+                pass
+        self.ray.shutdown()
+
+
+class RayWorker:
+    """A Ray actor's body: worker.py's main loop, in the actor's own process. Defined here,
+    importing worker (and torch) only inside the actor, so the launcher stays small."""
+
+    def run(self, argv: list[str], run_env: dict[str, str]) -> int:
+        os.environ.update(run_env)
+        import worker
+
+        return worker.main(argv)
 
 
 def stop_all(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
@@ -118,53 +351,59 @@ def tail(path: Path, n: int = 5) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args, server_extra = parse_args(argv)
     out = Path(args.out) if args.out else HERE / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
-    try:  # fetch/check the data once here, rather than racing N+1 downloads
-        from data import DataError, load_mnist, resolve_data_dir
-
-        for train in (True, False):
-            load_mnist(resolve_data_dir(args.data_dir), train=train)
-    except DataError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    error = prepare_data(args.data_dir)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    server_cmd, client_cmds = build_commands(args, port, out)
-    env = dict(os.environ, FL_SECRET=args.secret or os.urandom(16).hex(), PYTHONUNBUFFERED="1")
-    print(f"run folder: {out}\nserver on 127.0.0.1:{port}, {args.clients} clients, {args.rounds} rounds; "
-          f"client logs: {out}/client-<i>.log", file=sys.stderr)
-    procs: list[subprocess.Popen] = []
-    logs = []
+    listen = listen_host(args)
+    port = args.port or free_port("" if listen == "0.0.0.0" else listen)
+    workers = min(args.clients, args.workers or default_workers(args.clients, os.cpu_count() or 1))
+    engine: ProcessEngine | RayEngine | None = None
+    server: subprocess.Popen | None = None
     try:
-        server = subprocess.Popen(server_cmd, env=env)
-        procs.append(server)
-        for i, cmd in enumerate(client_cmds):
-            log = open(out / f"client-{i}.log", "w")
-            logs.append(log)
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        if args.engine == "ray":
+            try:
+                engine = RayEngine(args.ray_address, workers)
+            except RuntimeError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            if args.ray_address and not args.connect_host:
+                args.connect_host = engine.node_ip()
+        else:
+            engine = ProcessEngine()
+        server_cmd, worker_args = build_commands(args, server_extra, port, out)
+        run_env = {"FL_SECRET": args.secret or os.urandom(16).hex(), "PYTHONUNBUFFERED": "1"}
+        log_paths = [out / f"worker-{i}.log" for i in range(len(worker_args))]
+        sizes = sorted({len(split) for split in split_clients(args.clients, len(worker_args))})
+        print(f"run folder: {out}\nserver on {listen}:{port}, {args.clients} clients in {len(worker_args)} "
+              f"workers ({engine.describe()}; {'-'.join(map(str, sizes))} clients each), {args.rounds} rounds"
+              f"{'' if args.fraction is None else f', fraction {args.fraction}'}; worker logs: {out}/worker-<i>.log",
+              file=sys.stderr)
+        server = subprocess.Popen(server_cmd, env=dict(os.environ, **run_env))
+        engine.start(worker_args, run_env, log_paths)
         while server.poll() is None:
-            for i, p in enumerate(procs[1:]):
-                if p.poll() not in (None, 0):
-                    print(f"error: client {i} exited with status {p.returncode}; stopping the federation\n"
-                          f"{tail(out / f'client-{i}.log')}", file=sys.stderr)
-                    stop_all(procs)
-                    return p.returncode or 1
+            failed = engine.poll()
+            if failed is not None:
+                i, status = failed
+                print(f"error: worker {i} exited with status {status}; stopping the federation\n"
+                      f"{tail(log_paths[i])}", file=sys.stderr)
+                return status or 1
             time.sleep(0.2)
         status = server.returncode
-        for i, p in enumerate(procs[1:]):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                print(f"warning: client {i} did not exit; stopping it", file=sys.stderr)
-        stop_all(procs)
+        if status == 0:  # the workers were told DONE: let them finish
+            for i in engine.wait(timeout=30):
+                print(f"warning: worker {i} did not exit; stopping it", file=sys.stderr)
     except KeyboardInterrupt:
-        print("\ninterrupted: stopping the server and the clients", file=sys.stderr)
-        stop_all(procs)
+        print("\ninterrupted: stopping the server and the workers", file=sys.stderr)
         return 130
     finally:
-        for log in logs:
-            log.close()
+        if server is not None:
+            stop_all([server])
+        if engine is not None:
+            engine.stop()
     if status == 0 and not args.no_plot:
         make_plot(out)
     print(f"metrics: {out / 'metrics.jsonl'}\ncheckpoint: {out / 'checkpoint.pt'}", file=sys.stderr)

@@ -194,6 +194,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
 
 
 class FLServer(socketserver.ThreadingTCPServer):
+    handler_class: type[ClientHandler] = ClientHandler  # a subclass may serve rounds differently
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 1024  # a burst of 1,000 virtual clients joining at once
@@ -213,7 +214,7 @@ class FLServer(socketserver.ThreadingTCPServer):
         self.pending: collections.Counter[str] = collections.Counter()
         self.pending_lock = threading.Lock()
         self.refusals = RefusalLog()
-        super().__init__((config.host, config.port), ClientHandler)
+        super().__init__((config.host, config.port), self.handler_class)
 
     def admit(self, host: str) -> str | None:
         """Reserve a handshake slot for ``host``; the reason it is refused, or None."""

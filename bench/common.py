@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -32,30 +33,42 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-def rss_mb(pid: int) -> float:
+def smaps(pid: int) -> dict[str, float]:
+    """RSS and PSS (shared pages, such as torch's libraries, split among the processes that
+    map them) of one process, MB, from /proc/<pid>/smaps_rollup."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     except OSError:
-        pass
-    return 0.0
+        return {"rss": 0.0, "pss": 0.0}
+    kb = {k: int(v) for k, v in re.findall(r"^(\w+):\s+(\d+) kB", text, re.M)}
+    return {"rss": kb.get("Rss", 0) / 1024, "pss": kb.get("Pss", 0) / 1024}
+
+
+def tree(pid: int) -> dict[str, float]:
+    """RSS and PSS summed over ``pid`` and all its descendants, and how many processes."""
+    total = {"rss": 0.0, "pss": 0.0, "processes": 0}
+    for p in [pid, *descendants(pid)]:
+        m = smaps(p)
+        total["rss"] += m["rss"]
+        total["pss"] += m["pss"]
+        total["processes"] += 1
+    return total
 
 
 def run_simulation(sim_args: list[str], quiet: bool = True) -> dict:
     """Run ``simulate.py`` with ``sim_args``; return its metrics, wall time and peak memory
-    of all its processes together (sampled every 0.2 s)."""
+    of all its processes together (RSS and PSS summed over the tree, sampled every 0.2 s)."""
     out = Path(tempfile.mkdtemp(prefix="flbench-"))
     cmd = [sys.executable, str(REPO / "simulate.py"), "--out", str(out), "--no-plot", *sim_args]
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL if quiet else None,
                             stderr=subprocess.DEVNULL if quiet else None)
-    peak = [0.0]
+    peak = {"rss": 0.0, "pss": 0.0}
 
     def sample() -> None:
         while proc.poll() is None:
-            total = rss_mb(proc.pid) + sum(rss_mb(p) for p in descendants(proc.pid))
-            peak[0] = max(peak[0], total)
+            now = tree(proc.pid)
+            peak["rss"], peak["pss"] = max(peak["rss"], now["rss"]), max(peak["pss"], now["pss"])
             time.sleep(0.2)
 
     t = threading.Thread(target=sample, daemon=True)
@@ -66,4 +79,5 @@ def run_simulation(sim_args: list[str], quiet: bool = True) -> dict:
     if code != 0:
         raise SystemExit(f"simulate.py {' '.join(sim_args)} failed with status {code}; logs in {out}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"metrics": metrics, "wall_s": wall, "peak_rss_mb": peak[0], "out": str(out)}
+    return {"metrics": metrics, "wall_s": wall, "peak_rss_mb": peak["rss"], "peak_pss_mb": peak["pss"],
+            "out": str(out)}

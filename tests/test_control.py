@@ -122,10 +122,10 @@ def test_deep_nesting_refused_without_recursion(opener):
     """json.loads('[' * 100000) raises RecursionError; the depth is measured before parsing."""
     for n in (MAX_DEPTH + 2, CONTROL_MAX_FRAME // len(opener), 1_000_000):
         raw = (opener * n).encode()
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         with pytest.raises(ProtocolError):
             decode_control("ERROR", raw)
-        assert time.perf_counter() - t0 < 0.5
+        assert time.process_time() - t0 < 0.5
 
 
 def test_nested_error_reason_refused():
@@ -158,13 +158,13 @@ def test_refusals_are_cheap():
              b'{"reason": "' + b"\\u001b" * 600 + b'"}', b"9" * CONTROL_MAX_FRAME]
     tracemalloc.start()
     try:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         for raw in worst:
             try:
                 decode_control("ERROR", raw)
             except ProtocolError:
                 pass
-        elapsed = time.perf_counter() - t0
+        elapsed = time.process_time() - t0
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -15,6 +15,7 @@ from data import (
     load_mnist,
     parse_idx,
     partition,
+    pathological_partition,
     resolve_data_dir,
     shard,
     to_float,
@@ -212,7 +213,7 @@ def _max_class_share(labels: torch.Tensor, parts: list[torch.Tensor]) -> float:
     return sum(shares) / len(shares)
 
 
-@pytest.mark.parametrize("scheme,alpha", [("iid", 0.5), ("dirichlet", 0.5), ("dirichlet", 0.1)])
+@pytest.mark.parametrize("scheme,alpha", [("iid", 0.5), ("dirichlet", 0.5), ("dirichlet", 0.1), ("shards", 0.5)])
 @pytest.mark.parametrize("k", [1, 3, 10])
 def test_partition_disjoint_covering_deterministic(scheme: str, alpha: float, k: int) -> None:
     torch.manual_seed(0)
@@ -255,6 +256,52 @@ def test_partition_dirichlet_real_labels(mnist_dir: Path) -> None:
     assert _max_class_share(labels, parts) > 0.5
 
 
+def _shards_of(parts: list[torch.Tensor], size: int) -> list[set[int]]:
+    """Which of the equal contiguous shards of the label-sorted order each client holds."""
+    order = torch.sort(BALANCED, stable=True).indices
+    shard_of = torch.empty_like(order)
+    shard_of[order] = torch.arange(len(order)) // size
+    return [set(shard_of[p].tolist()) for p in parts]
+
+
+@pytest.mark.parametrize("k", [10, 100])
+def test_pathological_partition_two_shards_per_client(k: int) -> None:
+    """McMahan et al. 2017: sort by label, 2K equal shards, two per client, seeded."""
+    parts = pathological_partition(BALANCED, k, seed=3)
+    size = len(BALANCED) // (2 * k)
+    assert len(parts) == k and all(len(p) == 2 * size for p in parts)
+    held = _shards_of(parts, size)
+    assert all(len(h) == 2 for h in held)  # exactly two whole shards each
+    assert sorted(s for h in held for s in h) == list(range(2 * k))  # disjoint, all of them
+    assert torch.equal(torch.cat(parts).sort().values, torch.arange(len(BALANCED)))  # covers all
+    labels_per_client = [len(torch.unique(BALANCED[p])) for p in parts]
+    assert max(labels_per_client) <= 4 and min(labels_per_client) >= 1
+    if k == 100:  # 300-sample shards inside 600-sample classes: one label per shard
+        assert max(labels_per_client) <= 2
+    assert all(torch.equal(a, b) for a, b in zip(parts, pathological_partition(BALANCED, k, seed=3)))
+    assert _shards_of(pathological_partition(BALANCED, k, seed=4), size) != held
+
+
+def test_pathological_partition_uneven_and_via_partition() -> None:
+    labels = BALANCED[:1003]
+    parts = partition(labels, 10, "shards", seed=1)
+    assert {len(p) for p in parts} <= {100, 101, 102}  # 20 shards of 50 or 51
+    assert torch.equal(torch.cat(parts).sort().values, torch.arange(1003))
+    assert _max_class_share(labels, parts) > 0.5
+    with pytest.raises(ValueError, match="shards"):
+        pathological_partition(BALANCED[:15], 8)  # 16 shards of 15 samples
+
+
+def test_pathological_partition_real_labels(mnist_dir: Path, mnist_is_real: bool) -> None:
+    _, labels = load_mnist(mnist_dir, train=True, download=False)
+    parts = partition(labels, 100, "shards", seed=0)
+    assert torch.equal(torch.cat(parts).sort().values, torch.arange(len(labels)))
+    assert max(len(torch.unique(labels[p])) for p in parts) <= 4
+    if mnist_is_real:  # 200 shards of 300 images
+        assert {len(p) for p in parts} == {600}
+        assert sum(len(torch.unique(labels[p])) <= 2 for p in parts) >= 80
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [dict(num_clients=0), dict(num_clients=10, scheme="pathological"),
@@ -272,3 +319,16 @@ def test_shard_matches_partition_and_checks_range() -> None:
     for bad in (3, -1):
         with pytest.raises(ValueError, match=r"valid: 0\.\.2"):
             shard(BALANCED, 3, bad)
+
+
+def test_subset_draws_across_the_whole_shard_not_its_head():
+    from data import pathological_partition, subset
+    labels = torch.arange(10).repeat_interleave(100)  # sorted by label
+    shard = pathological_partition(labels, 5, seed=0)[0]  # two label-contiguous shards of 100
+    picked = subset(shard, 50, seed=1)
+    assert picked.numel() == 50 and set(picked.tolist()) <= set(shard.tolist())
+    order = {v: i for i, v in enumerate(shard.tolist())}
+    assert [order[v] for v in picked.tolist()] == sorted(order[v] for v in picked.tolist())  # shard order kept
+    assert len(set(labels[picked].tolist())) == len(set(labels[shard].tolist()))  # both labels kept
+    assert torch.equal(subset(shard, 50, seed=1), picked) and not torch.equal(subset(shard, 50, seed=2), picked)
+    assert subset(shard, None) is shard and subset(shard, 10_000) is shard

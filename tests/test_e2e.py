@@ -67,7 +67,7 @@ def test_launcher_runs_a_federation(tmp_path, synthetic_mnist_dir):
     assert metrics[-1]["quantized"] == 1 and metrics[-1]["clients"] == 2
     # round 2's broadcast is an 8-bit delta to the model the clients already hold
     assert metrics[1]["bytes_down"] < 0.27 * metrics[0]["bytes_down"]
-    assert (out / "client-0.log").exists() and (out / "checkpoint.pt").exists()
+    assert (out / "worker-0.log").exists() and (out / "checkpoint.pt").exists()
     assert str(out) in r.stderr
 
 

@@ -314,3 +314,23 @@ def test_config_public_view_has_no_credentials_and_is_json():
 
 def test_model_has_the_specified_size():
     assert sum(p.numel() for p in ImprovedCNN().parameters()) == 421_834
+
+
+class Refusing(Strategy):
+    """An aggregator that refuses (as DP's does past m updates or over the norm bound)."""
+    name = ""
+
+    def aggregator(self, numel):
+        class Agg(strategies.MeanAggregator):
+            def add(self, delta, weight):
+                raise ValueError("more updates than the 1 clients sampled this round")
+        return Agg(numel)
+
+
+def test_an_update_the_aggregator_refuses_is_rejected_and_the_round_goes_on():
+    fed = make_federation(Refusing(), norm_ratio=None)
+    a = session(0, 100)
+    rnd, task = open_round(fed, [a])
+    fed.submit(a, task, body(perturbed(task.base, 0.01, 1), 100), 1, 1)
+    assert rnd.reported == {0} and rnd.clients == []
+    assert "more updates than" in rnd.rejected[0]["reason"]

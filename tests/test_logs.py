@@ -42,9 +42,9 @@ def test_escapes_count_towards_the_limit():
 
 def test_huge_input_is_cheap():
     text = "\x1b" * 5_000_000
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     sanitize(text)
-    assert time.perf_counter() - t0 < 0.5  # stops at the limit, does not walk 5 M chars
+    assert time.process_time() - t0 < 0.5  # stops at the limit, does not walk 5 M chars
 
 
 def test_non_strings_go_through_a_bounded_repr():

@@ -1,0 +1,53 @@
+"""A participant that poisons: a worker whose clients send ``scale`` x their honest delta
+(BatchNorm variances excepted: the server refuses negative ones before any defence here).
+
+Bench-only (never imported by the project): it patches the update a participant builds,
+then runs ``worker.py`` with the remaining arguments, so the attacker speaks the real
+protocol, authenticates, and is sampled like anyone else.
+
+    python bench/attacker.py --scale -50 -- --client-ids 9 --num-clients 10 --port 8080
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import participant  # noqa: E402
+import worker  # noqa: E402
+from layout import Layout  # noqa: E402
+
+
+def poison(scale: float) -> None:
+    honest = participant.Participant._train
+
+    def scaled(self, round_num, model_msg):  # type: ignore[no-untyped-def]
+        body, result = honest(self, round_num, model_msg)
+        layout = Layout.of(self.view)
+        base = layout.flatten(self.view)[0]
+        if "flat" not in body:
+            raise SystemExit("the attacker sends float updates (no --quantization)")
+        floats = body["flat"]["float"]
+        poisoned = base + scale * (floats - base)
+        for e in layout.entries:  # BatchNorm variances stay honest: a negative one is refused outright
+            if e.name.endswith("running_var"):
+                poisoned[e.offset:e.offset + e.numel] = floats[e.offset:e.offset + e.numel]
+        body["flat"]["float"] = poisoned
+        return body, result
+
+    participant.Participant._train = scaled
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", type=float, default=-50.0, help="factor applied to the honest delta")
+    p.add_argument("worker_args", nargs=argparse.REMAINDER, help="-- then worker.py's arguments")
+    a = p.parse_args()
+    poison(a.scale)
+    args = a.worker_args[1:] if a.worker_args[:1] == ["--"] else a.worker_args
+    return worker.main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

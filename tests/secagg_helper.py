@@ -1,0 +1,72 @@
+"""Test-only: ``worker.py`` whose hosted clients run a test subclass of
+``secagg_client.SecAggSession``, with hooks chosen by environment variables that only this
+helper reads (the shipped client never looks at them):
+
+- ``FL_TEST_SECAGG_RECORD=DIR``: for every masked input a client sends, ``DIR/client<ID>.pt``
+  holds the round, the encoded (unmasked) ring vector ``x``, the masked vector ``y`` as
+  sent, the clear integer counters, the floats of the model it trained from and the
+  fixed-point parameters (a later round or attempt overwrites it).
+- ``FL_TEST_SECAGG_FAULT``:
+  ``exit-after-masked``: the process dies (``os._exit``) as soon as every hosted client has
+  sent its masked input, before any of them answers the unmasking request;
+  ``drop-before-masked``: each hosted client hangs up once, right before sending its masked
+  input (in its first round), then reconnects like any client that lost its connection.
+
+    python tests/secagg_helper.py <worker.py flags>
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+import secagg_client  # noqa: E402
+import worker  # noqa: E402
+from protocol import ConnectionClosed  # noqa: E402
+
+RECORD = os.environ.get("FL_TEST_SECAGG_RECORD")
+FAULT = os.environ.get("FL_TEST_SECAGG_FAULT", "")
+HOSTED = len(worker.parse_args(sys.argv[1:]).client_ids)
+_lock = threading.Lock()
+_sent: set[int] = set()
+_dropped: set[int] = set()
+
+
+class TestSession(secagg_client.SecAggSession):
+    def before_masked(self, x: torch.Tensor, body: dict) -> None:
+        cid = self.participant.client_id
+        if FAULT == "drop-before-masked":
+            with _lock:
+                first = cid not in _dropped
+                _dropped.add(cid)
+            if first:
+                self.log.warning("test: hanging up before sending the masked input")
+                self.conn.close()
+                raise ConnectionClosed("test: hung up before the masked input")
+        fp = self.settings.fixed_point()
+        self._record = {"round": self.round, "x": x.clone(), "y": body["masked"].view(torch.uint32).to(torch.int64),
+                        "ints": list(body["ints"]), "base": self.layout.flatten(self.base)[0],
+                        "bits": fp.bits, "frac_bits": fp.frac_bits, "max_clients": fp.max_clients}
+
+    def after_masked(self) -> None:
+        cid = self.participant.client_id
+        if RECORD:
+            torch.save(self._record, Path(RECORD) / f"client{cid}.pt")
+        if FAULT == "exit-after-masked":
+            with _lock:
+                _sent.add(cid)
+                if len(_sent) == HOSTED:
+                    self.log.warning("test: exiting after every hosted client sent its masked input")
+                    os._exit(0)
+            threading.Event().wait()  # never read the survivor list: the process dies first
+
+
+secagg_client.SESSION = TestSession
+
+if __name__ == "__main__":
+    sys.exit(worker.main())

@@ -1,0 +1,217 @@
+"""End to end, secure aggregation with real processes on 127.0.0.1: server.py with
+--secure-aggregation, clients hosted by worker.py and by tests/secagg_helper.py (worker.py
+with test hooks that record what each client encoded and sent, or make it drop out).
+
+What each test shows: the aggregate the server applies is exactly the decoded sum of the
+clients' fixed-point updates, and what it received from any one client is not that
+client's update; clients killed after sending their masked input still count and the
+round completes; below the threshold the round is retried and nothing of it is used; a
+client that does not support secure aggregation is refused with one clear line.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint as ckpt
+from layout import Layout
+from procs import server_args, start, stop, wait_for_line
+from protocol import Connection, MsgType, RemoteError
+from secagg import FixedPoint
+from secagg_server import REFUSAL
+from security import client_handshake
+
+LIMIT = 20  # samples per client: training takes milliseconds
+MASK32 = (1 << 32) - 1
+
+
+def log_of(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def metrics(tmp: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def start_server(tmp: Path, port: int, data: Path, rounds: int, clients: int, *extra: object):
+    log = tmp / "server.log"
+    proc = start("server.py", *server_args(port, tmp, data, rounds, clients, "--secure-aggregation", "--test-limit", 100,
+                                           "--round-timeout", 60, "--secagg-stage-timeout", 20, *extra), log=log)
+    wait_for_line(log, "listening on", timeout=60, proc=proc)
+    return proc, log
+
+
+def start_worker(tmp: Path, port: int, ids: str, num: int, data: Path, *extra: object, name: str = "worker",
+                 helper: bool = True, **env: str):
+    log = tmp / f"{name}.log"
+    args = ["--port", port, "--client-ids", ids, "--num-clients", num, "--data-dir", data, "--no-progress",
+            "--no-download", "--limit", LIMIT, *extra]
+    return start("tests/secagg_helper.py" if helper else "worker.py", *args, log=log, **env), log
+
+
+def expect_exit(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise AssertionError(f"{log.name} did not exit within {timeout} s:\n{log_of(log)[-3000:]}")
+    assert rc == 0, f"{log.name} exited {rc}:\n{log_of(log)[-3000:]}"
+
+
+def records(folder: Path, ids) -> dict[int, dict]:
+    return {u: torch.load(folder / f"client{u}.pt", weights_only=True) for u in ids}
+
+
+def expected_model(recs: dict[int, dict], state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the server must commit: the model the clients trained from plus the decoded ring
+    sum of their encoded deltas over their count (FedAvg's server step), variances clamped
+    at 0; the integer counters' mean, rounded."""
+    first = next(iter(recs.values()))
+    assert all(torch.equal(r["base"], first["base"]) and r["round"] == first["round"] for r in recs.values())
+    fp = FixedPoint(first["bits"], 8.0, first["max_clients"])
+    assert fp.frac_bits == first["frac_bits"]
+    total = torch.zeros_like(first["x"])
+    for r in recs.values():
+        total = (total + r["x"]) & MASK32
+    floats = (first["base"].double() + fp.decode(total, len(recs)) / len(recs)).float()
+    layout = Layout.of(state)
+    for e in layout.entries:
+        if e.name.endswith("running_var"):
+            floats[e.offset:e.offset + e.numel].clamp_(min=0)
+    ints = (torch.tensor([r["ints"] for r in recs.values()], dtype=torch.float64).mean(0)).round().to(torch.int64)
+    return floats, ints
+
+
+def committed(tmp: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    state = ckpt.load(tmp / "ckpt.pt")["model"]
+    floats, ints = Layout.of(state).flatten(state)
+    return floats, ints, state
+
+
+def test_aggregate_is_exactly_the_fixed_point_sum_and_no_single_update_is_seen(tmp_path, synthetic_mnist_dir,
+                                                                               free_port):
+    """(a) the unmasked aggregate equals the plain aggregate of the same fixed-point updates,
+    bit for bit; (b) a client's masked input, as the server received it, is not its update.
+    The clients ask for 8-bit updates, which secure aggregation cannot mask: they say so and
+    send 32-bit masked vectors."""
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 2, 4)
+    worker, wlog = start_worker(tmp_path, free_port, "0-3", 4, synthetic_mnist_dir, "--quantization",
+                                FL_TEST_SECAGG_RECORD=str(rec))
+    try:
+        expect_exit(server, slog)
+        expect_exit(worker, wlog)
+    finally:
+        stop(server, worker)
+    m = metrics(tmp_path)
+    assert [r["round"] for r in m] == [1, 2] and all(r["clients"] == 4 and r["quantized"] == 0 for r in m)
+    assert all(c["norm"] is None for r in m for c in r["per_client"])  # the server never saw one update
+    recs = records(rec, range(4))
+    assert {r["round"] for r in recs.values()} == {2}
+    floats, ints, state = committed(tmp_path)
+    want_floats, want_ints = expected_model(recs, state)
+    assert torch.equal(floats, want_floats)  # (a): exact
+    assert torch.equal(ints, want_ints)
+    fp = FixedPoint(32, 8.0, 4)
+    for u, r in recs.items():  # (b)
+        x, y = r["x"], r["y"]
+        update, seen = fp.decode(x, 1), fp.decode(y, 1)
+        assert (x == y).double().mean() < 0.01, u
+        assert seen.abs().mean() > 1000 * update.abs().mean(), u  # uniform noise over the ring, not an update
+        assert abs(torch.corrcoef(torch.stack([update, seen]))[0, 1].item()) < 0.02, u
+    masked_sum = torch.zeros_like(x)
+    for r in recs.values():
+        masked_sum = (masked_sum + r["y"]) & MASK32
+    assert (masked_sum == sum(r["x"] for r in recs.values()) & MASK32).double().mean() < 0.01  # self masks remain
+    wtext, stext = log_of(wlog), log_of(slog)
+    assert wtext.count("8-bit --quantization cannot be masked") == 4  # once per client
+    assert "secure sum of 4 masked updates" in stext and "norm screening and server-side clipping are off" in stext
+
+
+@pytest.mark.parametrize("fault, killed, counted", [
+    ("exit-after-masked", 1, 5),  # killed after the masked input: still in the sum
+    ("exit-after-masked", 2, 5),
+    ("drop-before-masked", 1, 4),  # gone before it: its pairwise masks are removed, it is not counted
+])
+def test_clients_killed_mid_round(tmp_path, synthetic_mnist_dir, free_port, fault, killed, counted):
+    """(c) one or two clients die after sending their masked input (their process exits
+    before the unmasking): the round completes and equals the sum of every client whose
+    masked input arrived; a client that hangs up before its masked input is left out."""
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 1, 5, "--secagg-threshold", 3)
+    stay = f"0-{4 - killed}"
+    faulty = f"{5 - killed}-4"
+    survivors, wlog = start_worker(tmp_path, free_port, stay, 5, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
+    doomed, dlog = start_worker(tmp_path, free_port, faulty, 5, synthetic_mnist_dir, name="doomed",
+                                FL_TEST_SECAGG_RECORD=str(rec), FL_TEST_SECAGG_FAULT=fault)
+    try:
+        expect_exit(server, slog)
+        expect_exit(survivors, wlog)
+        expect_exit(doomed, dlog)
+    finally:
+        stop(server, survivors, doomed)
+    stext = log_of(slog)
+    assert f"secure sum of {counted} masked updates (threshold 3)" in stext, stext[-3000:]
+    if fault == "exit-after-masked":
+        assert f"{killed} dropped after it, still counted" in stext
+    else:
+        assert "1 dropped before their masked input, their masks removed" in stext
+    m = metrics(tmp_path)
+    assert len(m) == 1 and m[0]["clients"] == counted
+    recs = records(rec, [u for u in range(5) if (rec / f"client{u}.pt").exists()])
+    assert len(recs) == counted
+    floats, ints, state = committed(tmp_path)
+    want_floats, want_ints = expected_model(recs, state)
+    assert torch.equal(floats, want_floats) and torch.equal(ints, want_ints)
+
+
+def test_below_threshold_the_round_is_retried_and_nothing_is_used(tmp_path, synthetic_mnist_dir, free_port):
+    """(d) two of four clients hang up before their masked input with threshold 3: the
+    attempt aborts before anyone reveals a share, the model is kept, the round is retried
+    (the two reconnect) and the retry's sum is committed, as if the first never happened."""
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 1, 4, "--secagg-threshold", 3)
+    steady, wlog = start_worker(tmp_path, free_port, "0-1", 4, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
+    flaky, flog = start_worker(tmp_path, free_port, "2-3", 4, synthetic_mnist_dir, name="flaky",
+                               FL_TEST_SECAGG_RECORD=str(rec), FL_TEST_SECAGG_FAULT="drop-before-masked")
+    try:
+        expect_exit(server, slog)
+        expect_exit(steady, wlog)
+        expect_exit(flaky, flog)
+    finally:
+        stop(server, steady, flaky)
+    stext = log_of(slog)
+    assert stext.count("secure aggregation failed") == 1, stext[-3000:]
+    assert "2 clients sent masked inputs, 3 needed" in stext and "retrying the round" in stext
+    assert log_of(wlog).count("ended this client's part in the round: round aborted") == 2
+    assert log_of(flog).count("test: hanging up") == 2 and "reconnecting" in log_of(flog)
+    m = metrics(tmp_path)
+    assert len(m) == 1 and m[0]["round"] == 1 and m[0]["clients"] == 4
+    floats, ints, state = committed(tmp_path)
+    want_floats, want_ints = expected_model(records(rec, range(4)), state)
+    assert torch.equal(floats, want_floats) and torch.equal(ints, want_ints)
+
+
+@pytest.mark.parametrize("options", [{"quantization": False}, {"quantization": False, "secagg": False}])
+def test_a_client_without_secure_aggregation_is_refused(tmp_path, synthetic_mnist_dir, free_port, options):
+    """(e) an old client (no 'secagg' option) or one that says it cannot: one clear line."""
+    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 1, 2)
+    try:
+        conn = Connection(socket.create_connection(("127.0.0.1", free_port), timeout=10))
+        client_handshake(conn, 7, 100, options, None, timeout=10)
+        with pytest.raises(RemoteError) as exc:
+            conn.recv(MsgType.MODEL, timeout=10)
+        conn.close()
+        assert str(exc.value) == REFUSAL and "\n" not in REFUSAL
+        wait_for_line(slog, "refused client 7 from 127.0.0.1", timeout=10)
+        assert "does not support secure aggregation" in log_of(slog)
+    finally:
+        stop(server)

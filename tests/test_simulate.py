@@ -1,0 +1,124 @@
+"""The launcher: its arguments and commands (in-process), and real runs with workers."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import simulate
+from procs import run
+
+
+def commands(*argv: str, cores: int = 2):
+    args, extra = simulate.parse_args(list(argv))
+    return simulate.build_commands(args, extra, 9999, Path("/tmp/run"), cores=cores)
+
+
+def flag(cmd: list[str], name: str) -> str:
+    return cmd[len(cmd) - 1 - cmd[::-1].index(name) + 1]  # the last occurrence wins, as in argparse
+
+
+def test_default_workers_and_split():
+    assert simulate.default_workers(3, 2) == 3  # the quickstart: a worker per client
+    assert simulate.default_workers(4, 2) == 4
+    assert simulate.default_workers(100, 2) == 2  # one per core
+    assert [len(s) for s in simulate.split_clients(10, 3)] == [4, 3, 3]
+    assert sum(simulate.split_clients(100, 7), []) == list(range(100))
+    assert simulate.id_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert simulate.threads_per_worker(2, 2) == 1 and simulate.threads_per_worker(3, 2) == 1
+    assert simulate.threads_per_worker(1, 4) == 4
+
+
+def test_hundred_clients_on_two_workers():
+    server, workers = commands("--clients", "100", "--fraction", "0.1", "--rounds", "5", "--quantized-clients", "60")
+    assert flag(server, "--min-clients") == "100" and int(flag(server, "--max-connections")) >= 100 + 32
+    assert flag(server, "--fraction") == "0.1" and flag(server, "--rounds") == "5"
+    assert len(workers) == 2
+    assert [flag(w, "--client-ids") for w in workers] == ["0-49", "50-99"]
+    assert [flag(w, "--quantize-ids") for w in workers] == ["0-49", "50-59"]
+    assert all(flag(w, "--num-clients") == "100" and flag(w, "--port") == "9999" for w in workers)
+    assert all(flag(w, "--threads") == "1" for w in workers)
+    assert "--host" not in workers[0]  # the worker's default, 127.0.0.1
+
+
+def test_quickstart_is_a_worker_per_client():
+    server, workers = commands("--clients", "3")
+    assert [flag(w, "--client-ids") for w in workers] == ["0", "1", "2"]
+    assert "--fraction" not in server and "--strategy" not in server  # only passed when given
+    assert flag(server, "--max-connections") == "128"
+
+
+def test_unknown_flags_go_to_the_server_last():
+    server, _ = commands("--clients", "4", "--strategy", "fedadam", "--server-lr", "0.01",
+                         "--round-timeout=30", "--min-clients", "2")
+    assert flag(server, "--strategy") == "fedadam"
+    assert server[-5:] == ["--server-lr", "0.01", "--round-timeout=30", "--min-clients", "2"]
+    assert flag(server, "--min-clients") == "2"  # an explicit server flag wins
+
+
+def test_workers_more_than_clients_and_cluster_hosts():
+    server, workers = commands("--clients", "2", "--workers", "8", "--engine", "ray",
+                               "--ray-address", "head:6379", "--connect-host", "10.0.0.5")
+    assert len(workers) == 2 and flag(server, "--host") == "0.0.0.0"
+    assert all(flag(w, "--host") == "10.0.0.5" for w in workers)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--clients", "0"], "at least 1"),
+    (["--workers", "0"], "--workers"),
+    (["--fraction", "1.5"], "--fraction"),
+    (["--ray-address", "auto"], "--engine ray"),
+    (["--checkpoint", "x.pt"], "set by the launcher"),
+    (["--metrics=m.jsonl"], "set by the launcher"),
+])
+def test_bad_launcher_args(capsys, argv, msg):
+    with pytest.raises(SystemExit) as exc:
+        simulate.parse_args(argv)
+    assert exc.value.code == 2 and msg in capsys.readouterr().err
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_launcher_twelve_clients_on_two_workers(tmp_path, synthetic_mnist_dir):
+    out = tmp_path / "run"
+    r = run("simulate.py", "--clients", 12, "--workers", 2, "--rounds", 1, "--limit", 20, "--test-limit", 100,
+            "--partition", "shards", "--quantized-clients", 3, "--data-dir", synthetic_mnist_dir, "--out", out,
+            "--no-plot", timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (m,) = read_metrics(out / "metrics.jsonl")
+    assert sorted(c["client_id"] for c in m["per_client"]) == list(range(12)) and m["quantized"] == 3
+    assert "12 clients in 2 workers (local processes; 6 clients each)" in r.stderr
+    for i, ids in enumerate(("0-5", "6-11")):
+        log = (out / f"worker-{i}.log").read_text()
+        assert f"hosting 6 clients ({ids} of 12)" in log and log.count("server says") == 6
+
+
+def test_launcher_server_failure_stops_the_workers(tmp_path, synthetic_mnist_dir):
+    """A flag neither the launcher nor the server knows: the server's one-line error, its
+    exit status, and no worker left behind waiting for it."""
+    start = time.monotonic()
+    r = run("simulate.py", "--clients", 2, "--rounds", 1, "--no-such-flag", "--data-dir", synthetic_mnist_dir,
+            "--out", tmp_path / "run", timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "unrecognized arguments: --no-such-flag" in r.stderr and "Traceback" not in r.stderr
+    assert time.monotonic() - start < 60  # not the workers' 120 s retry window
+
+
+def test_launcher_missing_data_is_one_line(tmp_path):
+    r = run("simulate.py", "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "run", "--no-plot",
+            timeout=120, MNIST_DATA_DIR="")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: MNIST not found"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_launcher_without_ray_says_how_to_get_it(tmp_path, synthetic_mnist_dir, monkeypatch, capsys):
+    """--engine ray without Ray installed: one line naming requirements-ray.txt, exit 2."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    status = simulate.main(["--engine", "ray", "--data-dir", str(synthetic_mnist_dir), "--out", str(tmp_path / "r")])
+    assert status == 2
+    assert "error: --engine ray needs Ray: pip install -r requirements-ray.txt" in capsys.readouterr().err

@@ -1,0 +1,178 @@
+"""Many virtual clients in one process: a worker for simulating large federations.
+
+    python worker.py --client-ids 0-49 --num-clients 100 [--port 8080] [--quantization]
+
+Each hosted client is a real client to the server: its own connection, its own
+authenticated handshake, the same MODEL/UPDATE messages (and 8-bit option) as
+``client.py``, which runs the same ``participant.Participant``. What the process holds
+once is what makes a client process cost ~0.9 GB: torch, the MNIST training set (each
+client keeps only its shard's indices into it) and ONE model. The clients the server
+samples in a round train one after another under a lock; the others block in poll() on
+their sockets. Each client's training is seeded from (seed, client id, round), so a
+virtual client trains exactly as the same client in a process of its own would.
+
+The worker exits 0 when every hosted client has been told DONE, and as soon as any of
+them fails (unreachable server, refused secret, protocol error) with that client's status.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import queue
+import ssl
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from data import DataError, load_mnist, partition, resolve_data_dir, subset
+from logs import setup_logging
+from participant import (
+    ClientConfig,
+    Host,
+    Participant,
+    add_client_arguments,
+    check_client_arguments,
+    pick_device,
+)
+
+log = logging.getLogger("worker")
+
+
+def parse_ids(spec: str) -> list[int]:
+    """``"0-49,60,70-79"`` -> the sorted, distinct ids; ValueError on a malformed spec."""
+    ids: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
+        except ValueError:
+            raise ValueError(f"bad client id range {part!r} (expected N or N-M)") from None
+        if first < 0 or last < first:
+            raise ValueError(f"bad client id range {part!r} (expected 0 <= N <= M)")
+        ids.update(range(first, last + 1))
+    return sorted(ids)
+
+
+def format_ids(ids: list[int]) -> str:
+    """The inverse of parse_ids, compact: [0, 1, 2, 5] -> "0-2,5"."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Host many virtual federated clients in one process (one model, one copy of the data).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    groups = add_client_arguments(p)
+    fl = groups["federation"]
+    fl.add_argument("--client-ids", required=True, help="the clients this worker hosts, e.g. 0-49 or 0-9,20-29")
+    fl.add_argument("--quantize-ids", default=None,
+                    help="only these hosted clients send 8-bit updates (default: all with --quantization, else none)")
+    groups["run"].add_argument("--log-file", default=None, help="also write the log to this file")
+    p.set_defaults(threads=1, device="cpu")
+    args = p.parse_args(argv)
+    check_client_arguments(p, args)
+    try:
+        args.client_ids = parse_ids(args.client_ids)
+        args.quantize_ids = set(parse_ids(args.quantize_ids)) if args.quantize_ids else set()
+    except ValueError as exc:
+        p.error(str(exc))
+    out_of_range = [i for i in args.client_ids if i >= args.num_clients]
+    if out_of_range:
+        p.error(f"--client-ids {format_ids(out_of_range)} out of range for --num-clients {args.num_clients} "
+                f"(valid: 0..{args.num_clients - 1})")
+    return args
+
+
+class Worker:
+    """The hosted participants, each served by its own thread."""
+
+    def __init__(self, participants: list[Participant]) -> None:
+        self.participants = participants
+        self.done: queue.Queue[tuple[int, int]] = queue.Queue()
+        self.threads = [threading.Thread(target=self._run, args=(p,), name=f"client-{p.client_id}", daemon=True)
+                        for p in participants]
+
+    def _run(self, p: Participant) -> None:
+        status = 1
+        try:
+            status = p.run()
+        except Exception:  # a bug in one client must not leave the worker waiting forever
+            log.exception("client %d: unexpected error", p.client_id)
+        finally:
+            self.done.put((p.client_id, status))
+
+    def run(self) -> int:
+        """Start every client; 0 once all are done, else the first failure's status."""
+        for t in self.threads:
+            t.start()
+        left = len(self.threads)
+        while left:
+            try:
+                cid, status = self.done.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            left -= 1
+            if status != 0:
+                log.error("client %d failed (status %d); stopping this worker", cid, status)
+                return status
+        return 0
+
+
+def build(args: argparse.Namespace) -> Worker:
+    """Load the data once, derive the hosted clients' shards, share one model among them.
+    Raises DataError/ValueError (bad data or split), OSError/ssl.SSLError (bad --tls-ca)."""
+    device = pick_device(args.device)
+    images, labels = load_mnist(resolve_data_dir(args.data_dir), train=True, download=not args.no_download)
+    parts = partition(labels, args.num_clients, args.partition, args.alpha, args.seed)
+    config = ClientConfig.from_args(args)
+    host = Host(images, labels, device)
+    participants = []
+    for cid in args.client_ids:
+        idx = subset(parts[cid], args.limit, args.seed * 1009 + cid)
+        quantize = config.quantization or cid in args.quantize_ids
+        cfg = dataclasses.replace(config, quantization=quantize) if quantize != config.quantization else config
+        participants.append(Participant(cid, host, cfg, indices=idx.clone(), log_prefix=f"client {cid}: "))
+    del parts
+    return Worker(participants)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+    if args.log_file:
+        Path(args.log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(args.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+        logging.getLogger().addHandler(handler)
+    torch.set_num_threads(args.threads)
+    try:
+        worker = build(args)
+    except (DataError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    except (OSError, ssl.SSLError) as exc:
+        log.error("cannot load --tls-ca %s: %s", args.tls_ca, exc)
+        return 2
+    n = len(worker.participants)
+    samples = sum(p.num_samples for p in worker.participants)
+    log.info("hosting %d clients (%s of %d), %d samples (%s split), %d torch thread(s), device %s",
+             n, format_ids(args.client_ids), args.num_clients, samples, args.partition, args.threads,
+             worker.participants[0].host.device if n else "-")
+    return worker.run()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
