@@ -185,6 +185,7 @@ def test_limits_slow_peers_oversize_max_connections_and_duplicate_ids(tmp_path, 
 
         # the honest federation runs, with more slow peers arriving during its rounds
         clients = [start_client(tmp_path, free_port, i, 2, mnist_dir) for i in range(2)]
+        wait_for_line(slog, "client 0 joined", timeout=60, proc=server)
         wait_for_line(slog, "client 1 joined", timeout=60, proc=server)
         # --max-connections: sessions have slots of their own, all taken now; one more is told so
         try:
