@@ -45,9 +45,14 @@ class Ingest:
         payload's buffer is free again). Raises ProtocolError if it cannot be decoded."""
         done, failure = threading.Event(), []
         self.jobs.put((session, task, payload, up, down, done, failure))
+        del payload  # the traceback of the raise below must not keep the update alive
         done.wait()
         if failure:
-            raise failure[0]
+            error = failure.pop()  # no cycle (list -> error -> traceback -> this frame -> list) that
+            try:  # only the garbage collector could free, with the caller's frame and its payload
+                raise error
+            finally:
+                del error
 
     def _run(self) -> None:
         while True:

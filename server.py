@@ -321,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except CredentialError as exc:
         log.error("%s", exc)
         return 2
+    if args.secret:
+        log.warning("--secret is visible to every user of this machine in the process list; "
+                    "prefer --secret-file or $FL_SECRET")
     try:
         tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
     except (OSError, ssl.SSLError) as exc:

@@ -14,6 +14,7 @@ interval, not a line each.
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import queue
 import select
@@ -36,36 +37,46 @@ log = logging.getLogger("server")
 INGEST_WAIT_S = 2.0  # longest a handler waits for a receive buffer before reading into new memory
 INGEST_SLOTS = 2  # receive buffers: one update read from its socket while another is decoded
 IDLE_CHECK_S = 1.0  # how often an idle session looks whether its peer hung up
+TRIM_INTERVAL_S = 1.0  # at most one malloc_trim a second, however many frames are refused
 
 
 class RefusalLog:
     """Counts refused connections and logs them as one line per interval, so a flood of
-    hostile connections cannot flood the log."""
+    hostile connections cannot flood the log: the first refusal after a quiet interval is
+    logged at once, later ones are added up and logged by ``tick`` (called by the server
+    loop a few times a second) once the interval has passed, or by ``flush`` at exit."""
 
     def __init__(self, interval: float = 10.0) -> None:
         self.interval = interval
         self.counts: collections.Counter[str] = collections.Counter()
         self.lock = threading.Lock()
-        self.last = time.monotonic()
+        self.last = time.monotonic() - interval  # nothing logged yet: the first refusal shows at once
 
     def count(self, reason: str) -> None:
         with self.lock:
             self.counts[reason] += 1
+        self.tick()
+
+    def tick(self) -> None:
+        """Log what was counted, if the last line is at least ``interval`` old."""
+        with self.lock:
             now = time.monotonic()
-            if now - self.last < self.interval and sum(self.counts.values()) > 1:
+            if not self.counts or now - self.last < self.interval:
                 return
             counts, self.counts = self.counts, collections.Counter()
             self.last = now
-        total = sum(counts.values())
-        detail = "; ".join(f"{n} {why}" for why, n in counts.most_common(5))
-        log.warning("refused %d connection(s): %s", total, detail)
+        self._log(counts)
 
     def flush(self) -> None:
         with self.lock:
             counts, self.counts = self.counts, collections.Counter()
         if counts:
-            log.warning("refused %d connection(s): %s", sum(counts.values()),
-                        "; ".join(f"{n} {why}" for why, n in counts.most_common(5)))
+            self._log(counts)
+
+    @staticmethod
+    def _log(counts: "collections.Counter[str]") -> None:
+        log.warning("refused %d connection(s): %s", sum(counts.values()),
+                    "; ".join(f"{n} {why}" for why, n in counts.most_common(5)))
 
 
 class ClientHandler(socketserver.BaseRequestHandler):
@@ -145,7 +156,13 @@ class ClientHandler(socketserver.BaseRequestHandler):
                 except (OSError, ProtocolError):
                     pass
                 return
-            if not self.serve_round(session, conn, task):
+            received = conn.bytes_received
+            ok = self.serve_round(session, conn, task)
+            if not ok or conn.bytes_received - received > self.server.slot_size:
+                # A refused update, or one too big for an ingest buffer, was read into memory of
+                # its own (growing by steps, so fragmented): malloc keeps such pages unless asked.
+                self.server.release_memory_soon()
+            if not ok:
                 return
             del task  # nor this round's MODEL payload
 
@@ -189,8 +206,10 @@ class FLServer(socketserver.ThreadingTCPServer):
         self.keyring = keyring
         self.tls = tls
         layout = federation.layout  # a float update's frame is this plus a little metadata
-        self.ingest = Ingest(federation.submit, INGEST_SLOTS,
-                             4 * layout.float_numel + 8 * layout.int_numel + 64 * 1024)
+        self.slot_size = 4 * layout.float_numel + 8 * layout.int_numel + 64 * 1024
+        self.ingest = Ingest(federation.submit, INGEST_SLOTS, self.slot_size)
+        self.trim_due = False
+        self.trimmed_at = 0.0
         self.sessions = threading.BoundedSemaphore(config.max_connections)
         self.pending: collections.Counter[str] = collections.Counter()
         self.pending_lock = threading.Lock()
@@ -226,8 +245,31 @@ class FLServer(socketserver.ThreadingTCPServer):
             self.end_pending(str(client_address[0]))
             raise
 
+    def release_memory_soon(self) -> None:
+        """Ask the server loop to hand freed heap memory back to the kernel (``malloc_trim``)."""
+        self.trim_due = True
+
+    def service_actions(self) -> None:
+        super().service_actions()
+        self.refusals.tick()  # a burst of refusals is logged within an interval, not only at exit
+        if self.trim_due and time.monotonic() - self.trimmed_at >= TRIM_INTERVAL_S:
+            self.trim_due = False
+            self.trimmed_at = time.monotonic()
+            _malloc_trim()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unexpected error serving %s", client_address)
+
+
+def _malloc_trim() -> None:
+    """glibc returns a freed large block to the kernel only if it was mmap-ed, and raises its
+    mmap threshold to the size of each such block freed: after one 16 MB frame, the next
+    are carved from the heap and their pages stay in RSS once freed. ``malloc_trim(0)``
+    gives every free page of every arena back (a few ms; a no-op elsewhere than glibc)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError, TypeError):
+        pass
 
 
 def _wait_readable(sock: socket.socket, deadline: float) -> None:

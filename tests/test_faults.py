@@ -18,7 +18,7 @@ from typing import Any
 
 import checkpoint as ckpt
 from procs import client_args, server_args, start, stop, wait_for_line
-from protocol import Connection, ConnectionClosed, MsgType, encode_header, encode_payload
+from protocol import Connection, ConnectionClosed, MsgType, RemoteError, encode_body, encode_header
 from security import client_handshake
 
 TEST_LIMIT = 500
@@ -59,6 +59,16 @@ def expect_exit(proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
     assert rc == 0, f"{log.name} exited {rc}:\n{log_of(log)[-3000:]}"
 
 
+def refused_counts(text: str) -> dict[str, int]:
+    """The server's refusal lines ("refused N connection(s): n1 why1; n2 why2") added up by reason."""
+    counts: dict[str, int] = {}
+    for detail in re.findall(r"refused \d+ connection\(s\): (.*)", text):
+        for part in detail.split("; "):
+            n, why = part.split(" ", 1)
+            counts[why] = counts.get(why, 0) + int(n)
+    return counts
+
+
 def lines_about(text: str, local_port: int) -> list[str]:
     pat = re.compile(rf"127\.0\.0\.1:{local_port}\b")
     return [ln for ln in text.splitlines() if pat.search(ln)]
@@ -93,9 +103,12 @@ class FakeClient:
 # --- 4: limits: slow peers, oversized frames, --max-connections, duplicate ids -------------
 
 def test_limits_slow_peers_oversize_max_connections_and_duplicate_ids(tmp_path, mnist_dir, free_port):
-    hs_timeout, max_conn = 1.5, 4
+    """Handshakes in progress have slots per address (--max-pending-per-address) and a time
+    limit for the whole handshake; authenticated sessions have slots of their own
+    (--max-connections). -v gives one debug line per dropped handshake to follow each peer."""
+    hs_timeout, max_pending, max_conn = 1.5, 4, 2
     server, slog = start_server(tmp_path, free_port, mnist_dir, 1, 2, "--handshake-timeout", hs_timeout,
-                                "--max-connections", max_conn)
+                                "--max-pending-per-address", max_pending, "--max-connections", max_conn, "-v")
     clients: list = []
     addr = ("127.0.0.1", free_port)
     dribble_result: dict[str, float] = {}
@@ -112,8 +125,8 @@ def test_limits_slow_peers_oversize_max_connections_and_duplicate_ids(tmp_path, 
         dribble_result[key] = time.monotonic() - t0
 
     try:
-        # --max-connections: fill every slot with peers that never authenticate ...
-        silent = [socket.create_connection(addr, timeout=5) for _ in range(max_conn - 1)]
+        # --max-pending-per-address: fill this address's handshake slots with peers that never authenticate ...
+        silent = [socket.create_connection(addr, timeout=5) for _ in range(max_pending - 1)]
         dribbler = socket.create_connection(addr, timeout=5)
         t = threading.Thread(target=dribble, args=(dribbler, "first"), daemon=True)
         t.start()
@@ -136,12 +149,12 @@ def test_limits_slow_peers_oversize_max_connections_and_duplicate_ids(tmp_path, 
         # a peer that sends its HELLO in time but dribbles its AUTH: the budget covers the whole handshake
         slow = socket.create_connection(addr, timeout=5)
         slow_port = slow.getsockname()[1]
-        hello = encode_payload({"client_id": 5, "num_samples": 10, "options": {}, "nonce": bytes(32)})
+        hello = encode_body(MsgType.HELLO, {"client_id": 5, "num_samples": 10, "options": {}, "nonce": "00" * 32})
         t0 = time.monotonic()
         slow.sendall(encode_header(MsgType.HELLO, len(hello)) + hello)
         Connection(slow).recv(MsgType.CHALLENGE, timeout=5)
         time.sleep(hs_timeout * 0.6)
-        auth = encode_payload({"proof": None})
+        auth = encode_body(MsgType.AUTH, {"proof": None})
         dribble(slow, "auth", encode_header(MsgType.AUTH, len(auth)) + auth)
         assert time.monotonic() - t0 < hs_timeout + 1.0
         slow.close()
@@ -172,7 +185,14 @@ def test_limits_slow_peers_oversize_max_connections_and_duplicate_ids(tmp_path, 
 
         # the honest federation runs, with more slow peers arriving during its rounds
         clients = [start_client(tmp_path, free_port, i, 2, mnist_dir) for i in range(2)]
+        wait_for_line(slog, "client 0 joined", timeout=60, proc=server)
         wait_for_line(slog, "client 1 joined", timeout=60, proc=server)
+        # --max-connections: sessions have slots of their own, all taken now; one more is told so
+        try:
+            FakeClient(free_port, 30).conn.recv(MsgType.MODEL, timeout=5)
+            over = "admitted"
+        except RemoteError as exc:
+            over = str(exc)
         late = socket.create_connection(addr, timeout=5)
         late_dribbler = socket.create_connection(addr, timeout=5)
         threading.Thread(target=dribble, args=(late_dribbler, "late"), daemon=True).start()
@@ -182,12 +202,16 @@ def test_limits_slow_peers_oversize_max_connections_and_duplicate_ids(tmp_path, 
         late.close()
     finally:
         stop(server, *(p for p, _ in clients))
+    assert over == "server full", over
     text = log_of(slog)
-    refused = lines_about(text, extra_port)
-    assert len(refused) == 1 and re.search(rf"refused 127\.0\.0\.1:{extra_port}: {max_conn} connections", refused[0])
+    assert not lines_about(text, extra_port)  # turned away before any handshake: counted, not a line
+    counts = refused_counts(text)
+    assert counts.get("too many handshakes from one address (--max-pending-per-address)", 0) >= 1, counts
+    assert counts.get("server full (--max-connections)") == 1, counts
     for port in (*silent_ports, dribbler_port, slow_port):
         lines = lines_about(text, port)
-        assert len(lines) == 1 and "dropped connection" in lines[0] and "timed out" in lines[0], lines
+        assert len(lines) == 1 and "during handshake" in lines[0] and "timed out" in lines[0], lines
+    assert counts.get("failed handshake (TimeoutError)", 0) >= len(silent_ports) + 2, counts
     big_lines = lines_about(text, big_port)
     assert len(big_lines) == 1 and "exceeds the limit" in big_lines[0], big_lines
     metrics = read_metrics(tmp_path / "metrics.jsonl")
