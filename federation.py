@@ -9,7 +9,8 @@ queues it the rounds it is sampled for, and hands every decoded UPDATE to
 - the strategy (``strategies/``) decides the training config, the fold and the server step;
 - :meth:`Federation.contribution` turns a decoded UPDATE into a validated flat delta
   (override it to accept another update format);
-- ``screening.NormScreen`` judges each delta's size against the round's others.
+- ``screening.NormScreen`` judges each delta's pull on the mean (its weight x its norm)
+  against the round's others, so neither a huge delta nor a huge sample claim gets through.
 
 Every error a peer's data can cause ends that peer's update (logged, counted in the
 round's ``rejected``) or that round (the previous model kept), never the process.
@@ -180,8 +181,8 @@ class Federation:
             rnd.bytes_down += down
             if rnd.screen is None:
                 self._fold(rnd, contribution)
-            else:
-                self._settle(rnd, rnd.screen.offer(contribution, contribution.record["norm"]))
+            else:  # judged by its pull on the mean: weight x norm (the norm alone when uniform)
+                self._settle(rnd, rnd.screen.offer(contribution, contribution.weight * contribution.record["norm"]))
             self._report(session, task.round)
 
     def contribution(self, session: Session, task: RoundTask, body: dict[str, Any], up: int) -> Contribution:

@@ -1,8 +1,10 @@
 """The default guard against a participant's poison: judge each update's size by its peers'.
 
 A scaled, zeroed or exploding update has a delta norm far from the honest ones of the same
-round. :class:`NormScreen` rejects a delta whose L2 norm exceeds ``ratio`` x the median of
-the round's norms, while keeping the streaming fold: it holds only the first ``hold``
+round, and a client that claims far more samples than the others pulls the weighted mean
+as far. The federation offers each update's weight x L2 norm (its norm alone under uniform
+weighting), and :class:`NormScreen` rejects one that exceeds ``ratio`` x the median of the
+round's values, while keeping the streaming fold: it holds only the first ``hold``
 deltas of a round (until there is a median to judge them by), then judges each new one on
 arrival against the median of all norms seen so far. Memory stays ``hold`` models whatever
 the number of clients; a norm is one float.
@@ -74,6 +76,6 @@ class NormScreen(Generic[T]):
             if norm <= limit:
                 out.accepted.append(item)
             else:
-                out.rejected.append((item, f"update norm {norm:.4g} exceeds {self.ratio:g} x the round's median "
-                                           f"({limit / self.ratio:.4g})"))
+                out.rejected.append((item, f"update size (weight x norm) {norm:.4g} exceeds {self.ratio:g} x "
+                                           f"the round's median ({limit / self.ratio:.4g})"))
         self.held.clear()

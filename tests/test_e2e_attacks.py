@@ -247,7 +247,7 @@ def test_poisoned_updates_are_refused_and_accuracy_equals_the_undisturbed_run(tm
     assert [m["round"] for m in attacked] == [m["round"] for m in clean] == [1, 2, 3]
     reasons = {(m["round"], r["client_id"]): r["reason"] for m in attacked for r in m["rejected"]}
     for rnd in (1, 2, 3):
-        assert re.search(r"update norm \S+ exceeds 4 x the round's median", reasons[(rnd, 10)]), reasons
+        assert re.search(r"update size \(weight x norm\) \S+ exceeds 4 x the round's median", reasons[(rnd, 10)]), reasons
     assert "implausible sample count 10000000" in reasons[(1, 11)]
     assert "running_var holds negative variances" in reasons[(2, 11)]
     assert (3, 11) not in reasons

@@ -334,3 +334,21 @@ def test_an_update_the_aggregator_refuses_is_rejected_and_the_round_goes_on():
     fed.submit(a, task, body(perturbed(task.base, 0.01, 1), 100), 1, 1)
     assert rnd.reported == {0} and rnd.clients == []
     assert "more updates than" in rnd.rejected[0]["reason"]
+
+
+def test_a_sample_claim_far_above_the_others_is_judged_by_its_pull_on_the_mean():
+    """Under --weighting samples the screen judges weight x norm: a zero model claiming 15x
+    the honest clients' samples (its norm alone passes) is rejected; an honest client with
+    twice the samples is not. Under uniform weighting the claim does not matter."""
+    for weighting, evil_kept in (("samples", False), ("uniform", True)):
+        fed = make_federation(weighting=weighting, max_samples=60_000)
+        honest = [session(i, 4000) for i in range(3)] + [session(3, 8000)]
+        evil = session(9, 60_000)
+        rnd, task = open_round(fed, honest + [evil])
+        zero = {k: torch.zeros_like(v) if v.is_floating_point() else v for k, v in task.base.items()}
+        fed.submit(evil, task, body(zero, 60_000, "flat"), 1, 1)
+        for s in honest:  # honest deltas about as long as the zero model's (norm ratio ~1)
+            fed.submit(s, task, body(perturbed(task.base, 0.03, s.client_id), s.peer.num_samples, "flat"), 1, 1)
+        fed.close_round(rnd)
+        assert (9 in {c["client_id"] for c in rnd.clients}) == evil_kept, weighting
+        assert {0, 1, 2, 3} <= {c["client_id"] for c in rnd.clients}
