@@ -340,7 +340,9 @@ def test_round_with_too_few_updates_is_retried(tmp_path, mnist_dir, free_port):
     assert seen == ["model 1", "dropped", "model 1", "model 1", "DONE"], seen
     text = log_of(slog)
     assert "round 1: timed out" in text
-    assert len(re.findall(r"round 1: only 1 of 2 updates \(need --min-fit 2\); retrying the round", text)) == 2, text
+    # Two retries; the first attempt has 1 update, or 0 when a loaded machine kept the honest
+    # client from finishing its training within the 5 s round timeout.
+    assert len(re.findall(r"round 1: only [01] of 2 updates \(need --min-fit 2\); retrying the round", text)) == 2, text
     assert "rejected update from client 1" in text
     metrics = read_metrics(tmp_path / "metrics.jsonl")
     assert len(metrics) == 1 and metrics[0]["round"] == 1 and metrics[0]["clients"] == 2, metrics
