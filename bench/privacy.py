@@ -38,11 +38,11 @@ def plot(rows: list[dict], path: str) -> None:
     except ImportError:
         return
     fig, (acc, eps) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in rows:
+    for i, r in enumerate(rows):  # one colour per z in both panels
         rounds = range(1, len(r["accuracy"]) + 1)
-        acc.plot(rounds, [100 * a for a in r["accuracy"]], label=f"z = {r['z']:g}")
+        acc.plot(rounds, [100 * a for a in r["accuracy"]], color=f"C{i}", label=f"z = {r['z']:g}")
         if r["z"] > 0:
-            eps.plot(rounds, r["epsilon"], label=f"z = {r['z']:g}")
+            eps.plot(rounds, r["epsilon"], color=f"C{i}", label=f"z = {r['z']:g}")
     acc.set_xlabel("round"), acc.set_ylabel("test accuracy (%)"), acc.grid(alpha=0.3), acc.legend()
     eps.set_xlabel("round"), eps.set_ylabel(f"epsilon (delta = {rows[0]['delta']:.2g})"), eps.grid(alpha=0.3)
     eps.set_yscale("log"), eps.legend()
