@@ -732,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  hostile attempts             {sum(counts.values())}: " +
           ", ".join(f"{k} {counts.get(k, 0)}" for k in kinds) +
           (f" (+{attacked['unreached']} after the server had exited, not counted)" if attacked["unreached"] else ""))
-    print(f"  participants' outcomes       " + ", ".join(f"{k} {n}" for k, n in sorted(attacked["outcomes"].items())))
+    print("  participants' outcomes       " + ", ".join(f"{k} {n}" for k, n in sorted(attacked["outcomes"].items())))
     print(f"  admitted                     {sum(attacked['admitted'].values())} {attacked['admitted'] or ''}; "
           f"rejected updates {attacked['rejected_updates']}; marker file created: {pwned}; "
           f"tracebacks {attacked['tracebacks']}; raw ESC bytes in the log {attacked['escape_bytes_in_log']}")

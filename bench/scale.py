@@ -53,7 +53,7 @@ def memory(a: argparse.Namespace) -> dict:
                              "wall_s": r["wall_s"]}
         print(f"{clients} clients, fraction {fraction}: peak RSS {r['peak_rss_mb']:.0f} MB, PSS "
               f"{r['peak_pss_mb']:.0f} MB; overhead per round {', '.join(f'{x:.3f}' for x in ratio)}; "
-              f"round_s {', '.join(f'{m['round_s']:.1f}' for m in ms)}", flush=True)
+              "round_s " + ", ".join(f"{m['round_s']:.1f}" for m in ms), flush=True)
     return out
 
 
@@ -65,7 +65,7 @@ def paper(a: argparse.Namespace) -> dict:
     ms = r["metrics"]
     reached = next((m["round"] for m in ms if m["accuracy"] >= a.target), None)
     ratio = overheads(ms, a.workers)
-    print(f"{a.partition}: accuracy {', '.join(f'{100 * m['accuracy']:.2f}' for m in ms)}")
+    print(f"{a.partition}: accuracy " + ", ".join(f"{100 * m['accuracy']:.2f}" for m in ms))
     print(f"{a.target:.0%} reached at round {reached} (paper: {PAPER_ROUNDS_TO_99[a.partition]}); "
           f"after {len(ms)} rounds {100 * ms[-1]['accuracy']:.2f}%, best {100 * max(m['accuracy'] for m in ms):.2f}%; "
           f"overhead median {statistics.median(ratio):.3f}", flush=True)
