@@ -28,6 +28,7 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     # federation
     rounds: int = 5
+    target_accuracy: float | None = None  # stop once a round's test accuracy reaches this
     min_clients: int = 2
     min_fit: int = 1
     fraction: float = 1.0

@@ -57,6 +57,7 @@ class Evaluator:
         self.config, self.history, self.bar, self.on_failure = config, history, bar, on_failure
         self.test_images, self.test_labels = test_set
         self.model = ImprovedCNN()
+        self.reached: tuple[int, float] | None = None  # (round, accuracy %) that met --target-accuracy
         self.jobs: "queue.Queue[Finished | None]" = queue.Queue()
         self.thread = threading.Thread(target=self._work, name="evaluator", daemon=True)
         self.thread.start()
@@ -83,6 +84,8 @@ class Evaluator:
         loss, accuracy = evaluate(self.model, self.test_images, self.test_labels)
         record = {**round_record(rnd, loss, accuracy, time.monotonic() - t0), **job.extra}
         self.history.append(record)
+        if cfg.target_accuracy is not None and accuracy >= cfg.target_accuracy and self.reached is None:
+            self.reached = (rnd.number, 100 * accuracy)
         ckpt.save(cfg.checkpoint, job.state, rnd.number, self.history, cfg.public(), strategy=job.strategy_state)
         ckpt.append_metrics(cfg.metrics, record)
         rejected = f" | {len(rnd.rejected)} rejected" if rnd.rejected else ""

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a new connection has to authenticate")
     fl = p.add_argument_group("federation")
     fl.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds to run")
+    fl.add_argument("--target-accuracy", type=float, default=None, metavar="A",
+                    help="stop once a round's test accuracy reaches A (0-1); evaluation runs beside the next "
+                         "round, so that round still completes")
     fl.add_argument("--min-clients", type=int, default=d.min_clients,
                     help="clients that must be connected before a round starts")
     fl.add_argument("--fraction", type=float, default=d.fraction,
@@ -206,10 +209,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
             p.error(f"--dp-delta must be in (0, 1), got {a.dp_delta}")
     elif a.target_epsilon is not None or a.dp_adaptive:
         p.error("--target-epsilon and --dp-adaptive need --dp-noise-multiplier")
+    if a.target_accuracy is not None and not 0 < a.target_accuracy <= 1:
+        p.error(f"--target-accuracy must be in (0, 1], got {a.target_accuracy}")
     config = ServerConfig(
         host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, max_connections=a.max_connections,
         max_pending=a.max_pending, max_pending_per_address=a.max_pending_per_address, max_frame_mb=a.max_frame_mb,
-        handshake_timeout=a.handshake_timeout, rounds=a.rounds, min_clients=a.min_clients, min_fit=a.min_fit,
+        handshake_timeout=a.handshake_timeout, rounds=a.rounds, target_accuracy=a.target_accuracy, min_clients=a.min_clients, min_fit=a.min_fit,
         fraction=a.fraction, round_timeout=a.round_timeout, quantize_broadcast=a.quantize_broadcast,
         local_epochs=a.local_epochs, lr=a.lr, lr_schedule=a.lr_schedule, batch_size=a.batch_size,
         augment=not a.no_augment, hflip=a.hflip, seed=a.seed, strategy=a.strategy, strategy_params=params,
@@ -369,6 +374,11 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
     reason = "server stopping"
     while number <= config.rounds and not fed.stop.is_set():
         bar.set_description(f"round {number}")
+        if evaluator.reached is not None:
+            log.info("stopping before round %d: round %d reached %.2f%% >= --target-accuracy %g",
+                     number, *evaluator.reached, config.target_accuracy)
+            reason = "federation complete (target accuracy reached)"
+            break
         if accountant is not None and config.target_epsilon is not None and \
                 accountant.epsilon_after(accountant.rounds + 1) > config.target_epsilon:
             log.warning("stopping before round %d: it would spend epsilon %.3f > --target-epsilon %g (delta %.3g)",

@@ -9,7 +9,8 @@ clients / workers).
 
 ``paper``: McMahan et al. 2017's MNIST CNN setting with this model: 100 clients, C = 0.1,
 E = 5, B = 10, IID or pathological non-IID (--partition shards), until --target accuracy
-or --rounds: the round that first reaches it, beside the paper's Table 2 (CNN, E=5, B=10:
+or --rounds (the server stops one round after the target is met, ``--target-accuracy``):
+the round that first reaches it, beside the paper's Table 2 (CNN, E=5, B=10:
 20 rounds IID, 229 non-IID, to 99%).
 
     python bench/scale.py memory
@@ -61,7 +62,7 @@ def paper(a: argparse.Namespace) -> dict:
     r = run_simulation(["--clients", "100", "--fraction", "0.1", "--local-epochs", "5", "--batch-size", "10",
                         "--partition", a.partition, "--rounds", str(a.rounds), "--workers", str(a.workers),
                         "--test-limit", str(a.test_limit), "--seed", str(a.seed), "--data-dir", a.data_dir,
-                        *a.extra])
+                        "--target-accuracy", str(a.target), *a.extra])
     ms = r["metrics"]
     reached = next((m["round"] for m in ms if m["accuracy"] >= a.target), None)
     ratio = overheads(ms, a.workers)
