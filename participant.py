@@ -187,11 +187,14 @@ class Host:
     runs on the one training thread: oneDNN and the allocators keep per-thread scratch
     buffers (~15 MB a thread here), which would otherwise grow with the number of clients."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, images: torch.Tensor | None, labels: torch.Tensor | None, device: torch.device,
+                 slots: int = 1) -> None:
         self.images, self.labels = images, labels
         self.device = device
-        self.model = ImprovedCNN().to(device)
-        self.lock = threading.Lock()
+        self.model = ImprovedCNN().to(device) if images is not None else None
+        # How many participants may read, train and encode at once: one model here, one
+        # per training process in a TrainerPool.
+        self.lock = threading.BoundedSemaphore(slots)
         self.views = ViewCache()
         self._jobs: queue.SimpleQueue[tuple[Future, Callable[..., Any], tuple]] = queue.SimpleQueue()
         # A daemon thread, so Ctrl-C or a failure ends the process at once rather than
@@ -203,6 +206,13 @@ class Host:
         future: Future = Future()
         self._jobs.put((future, fn, args))
         return future.result()
+
+    def fit(self, participant: "Participant", round_num: int, config: dict[str, Any],
+            base: dict[str, torch.Tensor]) -> "Fitted":
+        """Train ``participant`` from ``base``; called by a participant holding a slot of
+        ``lock``. The extension point: ``trainer_pool.TrainerPool`` trains in other processes."""
+        return self.compute(fit, self.model, self.images, self.labels, participant.indices, participant.client_id,
+                            participant.config.seed, round_num, config, base, participant.config.progress)
 
     def _train_loop(self) -> None:
         while True:
@@ -282,7 +292,7 @@ class Participant:
                 if msg.body.get("secagg") is not None:  # the server requires secure aggregation
                     secure = secagg_client.begin(self, conn, round_num, msg.body)
                 else:
-                    body, result = self.host.compute(self._train, round_num, msg.body)
+                    body, result = self._train(round_num, msg.body)
                 del msg
             if secure is not None:  # the stages wait for the other clients: not under the lock
                 done = secure.run()
@@ -299,11 +309,16 @@ class Participant:
                           " (8-bit)" if self.config.quantization else "")
 
     def _train(self, round_num: int, model_msg: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        """Train the host's model from the model we were sent; the UPDATE body. Runs on the
-        host's training thread while the participant holds the lock."""
+        """Train from the model we were sent; the UPDATE body. Called while the participant
+        holds a slot of the host's lock; the tensor work runs on the host's training thread."""
         config = field(model_msg, "config", dict)
-        base = self._base(model_msg)
-        local, result, generator, num_samples = self._fit(round_num, config, base)
+        base = self.host.compute(self._base, model_msg)
+        fitted = self.host.fit(self, round_num, config, base)
+        return self.host.compute(self._encode, round_num, config, base, fitted)
+
+    def _encode(self, round_num: int, config: dict[str, Any], base: dict[str, torch.Tensor],
+                fitted: "Fitted") -> tuple[dict[str, Any], Any]:
+        local, result, generator, num_samples = fitted
         quantization = self.config.quantization
         if "dp_clip_norm" in config:  # client-side DP clipping: our raw delta never leaves us
             local = clip_delta(local, base, float(config["dp_clip_norm"]))
@@ -327,27 +342,6 @@ class Participant:
         self.view_id = model_msg.get("view_id")
         self.view = base = self.host.views.share(self.view_id, base)
         return base
-
-    def _fit(self, round_num: int, config: dict[str, Any],
-             base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any, torch.Generator, int]:
-        """Train the host's model from ``base``: the local state (a copy), the training
-        result, the round's generator and the sample count; on the training thread."""
-        model = self.host.model
-        model.load_state_dict(base)
-        seed = round_seed(self.config.seed, self.client_id, round_num)
-        generator = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed + 1_000_000_007)  # dropout draws from the global generator
-        if self.indices is None:
-            images, labels = self.host.images, self.host.labels
-        else:
-            images, labels = self.host.images[self.indices], self.host.labels[self.indices]
-        result = train(model, images, labels, epochs=int(config["epochs"]), lr=float(config["lr"]),
-                       batch_size=int(config["batch_size"]), generator=generator,
-                       augment=bool(config.get("augment", True)), hflip=bool(config.get("hflip", False)),
-                       progress=self.config.progress, desc=f"round {round_num}",
-                       mu=float(config.get("mu", 0.0)))  # FedProx's proximal term, when asked for
-        local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        return local, result, generator, len(labels)
 
     def run(self) -> int:
         """Connect, serve rounds, reconnect after a lost connection; the exit status."""
@@ -377,6 +371,30 @@ class Participant:
                 conn.close()
             self.log.info("server says: %s; exiting", reason)
             return 0
+
+
+Fitted = tuple[dict[str, torch.Tensor], Any, torch.Generator, int]  # local state, TrainResult, generator, samples
+
+
+def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None,
+        client_id: int, seed: int, round_num: int, config: dict[str, Any], base: dict[str, torch.Tensor],
+        progress: bool = False) -> Fitted:
+    """One client's local training from ``base``: (a copy of the local state, the training
+    result, the round's generator, the sample count). Seeded from (seed, client id, round)
+    alone, so the same client trains identically in any process and in any order."""
+    model.load_state_dict(base)
+    rs = round_seed(seed, client_id, round_num)
+    generator = torch.Generator().manual_seed(rs)
+    torch.manual_seed(rs + 1_000_000_007)  # dropout draws from the global generator
+    if indices is not None:
+        images, labels = images[indices], labels[indices]
+    result = train(model, images, labels, epochs=int(config["epochs"]), lr=float(config["lr"]),
+                   batch_size=int(config["batch_size"]), generator=generator,
+                   augment=bool(config.get("augment", True)), hflip=bool(config.get("hflip", False)),
+                   progress=progress, desc=f"round {round_num}",
+                   mu=float(config.get("mu", 0.0)))  # FedProx's proximal term, when asked for
+    local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return local, result, generator, len(labels)
 
 
 def train_metrics(result: Any) -> dict[str, float]:

@@ -12,9 +12,9 @@ the four stages of ``secagg.SecAggClient`` on its connection instead of sending 
 shares routed to it arrive. So a client that drops out before training costs the others
 nothing, and the model-sized masked vector exists only between training and sending. In
 ``worker.py`` the stages run on each client's own thread without the training lock, and
-only "train, clip, encode, mask" takes the lock and the training thread, so the hosted
-clients train one after another as in plain rounds while all of them take part in the
-key stages together.
+only "train, clip, encode, mask" takes a slot of the host's lock, so the hosted clients
+train as in plain rounds (one at a time, or one per process of a ``TrainerPool``) while
+all of them take part in the key stages together.
 
 **Clipping**: the delta (local floats minus the model received) is clipped to the L2 norm
 the server asks for (``--clip-norm``, and the DP clip norm ``dp_clip_norm`` under
@@ -107,8 +107,10 @@ class SecAggSession:
             routed = self.receive(SHARE_KEYS)
             if isinstance(routed, str):
                 return self.left(routed)
-            with p.host.lock:  # one client of this process at a time trains
-                x, body, result = p.host.compute(self.masked_input, client, routed)
+            with p.host.lock:  # as many clients of this process train at once as it has models
+                fitted = p.host.fit(p, self.round, self.config, self.base)
+                x, body, result = p.host.compute(self.masked_input, client, routed, fitted)
+                del fitted
             self.before_masked(x, body)
             del x
             self.conn.send(MsgType.SECAGG, body)
@@ -145,12 +147,13 @@ class SecAggSession:
             raise Done(str(msg.body.get("reason", "done")))
         return decode_server(msg.body, stage)
 
-    def masked_input(self, client: SecAggClient, routed: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any], Any]:
-        """Train, clip, encode and mask; on the host's training thread. (x, body, result)."""
+    def masked_input(self, client: SecAggClient, routed: dict[str, Any],
+                     fitted: tuple[dict[str, torch.Tensor], Any, Any, int]) -> tuple[torch.Tensor, dict[str, Any], Any]:
+        """Clip, encode and mask the trained model; on the host's training thread. (x, body, result)."""
         from participant import train_metrics  # noqa: PLC0415 - participant imports this module
 
-        p, s = self.participant, self.settings
-        local, result, _, num_samples = p._fit(self.round, self.config, self.base)
+        s = self.settings
+        local, result, _, num_samples = fitted
         floats, ints = self.layout.flatten(local)
         delta = floats - self.layout.flatten(self.base)[0]
         del local, floats

@@ -1,4 +1,4 @@
-"""Run a whole federation: one server and N clients hosted by W worker processes.
+"""Run a whole federation: one server and N clients trained by W worker processes.
 
     python simulate.py --clients 3 --rounds 3 [--quantization] [--partition dirichlet]
     python simulate.py --clients 100 --fraction 0.1 --rounds 20 --partition shards
@@ -6,9 +6,10 @@
 
 Every client is a real client of the server (its own connection and handshake), hosted
 by a ``worker.py`` process that holds torch, the data and one model once for all of its
-clients. Workers are local processes (``--engine process``, the default) or Ray actors
-(``--engine ray``) placed on a local Ray or an existing cluster; the server is the same
-either way. Flags this launcher does not know go to ``server.py`` unchanged
+clients. Locally (``--engine process``, the default) one worker holds every connection and
+trains on W processes, each sampled client on whichever is free (``hosting``); with
+``--engine ray`` W Ray actors on a local Ray or an existing cluster each host and train a
+share of the clients. The server is the same either way. Flags this launcher does not know go to ``server.py`` unchanged
 (``--strategy fedadam --server-lr 0.01``, ``--round-timeout 60``...).
 
 Picks a free port, shares the CPU cores between the workers, shows the server's progress,
@@ -64,6 +65,18 @@ def split_clients(clients: int, workers: int) -> list[list[int]]:
     return out
 
 
+def hosting(clients: int, workers: int) -> tuple[list[list[int]], int]:
+    """Which clients each worker process hosts, and on how many training processes.
+
+    When a worker would host more than one client, ONE worker holds every connection and
+    trains on ``workers`` processes (or Ray actors), each sampled client on whichever is free
+    (``trainer_pool.py``). Split into fixed halves instead, 10 sampled clients of 100 fall 6
+    and 4 (or worse) more often than 5 and 5, and the round waits for the busier half."""
+    if workers < clients:
+        return [list(range(clients))], workers
+    return split_clients(clients, workers), 1
+
+
 def id_spec(ids: list[int]) -> str:
     """worker.py's --client-ids form of a contiguous or scattered id list."""
     runs: list[list[int]] = []
@@ -106,8 +119,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     fl.add_argument("--seed", type=int, default=0, help="seed for the model, the split and training")
     run = p.add_argument_group("workers")
     run.add_argument("--workers", type=int, default=None,
-                     help="worker processes hosting the clients (default: one per core, or one per client "
-                          "when there are at most two clients per core)")
+                     help="processes that train the clients (default: one per core, or one per client when "
+                          "there are at most two clients per core); locally they are one worker's training "
+                          "processes, each sampled client trained by whichever is free; under Ray, actors "
+                          "that each host and train a share of the clients")
     run.add_argument("--engine", choices=("process", "ray"), default="process",
                      help="workers as local processes, or as Ray actors (pip install -r requirements-ray.txt)")
     run.add_argument("--ray-address", default=None,
@@ -172,11 +187,14 @@ def build_commands(args: argparse.Namespace, server_extra: list[str], port: int,
     server += server_extra  # last, so an explicit server flag wins over the launcher's choice
     quantized = args.clients if args.quantization else (args.quantized_clients or 0)
     threads = threads_per_worker(workers, cores)
+    groups, trainers = hosting(args.clients, workers)
     worker_args = []
-    for ids in split_clients(args.clients, workers):
+    for ids in groups:
         cmd = ["--client-ids", id_spec(ids), "--num-clients", str(args.clients),
                "--port", str(port), "--partition", args.partition, "--alpha", str(args.alpha),
                "--seed", str(args.seed), "--threads", str(threads), "--device", args.device, "--no-progress"] + data
+        if trainers > 1:
+            cmd += ["--trainers", str(trainers)]
         if args.connect_host:
             cmd += ["--host", args.connect_host]
         q = [i for i in ids if i < quantized]
@@ -215,7 +233,12 @@ class ProcessEngine:
     def describe(self) -> str:
         return "local processes"
 
-    def start(self, worker_args: list[list[str]], run_env: dict[str, str], log_paths: list[Path]) -> None:
+    def trainers(self) -> str:
+        return "processes"
+
+    def start(self, worker_args: list[list[str]], run_env: dict[str, str], log_paths: list[Path],
+              trainers: int = 1) -> None:
+        """``trainers``: what worker.py's --trainers (in ``worker_args``) already asks for."""
         env = dict(os.environ, **run_env)
         for argv, path in zip(worker_args, log_paths):
             log = open(path, "w")
@@ -247,8 +270,9 @@ class ProcessEngine:
 
 
 class RayEngine:
-    """Workers as Ray actors (one CPU each), on a local Ray or an existing cluster. Each
-    actor runs worker.py's main loop and connects back to the server's host:port."""
+    """Workers as Ray actors, on a local Ray or an existing cluster. A worker actor runs
+    worker.py's main loop and connects back to the server's host:port; when it hosts many
+    clients it trains them on ``RayTrainer`` actors (one CPU each) wherever Ray places them."""
 
     def __init__(self, address: str | None, workers: int) -> None:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from a simulation
@@ -265,7 +289,6 @@ class RayEngine:
         else:  # ship this folder's code to the nodes (what .gitignore lists stays here)
             ray.init(address=address, runtime_env={"working_dir": str(HERE), "excludes": ["bench/", "docs/", "tests/"]},
                      **kwargs)
-        self.actor_class = ray.remote(num_cpus=1)(RayWorker)
         self.actors: list[Any] = []
         self.refs: list[Any] = []
         self.status: dict[int, int] = {}
@@ -276,12 +299,25 @@ class RayEngine:
     def node_ip(self) -> str:
         return self.ray.util.get_node_ip_address()
 
-    def start(self, worker_args: list[list[str]], run_env: dict[str, str], log_paths: list[Path]) -> None:
-        """``run_env`` (the secret) travels as an argument: never on a command line."""
+    def trainers(self) -> str:
+        return "Ray actors"
+
+    def start(self, worker_args: list[list[str]], run_env: dict[str, str], log_paths: list[Path],
+              trainers: int = 1) -> None:
+        """``run_env`` (the secret) travels as an argument: never on a command line. With
+        ``trainers`` > 1 the one worker holds connections only (no CPU reserved) and trains
+        on that many trainer actors."""
+        ray = self.ray
+        argv = worker_args[0]
+        setup = [argv[argv.index(f) + 1] if f in argv else None for f in ("--data-dir", "--device", "--threads")]
+        trainer_actors = [ray.remote(num_cpus=1)(RayTrainer).remote(*setup, run_env) for _ in range(trainers)] \
+            if trainers > 1 else []
+        self.actors += trainer_actors
+        worker_class = ray.remote(num_cpus=0 if trainer_actors else 1)(RayWorker)
         for argv, path in zip(worker_args, log_paths):
-            actor = self.actor_class.remote()
+            actor = worker_class.remote()
             self.actors.append(actor)
-            self.refs.append(actor.run.remote(argv + ["--log-file", str(path)], run_env))
+            self.refs.append(actor.run.remote(argv + ["--log-file", str(path)], run_env, trainer_actors))
 
     def _collect(self, timeout: float) -> None:
         pending = [r for i, r in enumerate(self.refs) if i not in self.status]
@@ -323,11 +359,29 @@ class RayWorker:
     """A Ray actor's body: worker.py's main loop, in the actor's own process. Defined here,
     importing worker (and torch) only inside the actor, so the launcher stays small."""
 
-    def run(self, argv: list[str], run_env: dict[str, str]) -> int:
+    def run(self, argv: list[str], run_env: dict[str, str], trainers: list[Any]) -> int:
         os.environ.update(run_env)
         import worker
 
-        return worker.main(argv)
+        return worker.main(argv, trainers or None)
+
+
+class RayTrainer:
+    """A Ray actor's body: one training process of a worker (``trainer_pool``), one thread."""
+
+    def __init__(self, data_dir: str | None, device: str | None, threads: str | None, run_env: dict[str, str]) -> None:
+        os.environ.update(run_env)
+        import trainer_pool
+        from data import resolve_data_dir
+        from participant import pick_device
+
+        trainer_pool.start_trainer(str(resolve_data_dir(data_dir)), True, str(pick_device(device or "cpu")),
+                                   int(threads or 1))
+
+    def fit(self, *job: Any) -> Any:
+        import trainer_pool
+
+        return trainer_pool.fit_job(*job)
 
 
 def stop_all(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
@@ -377,13 +431,15 @@ def main(argv: list[str] | None = None) -> int:
         server_cmd, worker_args = build_commands(args, server_extra, port, out)
         run_env = {"FL_SECRET": args.secret or os.urandom(16).hex(), "PYTHONUNBUFFERED": "1"}
         log_paths = [out / f"worker-{i}.log" for i in range(len(worker_args))]
-        sizes = sorted({len(split) for split in split_clients(args.clients, len(worker_args))})
-        print(f"run folder: {out}\nserver on {listen}:{port}, {args.clients} clients in {len(worker_args)} "
-              f"workers ({engine.describe()}; {'-'.join(map(str, sizes))} clients each), {args.rounds} rounds"
+        groups, trainers = hosting(args.clients, workers)
+        sizes = sorted({len(ids) for ids in groups})
+        where = (f"1 worker training on {trainers} {engine.trainers()}" if trainers > 1 else
+                 f"{len(groups)} workers ({engine.describe()}; {'-'.join(map(str, sizes))} clients each)")
+        print(f"run folder: {out}\nserver on {listen}:{port}, {args.clients} clients in {where}, {args.rounds} rounds"
               f"{'' if args.fraction is None else f', fraction {args.fraction}'}; worker logs: {out}/worker-<i>.log",
               file=sys.stderr)
         server = subprocess.Popen(server_cmd, env=dict(os.environ, **run_env))
-        engine.start(worker_args, run_env, log_paths)
+        engine.start(worker_args, run_env, log_paths, trainers)
         while server.poll() is None:
             failed = engine.poll()
             if failed is not None:

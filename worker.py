@@ -7,9 +7,12 @@ authenticated handshake, the same MODEL/UPDATE messages (and 8-bit option) as
 ``client.py``, which runs the same ``participant.Participant``. What the process holds
 once is what makes a client process cost ~0.9 GB: torch, the MNIST training set (each
 client keeps only its shard's indices into it) and ONE model. The clients the server
-samples in a round train one after another under a lock; the others block in poll() on
-their sockets. Each client's training is seeded from (seed, client id, round), so a
-virtual client trains exactly as the same client in a process of its own would.
+samples in a round train one after another under a lock, or with ``--trainers N`` on N
+training processes, each client on whichever is free (``trainer_pool.py``); the others
+block in poll() on their sockets. Each client's training is seeded from (seed, client id,
+round), so a virtual client trains exactly as the same client in a process of its own would.
+
+    python worker.py --client-ids 0-99 --num-clients 100 --trainers 2
 
 The worker exits 0 when every hosted client has been told DONE, and as soon as any of
 them fails (unreachable server, refused secret, protocol error) with that client's status.
@@ -24,6 +27,7 @@ import ssl
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +41,7 @@ from participant import (
     check_client_arguments,
     pick_device,
 )
+from trainer_pool import RayTrainers, TrainerPool
 
 log = logging.getLogger("worker")
 
@@ -77,6 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fl.add_argument("--client-ids", required=True, help="the clients this worker hosts, e.g. 0-49 or 0-9,20-29")
     fl.add_argument("--quantize-ids", default=None,
                     help="only these hosted clients send 8-bit updates (default: all with --quantization, else none)")
+    groups["run"].add_argument("--trainers", type=int, default=1,
+                               help="train the sampled clients on this many processes, each client on whichever "
+                                    "is free (trainer_pool.py); 1: on this process, one after another")
     groups["run"].add_argument("--log-file", default=None, help="also write the log to this file")
     p.set_defaults(threads=1, device="cpu")
     args = p.parse_args(argv)
@@ -86,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.quantize_ids = set(parse_ids(args.quantize_ids)) if args.quantize_ids else set()
     except ValueError as exc:
         p.error(str(exc))
+    if args.trainers < 1:
+        p.error(f"--trainers must be at least 1, got {args.trainers}")
     out_of_range = [i for i in args.client_ids if i >= args.num_clients]
     if out_of_range:
         p.error(f"--client-ids {format_ids(out_of_range)} out of range for --num-clients {args.num_clients} "
@@ -96,8 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class Worker:
     """The hosted participants, each served by its own thread."""
 
-    def __init__(self, participants: list[Participant]) -> None:
-        self.participants = participants
+    def __init__(self, participants: list[Participant], host: Host) -> None:
+        self.participants, self.host = participants, host
         self.done: queue.Queue[tuple[int, int]] = queue.Queue()
         self.threads = [threading.Thread(target=self._run, args=(p,), name=f"client-{p.client_id}", daemon=True)
                         for p in participants]
@@ -113,6 +123,13 @@ class Worker:
 
     def run(self) -> int:
         """Start every client; 0 once all are done, else the first failure's status."""
+        try:
+            return self._serve()
+        finally:
+            if isinstance(self.host, TrainerPool):  # RayTrainers' actors belong to the launcher
+                self.host.close()
+
+    def _serve(self) -> int:
         for t in self.threads:
             t.start()
         left = len(self.threads)
@@ -128,14 +145,24 @@ class Worker:
         return 0
 
 
-def build(args: argparse.Namespace) -> Worker:
-    """Load the data once, derive the hosted clients' shards, share one model among them.
+def build(args: argparse.Namespace, ray_trainers: list[Any] | None = None) -> Worker:
+    """Load the data once, derive the hosted clients' shards, share one model among them
+    (or train on --trainers processes, or on ``ray_trainers`` actors).
     Raises DataError/ValueError (bad data or split), OSError/ssl.SSLError (bad --tls-ca)."""
     device = pick_device(args.device)
     images, labels = load_mnist(resolve_data_dir(args.data_dir), train=True, download=not args.no_download)
     parts = partition(labels, args.num_clients, args.partition, args.alpha, args.seed)
     config = ClientConfig.from_args(args)
-    host = Host(images, labels, device)
+    host: Host
+    if ray_trainers:  # the data stays in the training processes; this one keeps the shards' indices
+        host = RayTrainers(ray_trainers, device)
+        del images
+    elif args.trainers > 1:
+        host = TrainerPool(args.trainers, str(resolve_data_dir(args.data_dir)), not args.no_download, device,
+                                 args.threads)
+        del images
+    else:
+        host = Host(images, labels, device)
     participants = []
     for cid in args.client_ids:
         idx = subset(parts[cid], args.limit, args.seed * 1009 + cid)
@@ -143,10 +170,11 @@ def build(args: argparse.Namespace) -> Worker:
         cfg = dataclasses.replace(config, quantization=quantize) if quantize != config.quantization else config
         participants.append(Participant(cid, host, cfg, indices=idx.clone(), log_prefix=f"client {cid}: "))
     del parts
-    return Worker(participants)
+    return Worker(participants, host)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, ray_trainers: list[Any] | None = None) -> int:
+    """``ray_trainers``: Ray actor handles to train on (``simulate.py --engine ray``)."""
     args = parse_args(argv)
     setup_logging(args.quiet, args.verbose)
     if args.log_file:
@@ -156,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().addHandler(handler)
     torch.set_num_threads(args.threads)
     try:
-        worker = build(args)
+        worker = build(args, ray_trainers)
     except (DataError, ValueError) as exc:
         log.error("%s", exc)
         return 2
@@ -165,9 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n = len(worker.participants)
     samples = sum(p.num_samples for p in worker.participants)
-    log.info("hosting %d clients (%s of %d), %d samples (%s split), %d torch thread(s), device %s",
-             n, format_ids(args.client_ids), args.num_clients, samples, args.partition, args.threads,
-             worker.participants[0].host.device if n else "-")
+    log.info("hosting %d clients (%s of %d), %d samples (%s split), training on %s, %d torch thread(s) each, "
+             "device %s", n, format_ids(args.client_ids), args.num_clients, samples, args.partition,
+             f"{len(ray_trainers)} Ray actors" if ray_trainers else
+             f"{args.trainers} processes" if args.trainers > 1 else "this process", args.threads,
+             worker.host.device)
     return worker.run()
 
 

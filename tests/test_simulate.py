@@ -32,16 +32,23 @@ def test_default_workers_and_split():
     assert simulate.threads_per_worker(1, 4) == 4
 
 
-def test_hundred_clients_on_two_workers():
+def test_hundred_clients_train_on_two_processes_of_one_worker():
+    """Locally, one worker holds every connection and trains on a pool: an uneven sample
+    cannot leave a core idle."""
     server, workers = commands("--clients", "100", "--fraction", "0.1", "--rounds", "5", "--quantized-clients", "60")
     assert flag(server, "--min-clients") == "100" and int(flag(server, "--max-connections")) >= 100 + 32
     assert flag(server, "--fraction") == "0.1" and flag(server, "--rounds") == "5"
-    assert len(workers) == 2
-    assert [flag(w, "--client-ids") for w in workers] == ["0-49", "50-99"]
-    assert [flag(w, "--quantize-ids") for w in workers] == ["0-49", "50-59"]
-    assert all(flag(w, "--num-clients") == "100" and flag(w, "--port") == "9999" for w in workers)
-    assert all(flag(w, "--threads") == "1" for w in workers)
+    assert len(workers) == 1 and flag(workers[0], "--trainers") == "2"
+    assert flag(workers[0], "--client-ids") == "0-99" and flag(workers[0], "--quantize-ids") == "0-59"
+    assert flag(workers[0], "--num-clients") == "100" and flag(workers[0], "--port") == "9999"
+    assert flag(workers[0], "--threads") == "1"  # per training process: two on two cores
     assert "--host" not in workers[0]  # the worker's default, 127.0.0.1
+
+
+def test_hosting():
+    assert simulate.hosting(100, 4) == ([list(range(100))], 4)
+    assert simulate.hosting(3, 3) == ([[0], [1], [2]], 1)  # a worker per client: nothing to balance
+    assert simulate.hosting(2, 2) == ([[0], [1]], 1)
 
 
 def test_quickstart_is_a_worker_per_client():
@@ -84,7 +91,7 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_launcher_twelve_clients_on_two_workers(tmp_path, synthetic_mnist_dir):
+def test_launcher_twelve_clients_on_two_training_processes(tmp_path, synthetic_mnist_dir):
     out = tmp_path / "run"
     r = run("simulate.py", "--clients", 12, "--workers", 2, "--rounds", 1, "--limit", 20, "--test-limit", 100,
             "--partition", "shards", "--quantized-clients", 3, "--data-dir", synthetic_mnist_dir, "--out", out,
@@ -92,10 +99,10 @@ def test_launcher_twelve_clients_on_two_workers(tmp_path, synthetic_mnist_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     (m,) = read_metrics(out / "metrics.jsonl")
     assert sorted(c["client_id"] for c in m["per_client"]) == list(range(12)) and m["quantized"] == 3
-    assert "12 clients in 2 workers (local processes; 6 clients each)" in r.stderr
-    for i, ids in enumerate(("0-5", "6-11")):
-        log = (out / f"worker-{i}.log").read_text()
-        assert f"hosting 6 clients ({ids} of 12)" in log and log.count("server says") == 6
+    assert "12 clients in 1 worker training on 2 processes" in r.stderr
+    log = (out / "worker-0.log").read_text()
+    assert "hosting 12 clients (0-11 of 12)" in log and "training on 2 processes" in log
+    assert log.count("server says") == 12 and not (out / "worker-1.log").exists()
 
 
 def test_launcher_server_failure_stops_the_workers(tmp_path, synthetic_mnist_dir):

@@ -1,0 +1,81 @@
+"""trainer_pool.TrainerPool: clients trained on other processes, whichever is free, send
+exactly the updates they would send training in the worker itself."""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+import participant
+from data import load_mnist
+from model import ImprovedCNN
+from test_worker import model_msg, serve_one
+from trainer_pool import TrainerPool
+
+
+def updates_of(host: participant.Host, clients: dict[int, participant.ClientConfig], state: dict,
+               concurrently: bool) -> dict[int, list[dict]]:
+    """Each client's UPDATE bodies for two rounds (the second an 8-bit broadcast-free MODEL)."""
+    out: dict[int, list[dict]] = {}
+
+    def one(cid: int) -> None:
+        p = participant.Participant(cid, host, clients[cid], indices=torch.arange(cid, 60, len(clients)))
+        out[cid], _ = serve_one(p, [model_msg(1, state, 1), model_msg(2, state, 2, epochs=2)])
+
+    threads = [threading.Thread(target=one, args=(cid,)) for cid in clients]
+    for t in threads:
+        t.start()
+        if not concurrently:
+            t.join()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_pooled_clients_send_the_updates_they_would_train_locally(synthetic_mnist_dir):
+    images, labels = load_mnist(synthetic_mnist_dir, train=True, download=False)
+    state = {k: v.clone() for k, v in ImprovedCNN().state_dict().items()}
+    clients = {0: participant.ClientConfig(seed=3, progress=False),
+               1: participant.ClientConfig(seed=3, progress=False, quantization=True, stochastic_rounding=True),
+               2: participant.ClientConfig(seed=3, progress=False)}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the pool's processes: another thread count sums in another order
+    try:
+        local = updates_of(participant.Host(images, labels, torch.device("cpu")), clients, state, concurrently=False)
+    finally:
+        torch.set_num_threads(threads)
+    pool = TrainerPool(2, str(synthetic_mnist_dir), False, torch.device("cpu"))
+    try:
+        pooled = updates_of(pool, clients, state, concurrently=True)  # three clients on two processes
+        pids = set(pool.executor.submit(_pid).result() for _ in range(8))
+    finally:
+        pool.close()
+    assert len(pids) >= 1 and all(pid != _pid() for pid in pids)  # trained elsewhere
+    for cid in clients:
+        for got, want in zip(pooled[cid], local[cid], strict=True):
+            assert got["num_samples"] == want["num_samples"] == 20
+            # 8-bit with stochastic rounding draws from the generator the training left behind
+            assert got["quantized"] == (cid == 1) and same(got, want)
+    assert not torch.equal(pooled[0][0]["flat"]["float"], pooled[2][0]["flat"]["float"])  # distinct clients
+
+
+def test_a_pool_holds_one_slot_per_process():
+    pool = TrainerPool.__new__(TrainerPool)
+    participant.Host.__init__(pool, None, None, torch.device("cpu"), slots=2)
+    assert pool.lock.acquire(blocking=False) and pool.lock.acquire(blocking=False)
+    assert not pool.lock.acquire(blocking=False)  # a third client waits for a free process
+
+
+def same(a: object, b: object) -> bool:
+    """Equal structure and values, tensors bit for bit (metrics' times aside)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a if k not in ("train_s", "samples_per_s"))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
