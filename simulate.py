@@ -378,6 +378,9 @@ class RayTrainer:
         trainer_pool.start_trainer(str(resolve_data_dir(data_dir)), True, str(pick_device(device or "cpu")),
                                    int(threads or 1))
 
+    def ready(self) -> bool:
+        return True
+
     def fit(self, *job: Any) -> Any:
         import trainer_pool
 

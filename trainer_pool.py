@@ -20,8 +20,10 @@ can deadlock.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import torch
@@ -41,6 +43,14 @@ class TrainerPool(Host):
         self.processes = processes
         self.executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=start_trainer, initargs=(data_dir, download, str(device), threads))
+        # Start every process now (each imports torch and loads MNIST), so the first round
+        # does not wait for them and a process that cannot start fails the worker here.
+        try:
+            for started in [self.executor.submit(os.getpid) for _ in range(processes)]:
+                started.result()
+        except BrokenProcessPool:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            raise RuntimeError("a training process failed to start (its error is above)") from None
 
     def fit(self, participant: Participant, round_num: int, config: dict[str, Any],
             base: dict[str, torch.Tensor]) -> Fitted:
@@ -64,6 +74,10 @@ class RayTrainers(Host):
         self.idle: queue.SimpleQueue[Any] = queue.SimpleQueue()  # never waits: a slot of lock is held
         for actor in actors:
             self.idle.put(actor)
+        try:  # wait for every actor to have loaded the data, as TrainerPool does
+            ray.get([actor.ready.remote() for actor in actors])
+        except ray.exceptions.RayError as exc:
+            raise RuntimeError(f"a Ray training actor failed to start: {str(exc).strip().splitlines()[0]}") from None
 
     def fit(self, participant: Participant, round_num: int, config: dict[str, Any],
             base: dict[str, torch.Tensor]) -> Fitted:

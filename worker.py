@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None, ray_trainers: list[Any] | None = None) -
     torch.set_num_threads(args.threads)
     try:
         worker = build(args, ray_trainers)
-    except (DataError, ValueError) as exc:
+    except (DataError, ValueError, RuntimeError) as exc:  # RuntimeError: a training process did not start
         log.error("%s", exc)
         return 2
     except (OSError, ssl.SSLError) as exc:

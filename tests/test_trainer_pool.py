@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 import participant
@@ -57,6 +58,11 @@ def test_pooled_clients_send_the_updates_they_would_train_locally(synthetic_mnis
             # 8-bit with stochastic rounding draws from the generator the training left behind
             assert got["quantized"] == (cid == 1) and same(got, want)
     assert not torch.equal(pooled[0][0]["flat"]["float"], pooled[2][0]["flat"]["float"])  # distinct clients
+
+
+def test_a_pool_whose_processes_cannot_load_the_data_fails_at_once(tmp_path):
+    with pytest.raises(RuntimeError, match="training process failed to start"):
+        TrainerPool(2, str(tmp_path / "no-mnist-here"), False, torch.device("cpu"))
 
 
 def test_a_pool_holds_one_slot_per_process():
