@@ -37,6 +37,7 @@ from config import ServerConfig
 from data import DataError, load_mnist, resolve_data_dir
 from evaluator import Evaluator, Finished, summary
 from federation import Federation
+from limits import raise_open_files
 from logs import setup_logging
 from model import ImprovedCNN
 from credentials import CredentialError, build_keyring, resolve_secret
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
     setup_logging(config.quiet, config.verbose)
     _limit_malloc_arenas()
+    raise_open_files(config.max_connections + config.max_pending + 64)  # sockets, files, ingest
     if config.threads:
         torch.set_num_threads(config.threads)
     try:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from data import DataError, load_mnist, partition, resolve_data_dir, subset
+from limits import raise_open_files
 from logs import setup_logging
 from participant import (
     ClientConfig,
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None, ray_trainers: list[Any] | None = None) -
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
         logging.getLogger().addHandler(handler)
     torch.set_num_threads(args.threads)
+    raise_open_files(len(args.client_ids) + 64)  # a socket per client, the data files, the pool's pipes
     try:
         worker = build(args, ray_trainers)
     except (DataError, ValueError, RuntimeError) as exc:  # RuntimeError: a training process did not start

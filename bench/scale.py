@@ -14,8 +14,9 @@ the round that first reaches it, beside the paper's Table 2 (CNN, E=5, B=10:
 20 rounds IID, 229 non-IID, to 99%).
 
     python bench/scale.py memory
-    python bench/scale.py paper --partition iid --rounds 40
-    python bench/scale.py paper --partition shards --rounds 150
+    python bench/scale.py paper --partition iid --rounds 20
+    python bench/scale.py paper --partition shards --rounds 150 --extra --strategy fedavgm --server-lr 1 --server-momentum 0.5
+    python bench/scale.py paper --partition iid --rounds 20 --target 0.975 --extra --engine ray   # overhead, engines
 
 The last line is one JSON object.
 """
