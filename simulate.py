@@ -6,11 +6,11 @@
 
 Every client is a real client of the server (its own connection and handshake), hosted
 by a ``worker.py`` process that holds torch, the data and one model once for all of its
-clients. Locally (``--engine process``, the default) one worker holds every connection and
-trains on W processes, each sampled client on whichever is free (``hosting``); with
-``--engine ray`` W Ray actors on a local Ray or an existing cluster each host and train a
-share of the clients. The server is the same either way. Flags this launcher does not know go to ``server.py`` unchanged
-(``--strategy fedadam --server-lr 0.01``, ``--round-timeout 60``...).
+clients. One worker holds every connection and trains on W processes (``--engine process``,
+the default) or W Ray actors on a local Ray or an existing cluster (``--engine ray``), each
+sampled client on whichever is free (``hosting``). The server is the same either way.
+Flags this launcher does not know go to ``server.py`` unchanged (``--strategy fedadam
+--server-lr 0.01``, ``--round-timeout 60``...).
 
 Picks a free port, shares the CPU cores between the workers, shows the server's progress,
 keeps each worker's log in the run folder (``runs/<timestamp>/`` with the metrics, the
@@ -91,7 +91,7 @@ def id_spec(ids: list[int]) -> str:
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """The launcher's flags, and the rest (passed to server.py as they are)."""
     p = argparse.ArgumentParser(
-        description="Run a federation: a server and N clients hosted by W worker processes (or Ray actors). "
+        description="Run a federation: a server and N clients trained by W processes (or Ray actors). "
                     "Flags not listed here are passed to server.py unchanged.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     fl = p.add_argument_group("federation")
@@ -120,9 +120,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     run = p.add_argument_group("workers")
     run.add_argument("--workers", type=int, default=None,
                      help="processes that train the clients (default: one per core, or one per client when "
-                          "there are at most two clients per core); locally they are one worker's training "
-                          "processes, each sampled client trained by whichever is free; under Ray, actors "
-                          "that each host and train a share of the clients")
+                          "there are at most two clients per core): one worker's training processes, or "
+                          "Ray trainer actors, each sampled client trained by whichever is free")
     run.add_argument("--engine", choices=("process", "ray"), default="process",
                      help="workers as local processes, or as Ray actors (pip install -r requirements-ray.txt)")
     run.add_argument("--ray-address", default=None,
