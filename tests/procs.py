@@ -3,6 +3,7 @@ thread that hands its result or exception back to the test."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -91,3 +92,27 @@ class Worker(threading.Thread):
         self.join(timeout)
         assert not self.is_alive(), "worker thread hung"
         return self.error if self.error is not None else self.result
+
+
+def log_of(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def expect_exit(proc: subprocess.Popen, log: Path, timeout: float = 120, code: int = 0) -> None:
+    """Wait for ``proc`` to end with ``code``; on failure, the tail of its log."""
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise AssertionError(f"{log.name} did not exit within {timeout} s:\n{log_of(log)[-3000:]}")
+    assert rc == code, f"{log.name} exited {rc}, expected {code}:\n{log_of(log)[-3000:]}"
+
+
+def refused_counts(text: str) -> dict[str, int]:
+    """The server's refusal lines ("refused N connection(s): n1 why1; n2 why2") added up by reason."""
+    counts: dict[str, int] = {}
+    for detail in re.findall(r"refused \d+ connection\(s\): (.*)", text):
+        for part in detail.split("; "):
+            n, why = part.split(" ", 1)
+            counts[why] = counts.get(why, 0) + int(n)
+    return counts

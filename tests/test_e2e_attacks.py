@@ -24,7 +24,6 @@ import re
 import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 import attacks as A
 import checkpoint as ckpt
 from model import ImprovedCNN
-from procs import client_args, start, stop, wait_for_line
+from procs import client_args, expect_exit, start, stop, wait_for_line
 from protocol import ConnectionClosed, MsgType, RemoteError, encode_payload
 from security import client_tls_context
 
@@ -97,15 +96,6 @@ class Server:
 
     def expect_exit(self, timeout: float = 120) -> None:
         expect_exit(self.proc, self.log, timeout)
-
-
-def expect_exit(proc: subprocess.Popen, log: Path, timeout: float = 120, code: int = 0) -> None:
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        raise AssertionError(f"{log.name} did not exit within {timeout} s:\n{log.read_text(errors='replace')[-3000:]}")
-    assert rc == code, f"{log.name} exited {rc}, expected {code}:\n{log.read_text(errors='replace')[-3000:]}"
 
 
 def honest(server: Server, tls: dict[str, Any], cid: int, data: Path, *secret: object, num: int = 3):

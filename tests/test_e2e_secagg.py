@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import torch
 
 import checkpoint as ckpt
 from layout import Layout
-from procs import server_args, start, stop, wait_for_line
+from procs import expect_exit, log_of, server_args, start, stop, wait_for_line
 from protocol import Connection, MsgType, RemoteError
 from secagg import FixedPoint
 from secagg_server import REFUSAL
@@ -28,10 +27,6 @@ from security import client_handshake
 
 LIMIT = 20  # samples per client: training takes milliseconds
 MASK32 = (1 << 32) - 1
-
-
-def log_of(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def metrics(tmp: Path) -> list[dict]:
@@ -52,15 +47,6 @@ def start_worker(tmp: Path, port: int, ids: str, num: int, data: Path, *extra: o
     args = ["--port", port, "--client-ids", ids, "--num-clients", num, "--data-dir", data, "--no-progress",
             "--no-download", "--limit", LIMIT, *extra]
     return start("tests/secagg_helper.py" if helper else "worker.py", *args, log=log, **env), log
-
-
-def expect_exit(proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        raise AssertionError(f"{log.name} did not exit within {timeout} s:\n{log_of(log)[-3000:]}")
-    assert rc == 0, f"{log.name} exited {rc}:\n{log_of(log)[-3000:]}"
 
 
 def records(folder: Path, ids) -> dict[int, dict]:

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import torch
 
-from procs import client_args, server_args, start, stop, wait_for_line
+from procs import client_args, log_of, refused_counts, server_args, start, stop, wait_for_line
 from protocol import FLAG_TAGGED, Connection, MsgType, encode_header
 from security import client_handshake
 
@@ -66,10 +66,6 @@ def hostile_payloads(marker: Path) -> dict[str, bytes]:
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def log_of(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def start_server(tmp: Path, port: int, data: Path, rounds: int, min_clients: int, *extra: object,
@@ -146,16 +142,6 @@ class FakeClient:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def refused_counts(log_text: str) -> dict[str, int]:
-    """The server's refusal lines ("refused N connection(s): n1 why1; n2 why2") added up by reason."""
-    counts: dict[str, int] = {}
-    for detail in re.findall(r"refused \d+ connection\(s\): (.*)", log_text):
-        for part in detail.split("; "):
-            n, why = part.split(" ", 1)
-            counts[why] = counts.get(why, 0) + int(n)
-    return counts
 
 
 # --- 1 & 7: hostile pickles and garbage connections --------------------------------------

@@ -10,14 +10,13 @@ import json
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import checkpoint as ckpt
-from procs import client_args, server_args, start, stop, wait_for_line
+from procs import client_args, expect_exit, log_of, refused_counts, server_args, start, stop, wait_for_line
 from protocol import Connection, ConnectionClosed, MsgType, RemoteError, encode_body, encode_header
 from security import client_handshake
 
@@ -29,10 +28,6 @@ CLIENT_LIMIT = 500
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def log_of(path: Path) -> str:
-    return path.read_text(errors="replace") if path.exists() else ""
 
 
 def start_server(tmp: Path, port: int, data: Path, rounds: int, min_clients: int, *extra: object,
@@ -48,25 +43,6 @@ def start_client(tmp: Path, port: int, cid: int, num: int, data: Path, *extra: o
                  limit: int = CLIENT_LIMIT):
     log = tmp / f"{name or f'client{cid}'}.log"
     return start("client.py", *client_args(port, cid, num, data, "--limit", limit, *extra), log=log), log
-
-
-def expect_exit(proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    try:
-        rc = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop(proc)
-        raise AssertionError(f"{log.name} did not exit within {timeout} s:\n{log_of(log)[-3000:]}")
-    assert rc == 0, f"{log.name} exited {rc}:\n{log_of(log)[-3000:]}"
-
-
-def refused_counts(text: str) -> dict[str, int]:
-    """The server's refusal lines ("refused N connection(s): n1 why1; n2 why2") added up by reason."""
-    counts: dict[str, int] = {}
-    for detail in re.findall(r"refused \d+ connection\(s\): (.*)", text):
-        for part in detail.split("; "):
-            n, why = part.split(" ", 1)
-            counts[why] = counts.get(why, 0) + int(n)
-    return counts
 
 
 def lines_about(text: str, local_port: int) -> list[str]:
