@@ -130,6 +130,7 @@ class Federation:
         self.view: dict[str, torch.Tensor] | None = None  # what clients hold (--quantize-broadcast)
         self.view_id = 0
         self._variances = [e for e in self.layout.entries if e.name.endswith("running_var")]
+        self._statistics = [e for e in self.layout.entries if e.name.endswith(("running_mean", "running_var"))]
         # Under DP the strategy clips (its sensitivity bound) and nothing may drop an update
         # for its size relative to the others: that decision would depend on other clients.
         wrapped = getattr(strategy, "clips_updates", False)
@@ -362,7 +363,13 @@ class Federation:
             log.error("round %d: the aggregate is not finite; dropping the round and keeping the previous model",
                       rnd.number)
             return None
-        for e in self._variances:  # a server optimizer may step a variance below zero
+        # BatchNorm's running statistics are averaged, not stepped by the server optimizer:
+        # momentum carried the variances below zero, the clamp made them 0, and the next
+        # evaluation divided by sqrt(eps) (test loss 325 with fedavgm, momentum 0.5).
+        for e in self._statistics:
+            span = slice(e.offset, e.offset + e.numel)
+            floats[span] = rnd.base_floats[span].double() + delta[span]
+        for e in self._variances:  # DP noise may still take a variance below zero
             floats[e.offset:e.offset + e.numel].clamp_(min=0)
         ints = (rnd.int_sum / rnd.int_weight).round().to(torch.int64)
         self.global_state = self.layout.unflatten(floats, ints)

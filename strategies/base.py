@@ -11,8 +11,9 @@ minus the weights they trained from), flattened into one float32 vector in the m
 - turns the aggregate into the next global weights (:meth:`Strategy.server_update`, the
   server optimiser: plain ``w + delta`` for FedAvg, momentum or Adam for the others).
 
-Which clients train, the sample-count weighting, norm clipping, validation and the
-integer buffers (BatchNorm's counters) are the server's business, not the strategy's.
+Which clients train, the sample-count weighting, norm clipping, validation and
+BatchNorm's buffers (its counters, and its running statistics, which are averaged rather
+than stepped by a server optimizer) are the server's business, not the strategy's.
 
 A strategy is a dataclass: its fields are its parameters, and ``server.py`` turns every
 field of every strategy into a command-line flag (``server_lr`` -> ``--server-lr``), so
