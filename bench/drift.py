@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # after the repo: bench/secagg.py is not the package
 import checkpoint  # noqa: E402
+from aggregation import fedavg  # noqa: E402
 from common import DEFAULT_DATA  # noqa: E402
 from data import load_mnist, partition, to_float  # noqa: E402
 from model import ImprovedCNN  # noqa: E402
@@ -39,7 +40,7 @@ State = dict[str, torch.Tensor]
 
 
 def mean_state(states: list[State]) -> State:
-    return {k: (sum(s[k].double() for s in states) / len(states)).to(states[0][k].dtype) for k in states[0]}
+    return fedavg([(s, 1) for s in states])  # equal shards: the plain mean
 
 
 def accuracy(state: State, test: tuple[torch.Tensor, torch.Tensor]) -> float:
