@@ -36,6 +36,8 @@ class ServerConfig:
     quantize_broadcast: bool = False
     local_epochs: int = 1
     lr: float = 1e-3
+    client_optimizer: str = "adam"  # training.OPTIMIZERS
+    client_momentum: float = 0.0  # SGD's
     lr_schedule: str = "cosine"
     batch_size: int = 64
     augment: bool = True
@@ -85,7 +87,7 @@ class ServerConfig:
     def training_config(self) -> dict[str, Any]:
         """What every client is told, besides the round's learning rate and the strategy's keys."""
         return {"epochs": self.local_epochs, "batch_size": self.batch_size, "augment": self.augment,
-                "hflip": self.hflip}
+                "hflip": self.hflip, "optimizer": self.client_optimizer, "momentum": self.client_momentum}
 
     def public(self) -> dict[str, Any]:
         """The settings as plain JSON-able values, for the checkpoint (no credentials here)."""

@@ -392,7 +392,8 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indi
                    batch_size=int(config["batch_size"]), generator=generator,
                    augment=bool(config.get("augment", True)), hflip=bool(config.get("hflip", False)),
                    progress=progress, desc=f"round {round_num}",
-                   mu=float(config.get("mu", 0.0)))  # FedProx's proximal term, when asked for
+                   mu=float(config.get("mu", 0.0)),  # FedProx's proximal term, when asked for
+                   optimizer=str(config.get("optimizer", "adam")), momentum=float(config.get("momentum", 0.0)))
     local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return local, result, generator, len(labels)
 

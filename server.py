@@ -44,6 +44,7 @@ from credentials import CredentialError, build_keyring, resolve_secret
 from logs import sanitize
 from security import server_tls_context
 from strategies.base import StrategyError
+from training import OPTIMIZERS
 from transport import FLServer
 
 log = logging.getLogger("server")
@@ -94,7 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--quantize-broadcast", action="store_true",
                     help="send the global model as an 8-bit delta to clients that hold the previous one")
     fl.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round (sent to clients)")
-    fl.add_argument("--lr", type=float, default=d.lr, help="clients' Adam learning rate in round 1")
+    fl.add_argument("--lr", type=float, default=d.lr, help="clients' learning rate in round 1")
+    fl.add_argument("--client-optimizer", choices=OPTIMIZERS, default=d.client_optimizer,
+                    help="clients' optimizer, fresh each round (sgd: the FedAvg paper's; try it on "
+                         "label-skewed shards, with a larger --lr such as 0.05)")
+    fl.add_argument("--client-momentum", type=float, default=d.client_momentum,
+                    help="momentum of the clients' SGD (0: plain SGD, as in the FedAvg paper)")
     fl.add_argument("--lr-schedule", choices=("cosine", "constant"), default=d.lr_schedule,
                     help="cosine decays the learning rate to 0.1x by the last round")
     fl.add_argument("--batch-size", type=int, default=d.batch_size, help="clients' batch size")
@@ -210,6 +216,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
             p.error(f"--dp-delta must be in (0, 1), got {a.dp_delta}")
     elif a.target_epsilon is not None or a.dp_adaptive:
         p.error("--target-epsilon and --dp-adaptive need --dp-noise-multiplier")
+    if not a.lr > 0:
+        p.error(f"--lr must be positive, got {a.lr}")
+    if not 0 <= a.client_momentum < 1:
+        p.error(f"--client-momentum must be in [0, 1), got {a.client_momentum}")
+    if a.client_momentum and a.client_optimizer != "sgd":
+        p.error("--client-momentum needs --client-optimizer sgd")
     if a.target_accuracy is not None and not 0 < a.target_accuracy <= 1:
         p.error(f"--target-accuracy must be in (0, 1], got {a.target_accuracy}")
     config = ServerConfig(
@@ -217,7 +229,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
         max_pending=a.max_pending, max_pending_per_address=a.max_pending_per_address, max_frame_mb=a.max_frame_mb,
         handshake_timeout=a.handshake_timeout, rounds=a.rounds, target_accuracy=a.target_accuracy, min_clients=a.min_clients, min_fit=a.min_fit,
         fraction=a.fraction, round_timeout=a.round_timeout, quantize_broadcast=a.quantize_broadcast,
-        local_epochs=a.local_epochs, lr=a.lr, lr_schedule=a.lr_schedule, batch_size=a.batch_size,
+        local_epochs=a.local_epochs, lr=a.lr, client_optimizer=a.client_optimizer,
+        client_momentum=a.client_momentum, lr_schedule=a.lr_schedule, batch_size=a.batch_size,
         augment=not a.no_augment, hflip=a.hflip, seed=a.seed, strategy=a.strategy, strategy_params=params,
         weighting=a.weighting or ("uniform" if dp else "samples"), clip_norm=a.clip_norm, max_samples=a.max_samples, norm_ratio=a.norm_ratio or None,
         data_dir=a.data_dir, download=not a.no_download, test_limit=a.test_limit, checkpoint=a.checkpoint,

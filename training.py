@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +42,18 @@ def train(
     progress: bool = True,
     desc: str = "train",
     mu: float = 0.0,
+    optimizer: str = "adam",
+    momentum: float = 0.0,
 ) -> TrainResult:
-    """Adam from a fresh state each round: optimizer moments from an old global model
-    would point the wrong way after aggregation.
+    """Adam (or SGD) from a fresh state each round: optimizer moments from an old global
+    model would point the wrong way after aggregation.
+
+    ``optimizer="sgd"`` (with ``momentum``) is the FedAvg paper's client. Its step is
+    ``lr`` times the gradient, so as the learning rate decays the mean of the clients'
+    updates tends to a step along the mean of their gradients, the global objective's.
+    Adam divides each client's gradient by that client's own running scale, so the mean of
+    its updates points elsewhere however small ``lr`` gets: on label-skewed shards a weak
+    pull (a class the shard lacks) moves a weight as far as a strong one.
 
     ``mu`` > 0 is FedProx's local objective (Li et al., 2020): the loss minimised is
     cross-entropy + mu/2 * ||w - w_global||^2, w_global a frozen copy of the model's
@@ -57,7 +66,7 @@ def train(
         raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = client_optimizer(model.parameters(), optimizer, lr, momentum)
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if mu > 0 else None
     model.train()
@@ -77,13 +86,13 @@ def train(
             x, y = to_float(images[idx]), labels[idx]
             if augment:
                 x = augment_batch(x, generator, hflip=hflip)  # draws on the CPU: same on any device
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             out = model(x)
             loss = F.cross_entropy(out, y)
             loss.backward()
             if anchors is not None:
                 add_proximal_gradient(params, anchors, mu)
-            optimizer.step()
+            opt.step()
             loss_sum += loss.detach() * len(y)
             correct += (out.argmax(1) == y).sum()
             if progress and (step % 20 == 19 or step == steps - 1):
@@ -94,6 +103,24 @@ def train(
         bar.close()
     return TrainResult(loss=loss_sum.item() / n, accuracy=correct.item() / n,
                        samples=n * epochs, seconds=time.perf_counter() - start)
+
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def client_optimizer(params: Iterable[torch.Tensor], name: str, lr: float,
+                     momentum: float = 0.0) -> torch.optim.Optimizer:
+    """The clients' optimizer, named in the round's config. ``momentum`` is SGD's (heavy
+    ball, PyTorch's form); Adam keeps its default betas."""
+    if not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    raise ValueError(f"unknown client optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
 
 
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:

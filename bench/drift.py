@@ -68,6 +68,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("--lr", type=float, nargs="+", default=[1e-4, 1e-5])
+    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="the clients' optimizer")
+    p.add_argument("--momentum", type=float, default=0.0, help="SGD's momentum")
     p.add_argument("--repeats", type=int, default=1, help="rounds per learning rate")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     a = p.parse_args()
@@ -82,7 +84,8 @@ def main() -> None:
           f"recomputed over the training set {100 * out['recomputed_statistics']:.2f}%", flush=True)
     model = ImprovedCNN()
     for lr in a.lr:
-        config = {"epochs": 5, "lr": lr, "batch_size": 10, "augment": True}
+        config = {"epochs": 5, "lr": lr, "batch_size": 10, "augment": True, "optimizer": a.optimizer,
+                  "momentum": a.momentum}
         rounds = []
         for r in range(a.repeats):
             sample = random.Random(r).sample(range(100), 10)

@@ -1,4 +1,5 @@
-"""participant.py's pure helpers: client-side DP clipping of the whole state."""
+"""participant.py's pure helpers: client-side DP clipping of the whole state, and the
+training config a client obeys."""
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from layout import Layout
 from model import ImprovedCNN
+import participant
 from participant import clip_delta
 
 
@@ -24,3 +26,23 @@ def test_clip_delta_bounds_the_float_delta_and_keeps_the_counters():
     small = {k: v + 1e-6 if v.is_floating_point() else v for k, v in base.items()}
     unchanged = clip_delta(small, base, 1.0)
     assert all(torch.allclose(unchanged[k], small[k]) for k in small)
+
+
+@pytest.mark.parametrize("sent, expected", [
+    ({}, ("adam", 0.0, 0.0)),  # a server that names no optimizer: Adam, as before the key existed
+    ({"optimizer": "sgd", "momentum": 0.9, "mu": 0.01}, ("sgd", 0.9, 0.01)),
+])
+def test_fit_trains_with_the_optimizer_the_server_named(monkeypatch, sent, expected):
+    seen = {}
+
+    def fake_train(model, images, labels, **kwargs):
+        seen.update(kwargs)
+        return "result"
+
+    monkeypatch.setattr(participant, "train", fake_train)
+    model = torch.nn.Linear(2, 2)
+    config = {"epochs": 1, "lr": 0.05, "batch_size": 4, **sent}
+    participant.fit(model, torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), None,
+                    client_id=3, seed=0, round_num=1, config=config, base=model.state_dict())
+    assert (seen["optimizer"], seen["momentum"], seen["mu"]) == expected
+    assert seen["lr"] == 0.05

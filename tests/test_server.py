@@ -22,6 +22,13 @@ def test_flags_build_a_frozen_config_with_the_strategy_parameters():
     assert "secret" not in str(config.public())
 
 
+def test_the_clients_optimizer_reaches_the_training_config_every_client_is_sent():
+    assert server.parse_args([])[0].training_config()["optimizer"] == "adam"  # the default is unchanged
+    config, _ = server.parse_args(["--client-optimizer", "sgd", "--client-momentum", "0.9", "--lr", "0.05"])
+    sent = config.training_config()
+    assert (sent["optimizer"], sent["momentum"], config.lr) == ("sgd", 0.9, 0.05)
+
+
 def test_every_strategy_is_listed_in_help(capsys):
     with pytest.raises(SystemExit) as exit_:
         server.parse_args(["--help"])
@@ -40,6 +47,10 @@ def test_every_strategy_is_listed_in_help(capsys):
     (["--strategy", "fedavg", "--mu", "0.1"], "--mu is not a parameter of fedavg"),
     (["--clip-norm", "0"], "--clip-norm must be positive"),
     (["--norm-ratio", "0.5"], "--norm-ratio must be > 1"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--client-optimizer", "sgd", "--client-momentum", "1"], "--client-momentum must be in [0, 1)"),
+    (["--client-momentum", "0.9"], "--client-momentum needs --client-optimizer sgd"),
+    (["--client-optimizer", "rmsprop"], "invalid choice"),
 ])
 def test_bad_parameters_are_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -9,7 +9,8 @@ from model import ImprovedCNN
 from torch import nn
 
 import training
-from training import add_proximal_gradient, evaluate, proximal_term, round_lr, train
+from data import to_float
+from training import add_proximal_gradient, client_optimizer, evaluate, proximal_term, round_lr, train
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +150,57 @@ def test_fedprox_refuses_a_bad_mu(data):
     for mu in (-0.1, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="mu"):
             fit(data, mu=mu)
+
+
+def linear_gradient(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
+    """Cross-entropy's gradient for a linear softmax model, in closed form:
+    dW = (softmax(xW^T + b) - onehot(y))^T x / n, db = mean(softmax - onehot)."""
+    err = torch.softmax(x @ w.T + b, dim=1) - F.one_hot(y, 10).double()
+    return err.T @ x / len(y), err.mean(0)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_takes_the_heavy_ball_steps_computed_by_hand(data, momentum):
+    """Two full-batch steps: v1 = g(w0), w1 = w0 - lr v1; v2 = m v1 + g(w1), w2 = w1 - lr v2."""
+    images, labels = data
+    images, labels = images[:40], labels[:40]
+    model, lr = tiny_model(), 0.5
+    w, b = (p.detach().double().clone() for p in model[1].parameters())
+    x = to_float(images).flatten(1).double()
+    velocity = None
+    for _ in range(2):
+        gw, gb = linear_gradient(w, b, x, labels)
+        velocity = (gw, gb) if velocity is None else (momentum * velocity[0] + gw, momentum * velocity[1] + gb)
+        w, b = w - lr * velocity[0], b - lr * velocity[1]
+    train(model, images, labels, epochs=2, lr=lr, batch_size=40, generator=torch.Generator().manual_seed(0),
+          progress=False, augment=False, optimizer="sgd", momentum=momentum)
+    assert torch.allclose(model[1].weight.double(), w, atol=1e-5)
+    assert torch.allclose(model[1].bias.double(), b, atol=1e-5)
+
+
+def test_adam_moves_a_weakly_pulled_weight_by_lr_where_sgd_moves_it_by_lr_times_its_gradient():
+    """Why SGD on label-skewed shards: Adam's first step is lr * g / |g| per coordinate, so
+    an output weight with a vanishing gradient (a class absent from the shard) still moves
+    by lr; SGD moves it by lr * g."""
+    grad = torch.tensor([1.0, 1e-4])
+    steps = {}
+    for name in ("adam", "sgd"):
+        w = torch.zeros(2, requires_grad=True)
+        opt = client_optimizer([w], name, lr=0.01)
+        w.grad = grad.clone()
+        opt.step()
+        steps[name] = -w.detach()
+    assert torch.allclose(steps["adam"], torch.tensor([0.01, 0.01]), rtol=1e-3)  # eps = 1e-8 << 1e-4
+    assert torch.allclose(steps["sgd"], 0.01 * grad)
+
+
+@pytest.mark.parametrize("name, lr, momentum, message", [
+    ("rmsprop", 0.1, 0.0, "unknown client optimizer 'rmsprop'"),
+    ("sgd", 0.0, 0.0, "lr must be"),
+    ("sgd", float("nan"), 0.0, "lr must be"),
+    ("sgd", 0.1, 1.0, "momentum must be"),
+    ("sgd", 0.1, -0.5, "momentum must be"),
+])
+def test_client_optimizer_refuses_bad_settings(name, lr, momentum, message):
+    with pytest.raises(ValueError, match=message):
+        client_optimizer([torch.zeros(1, requires_grad=True)], name, lr, momentum)
