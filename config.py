@@ -39,6 +39,7 @@ class ServerConfig:
     client_optimizer: str = "adam"  # training.OPTIMIZERS
     client_momentum: float = 0.0  # SGD's
     lr_schedule: str = "cosine"
+    freeze_bn_after: int | None = None  # FixBN: from the next round on, BatchNorm uses the global statistics
     batch_size: int = 64
     augment: bool = True
     hflip: bool = False
@@ -84,10 +85,15 @@ class ServerConfig:
     def dp(self) -> bool:
         return self.dp_noise_multiplier is not None
 
-    def training_config(self) -> dict[str, Any]:
+    def bn_frozen(self, round_num: int) -> bool:
+        """Whether BatchNorm's statistics are fixed in this round (FixBN's calibration phase)."""
+        return self.freeze_bn_after is not None and round_num > self.freeze_bn_after
+
+    def training_config(self, round_num: int = 1) -> dict[str, Any]:
         """What every client is told, besides the round's learning rate and the strategy's keys."""
         return {"epochs": self.local_epochs, "batch_size": self.batch_size, "augment": self.augment,
-                "hflip": self.hflip, "optimizer": self.client_optimizer, "momentum": self.client_momentum}
+                "hflip": self.hflip, "optimizer": self.client_optimizer, "momentum": self.client_momentum,
+                "freeze_bn": self.bn_frozen(round_num)}
 
     def public(self) -> dict[str, Any]:
         """The settings as plain JSON-able values, for the checkpoint (no credentials here)."""

@@ -295,7 +295,7 @@ class Federation:
         sampled = sample_clients(connected, cfg.fraction, cfg.min_fit, cfg.seed, number, attempt)
         participants = {cid: connected[cid] for cid in sampled}
         lr = round_lr(cfg.lr, number, cfg.rounds, cfg.lr_schedule)
-        config = {**cfg.training_config(), "lr": lr, **self.strategy.fit_config(number)}
+        config = {**cfg.training_config(number), "lr": lr, **self.strategy.fit_config(number)}
         header = {"round": number, "rounds": cfg.rounds, "config": config,
                   **self.round_extras(number, participants)}
         base, compact = self.broadcast_state()
@@ -366,9 +366,10 @@ class Federation:
         # BatchNorm's running statistics are averaged, not stepped by the server optimizer:
         # momentum carried the variances below zero, the clamp made them 0, and the next
         # evaluation divided by sqrt(eps) (test loss 325 with fedavgm, momentum 0.5).
+        frozen = self.config.bn_frozen(rnd.number)  # FixBN: the statistics stay the global ones
         for e in self._statistics:
             span = slice(e.offset, e.offset + e.numel)
-            floats[span] = rnd.base_floats[span].double() + delta[span]
+            floats[span] = rnd.base_floats[span].double() + (0 if frozen else delta[span])
         for e in self._variances:  # DP noise may still take a variance below zero
             floats[e.offset:e.offset + e.numel].clamp_(min=0)
         ints = (rnd.int_sum / rnd.int_weight).round().to(torch.int64)

@@ -393,8 +393,11 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indi
                    augment=bool(config.get("augment", True)), hflip=bool(config.get("hflip", False)),
                    progress=progress, desc=f"round {round_num}",
                    mu=float(config.get("mu", 0.0)),  # FedProx's proximal term, when asked for
-                   optimizer=str(config.get("optimizer", "adam")), momentum=float(config.get("momentum", 0.0)))
-    local = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+                   optimizer=str(config.get("optimizer", "adam")), momentum=float(config.get("momentum", 0.0)),
+                   freeze_bn=bool(config.get("freeze_bn", False)))
+    # A copy even on the CPU (where .cpu() would alias the model's own tensors): the next
+    # client trained on this model must not change what this one returns.
+    local = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     return local, result, generator, len(labels)
 
 

@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "label-skewed shards, with a larger --lr such as 0.05)")
     fl.add_argument("--client-momentum", type=float, default=d.client_momentum,
                     help="momentum of the clients' SGD (0: plain SGD, as in the FedAvg paper)")
+    fl.add_argument("--freeze-bn-after", type=int, default=None, metavar="ROUND",
+                    help="FixBN (Zhong et al., ICML 2024): after this round, clients' BatchNorm layers "
+                         "normalise with the global model's running statistics, which then stay fixed "
+                         "(for label-skewed shards, whose batches see only a few classes; 0: from the start)")
     fl.add_argument("--lr-schedule", choices=("cosine", "constant"), default=d.lr_schedule,
                     help="cosine decays the learning rate to 0.1x by the last round")
     fl.add_argument("--batch-size", type=int, default=d.batch_size, help="clients' batch size")
@@ -218,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
         p.error("--target-epsilon and --dp-adaptive need --dp-noise-multiplier")
     if not a.lr > 0:
         p.error(f"--lr must be positive, got {a.lr}")
+    if a.freeze_bn_after is not None and a.freeze_bn_after < 0:
+        p.error(f"--freeze-bn-after must be >= 0, got {a.freeze_bn_after}")
     if not 0 <= a.client_momentum < 1:
         p.error(f"--client-momentum must be in [0, 1), got {a.client_momentum}")
     if a.client_momentum and a.client_optimizer != "sgd":
@@ -230,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
         handshake_timeout=a.handshake_timeout, rounds=a.rounds, target_accuracy=a.target_accuracy, min_clients=a.min_clients, min_fit=a.min_fit,
         fraction=a.fraction, round_timeout=a.round_timeout, quantize_broadcast=a.quantize_broadcast,
         local_epochs=a.local_epochs, lr=a.lr, client_optimizer=a.client_optimizer,
-        client_momentum=a.client_momentum, lr_schedule=a.lr_schedule, batch_size=a.batch_size,
+        client_momentum=a.client_momentum, freeze_bn_after=a.freeze_bn_after, lr_schedule=a.lr_schedule, batch_size=a.batch_size,
         augment=not a.no_augment, hflip=a.hflip, seed=a.seed, strategy=a.strategy, strategy_params=params,
         weighting=a.weighting or ("uniform" if dp else "samples"), clip_norm=a.clip_norm, max_samples=a.max_samples, norm_ratio=a.norm_ratio or None,
         data_dir=a.data_dir, download=not a.no_download, test_limit=a.test_limit, checkpoint=a.checkpoint,

@@ -44,6 +44,7 @@ def train(
     mu: float = 0.0,
     optimizer: str = "adam",
     momentum: float = 0.0,
+    freeze_bn: bool = False,
 ) -> TrainResult:
     """Adam (or SGD) from a fresh state each round: optimizer moments from an old global
     model would point the wrong way after aggregation.
@@ -61,7 +62,14 @@ def train(
     mu * (w - w_global), is added to the gradients after ``backward()`` (two fused calls
     per step) rather than built into the autograd graph: the same update, without the
     graph's cost (a loss-side term made a CPU step ~15% slower here). The reported loss stays the cross-entropy,
-    comparable across strategies. mu = 0 runs the plain loop (no copy, no extra work)."""
+    comparable across strategies. mu = 0 runs the plain loop (no copy, no extra work).
+
+    ``freeze_bn`` is FixBN's calibration phase (Zhong, Chen & Chao, ICML 2024): BatchNorm
+    normalises with the global running statistics the model arrived with, and leaves them
+    as they are, instead of with the batch's. On a shard of two digits the batch statistics
+    are two digits' statistics, so a client would otherwise fit its weights to a
+    normalisation the global model never sees at test time. The scales and shifts still
+    train; dropout still drops."""
     if not 0 <= mu < math.inf:
         raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
     device = next(model.parameters()).device
@@ -70,6 +78,10 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in params] if mu > 0 else None
     model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     n = len(labels)
     steps = math.ceil(n / batch_size)
     start = time.perf_counter()

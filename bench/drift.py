@@ -70,6 +70,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, nargs="+", default=[1e-4, 1e-5])
     p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="the clients' optimizer")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD's momentum")
+    p.add_argument("--freeze-bn", action="store_true", help="FixBN: clients normalise with the global statistics")
     p.add_argument("--repeats", type=int, default=1, help="rounds per learning rate")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     a = p.parse_args()
@@ -85,7 +86,7 @@ def main() -> None:
     model = ImprovedCNN()
     for lr in a.lr:
         config = {"epochs": 5, "lr": lr, "batch_size": 10, "augment": True, "optimizer": a.optimizer,
-                  "momentum": a.momentum}
+                  "momentum": a.momentum, "freeze_bn": a.freeze_bn}
         rounds = []
         for r in range(a.repeats):
             sample = random.Random(r).sample(range(100), 10)

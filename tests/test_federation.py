@@ -10,6 +10,7 @@ import torch
 import strategies
 from aggregation import fedavg
 from config import ServerConfig
+from protocol import decode_payload
 from federation import Federation, Session, Stop
 from layout import Layout
 from model import ImprovedCNN
@@ -228,6 +229,33 @@ def test_running_statistics_are_averaged_while_the_server_optimizer_steps_the_we
     assert torch.allclose(got[var], start[var] * 0.25, atol=1e-6)
     assert torch.allclose(got[mean], start[mean] + 2 * 2.5, atol=1e-5)
     assert torch.allclose(got[weight], start[weight] + 2.5 + 4.75, atol=1e-5)
+
+
+def test_after_freeze_bn_after_the_statistics_stay_the_global_ones_and_clients_are_told():
+    """FixBN: round 1 averages the statistics (mean shifts +1 and +3 over 100 and 300
+    samples: +2.5); from round 2 on they stay fixed whatever clients send, while the
+    weights still average (+2.5 again)."""
+    fed = make_federation(freeze_bn_after=1, norm_ratio=None)
+    var, mean, weight = "features.1.running_var", "features.1.running_mean", "classifier.4.bias"
+    start = {k: v.clone() for k, v in fed.global_state.items()}
+    a, b = session(0, 100), session(1, 300)
+    told = []
+    for number in (1, 2):
+        rnd, task = open_round(fed, [a, b], number)
+        told.append(decode_payload(task.payload)["config"])
+        for s, shift in ((a, 1.0), (b, 3.0)):
+            local = {k: v.clone() for k, v in task.base.items()}
+            local[var] = task.base[var] * 0.5
+            local[mean] = task.base[mean] + shift
+            local[weight] = task.base[weight] + shift
+            fed.submit(s, task, body(local, s.peer.num_samples, round_num=number), 1, 1)
+        fed.close_round(rnd)
+        assert fed.finish_round(rnd) is not None
+    got = fed.global_state
+    assert [t["freeze_bn"] for t in told] == [False, True]
+    assert torch.allclose(got[mean], start[mean] + 2.5, atol=1e-5)
+    assert torch.allclose(got[var], start[var] * 0.5, atol=1e-6)
+    assert torch.allclose(got[weight], start[weight] + 2 * 2.5, atol=1e-5)
 
 
 def test_max_samples_caps_what_a_client_may_claim():

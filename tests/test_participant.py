@@ -29,8 +29,8 @@ def test_clip_delta_bounds_the_float_delta_and_keeps_the_counters():
 
 
 @pytest.mark.parametrize("sent, expected", [
-    ({}, ("adam", 0.0, 0.0)),  # a server that names no optimizer: Adam, as before the key existed
-    ({"optimizer": "sgd", "momentum": 0.9, "mu": 0.01}, ("sgd", 0.9, 0.01)),
+    ({}, ("adam", 0.0, 0.0, False)),  # a server that names none of these: as before the keys existed
+    ({"optimizer": "sgd", "momentum": 0.9, "mu": 0.01, "freeze_bn": True}, ("sgd", 0.9, 0.01, True)),
 ])
 def test_fit_trains_with_the_optimizer_the_server_named(monkeypatch, sent, expected):
     seen = {}
@@ -44,5 +44,20 @@ def test_fit_trains_with_the_optimizer_the_server_named(monkeypatch, sent, expec
     config = {"epochs": 1, "lr": 0.05, "batch_size": 4, **sent}
     participant.fit(model, torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), None,
                     client_id=3, seed=0, round_num=1, config=config, base=model.state_dict())
-    assert (seen["optimizer"], seen["momentum"], seen["mu"]) == expected
+    assert (seen["optimizer"], seen["momentum"], seen["mu"], seen["freeze_bn"]) == expected
     assert seen["lr"] == 0.05
+
+
+def test_fit_returns_a_copy_that_the_next_client_on_the_same_model_leaves_alone():
+    """Hosts train client after client on one model: a returned state aliasing the model's
+    tensors (what ``.cpu()`` gives on the CPU) would turn into the last client's."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+    config = {"epochs": 1, "lr": 0.1, "batch_size": 4, "optimizer": "sgd", "augment": False}
+    first = participant.fit(model, images, torch.zeros(8, dtype=torch.long), None, 0, 0, 1, config, base)[0]
+    kept = {k: v.clone() for k, v in first.items()}
+    participant.fit(model, images, torch.ones(8, dtype=torch.long), None, 1, 0, 1, config, base)
+    for k in kept:
+        assert torch.equal(first[k], kept[k]), k

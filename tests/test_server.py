@@ -27,6 +27,13 @@ def test_the_clients_optimizer_reaches_the_training_config_every_client_is_sent(
     config, _ = server.parse_args(["--client-optimizer", "sgd", "--client-momentum", "0.9", "--lr", "0.05"])
     sent = config.training_config()
     assert (sent["optimizer"], sent["momentum"], config.lr) == ("sgd", 0.9, 0.05)
+    assert sent["freeze_bn"] is False
+
+
+def test_freeze_bn_after_round_r_tells_clients_from_round_r_plus_1():
+    config, _ = server.parse_args(["--freeze-bn-after", "3"])
+    assert [config.training_config(r)["freeze_bn"] for r in (1, 3, 4, 9)] == [False, False, True, True]
+    assert server.parse_args(["--freeze-bn-after", "0"])[0].training_config(1)["freeze_bn"] is True
 
 
 def test_every_strategy_is_listed_in_help(capsys):
@@ -48,6 +55,7 @@ def test_every_strategy_is_listed_in_help(capsys):
     (["--clip-norm", "0"], "--clip-norm must be positive"),
     (["--norm-ratio", "0.5"], "--norm-ratio must be > 1"),
     (["--lr", "0"], "--lr must be positive"),
+    (["--freeze-bn-after", "-1"], "--freeze-bn-after must be >= 0"),
     (["--client-optimizer", "sgd", "--client-momentum", "1"], "--client-momentum must be in [0, 1)"),
     (["--client-momentum", "0.9"], "--client-momentum needs --client-optimizer sgd"),
     (["--client-optimizer", "rmsprop"], "invalid choice"),

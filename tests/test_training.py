@@ -204,3 +204,36 @@ def test_adam_moves_a_weakly_pulled_weight_by_lr_where_sgd_moves_it_by_lr_times_
 def test_client_optimizer_refuses_bad_settings(name, lr, momentum, message):
     with pytest.raises(ValueError, match=message):
         client_optimizer([torch.zeros(1, requires_grad=True)], name, lr, momentum)
+
+
+def bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
+    with torch.no_grad():  # global statistics unlike any batch's
+        model[1].running_mean.fill_(0.3)
+        model[1].running_var.fill_(2.0)
+    return model
+
+
+def test_freeze_bn_normalises_with_the_global_statistics_and_keeps_them(data):
+    """FixBN's calibration phase: one full-batch SGD step equals the step of the same model
+    with BatchNorm in eval mode (normalised by running_mean 0.3, running_var 2), and the
+    statistics and their counter come back unchanged; without it they move."""
+    images, labels = data
+    images, labels = images[:32], labels[:32]
+    frozen, reference, plain = bn_model(), bn_model(), bn_model()
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    common = dict(epochs=1, lr=0.1, batch_size=32, progress=False, augment=False, optimizer="sgd")
+    train(frozen, images, labels, generator=torch.Generator().manual_seed(0), freeze_bn=True, **common)
+    reference[1].eval()
+    F.cross_entropy(reference(to_float(images)), labels).backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.1 * p.grad
+    for a, b in zip(frozen.parameters(), reference.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    for k in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(frozen.state_dict()[k], before[k]), k
+    train(plain, images, labels, generator=torch.Generator().manual_seed(0), **common)
+    assert not torch.allclose(plain[1].running_mean, before["1.running_mean"])
+    assert not torch.allclose(plain[0].weight, frozen[0].weight)
