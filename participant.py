@@ -37,7 +37,7 @@ from model import ImprovedCNN
 from protocol import Connection, ConnectionClosed, MsgType, ProtocolError, RemoteError, field
 from quantization import QuantizationError, apply_delta, dequantize_state, quantize_state, state_delta
 from security import AuthError, client_handshake, client_tls_context, resolve_secret
-from training import train
+from training import check_training_config, train
 
 log = logging.getLogger("client")
 T = TypeVar("T")
@@ -311,10 +311,21 @@ class Participant:
     def _train(self, round_num: int, model_msg: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """Train from the model we were sent; the UPDATE body. Called while the participant
         holds a slot of the host's lock; the tensor work runs on the host's training thread."""
-        config = field(model_msg, "config", dict)
+        config = self.training_config(model_msg)
         base = self.host.compute(self._base, model_msg)
         fitted = self.host.fit(self, round_num, config, base)
         return self.host.compute(self._encode, round_num, config, base, fitted)
+
+    @staticmethod
+    def training_config(model_msg: dict[str, Any]) -> dict[str, Any]:
+        """The MODEL's training config, checked before any training: ProtocolError, one line,
+        for a value this client cannot train with."""
+        config = field(model_msg, "config", dict)
+        try:
+            check_training_config(config)
+        except ValueError as exc:
+            raise ProtocolError(f"unusable training config: {exc}") from None
+        return config
 
     def _encode(self, round_num: int, config: dict[str, Any], base: dict[str, torch.Tensor],
                 fitted: "Fitted") -> tuple[dict[str, Any], Any]:

@@ -38,7 +38,7 @@ import torch
 
 from aggregation import clip_by_norm
 from layout import Layout
-from protocol import Connection, ConnectionClosed, MsgType, ProtocolError, field
+from protocol import Connection, ConnectionClosed, MsgType, ProtocolError
 from secagg import SecAggAbort, SecAggClient, SecAggError
 from secagg_wire import ADVERTISE_KEYS, MASKED_INPUT, SHARE_KEYS, UNMASKING, Settings, decode_server, encode
 
@@ -56,7 +56,7 @@ def begin(participant: Any, conn: Connection, round_num: int, model_msg: dict[st
     settings = Settings.from_dict(model_msg["secagg"])
     if settings.round != round_num:
         raise ProtocolError(f"secagg settings for round {settings.round} in the MODEL of round {round_num}")
-    config = field(model_msg, "config", dict)
+    config = participant.training_config(model_msg)
     base = participant.host.compute(participant._base, model_msg)
     layout = Layout.of(base)
     if settings.length != layout.float_numel:

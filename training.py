@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,27 @@ def client_optimizer(params: Iterable[torch.Tensor], name: str, lr: float,
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum)
     raise ValueError(f"unknown client optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
+
+
+def check_training_config(config: Mapping[str, Any]) -> None:
+    """A client's check of the training config a server sent, before it trains: a bad
+    value is one line naming its key (ValueError), not a traceback in the middle of a round."""
+    for key in ("epochs", "batch_size"):
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    numbers = {"lr": config.get("lr"), "momentum": config.get("momentum", 0.0), "mu": config.get("mu", 0.0)}
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+    if not numbers["lr"] > 0:
+        raise ValueError(f"lr must be > 0, got {numbers['lr']!r}")
+    if not 0 <= numbers["momentum"] < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {numbers['momentum']!r}")
+    if numbers["mu"] < 0:
+        raise ValueError(f"mu must be >= 0, got {numbers['mu']!r}")
+    if config.get("optimizer", "adam") not in OPTIMIZERS:
+        raise ValueError(f"unknown client optimizer {config.get('optimizer')!r}")
 
 
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:

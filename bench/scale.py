@@ -15,7 +15,7 @@ the round that first reaches it, beside the paper's Table 2 (CNN, E=5, B=10:
 
     python bench/scale.py memory
     python bench/scale.py paper --partition iid --rounds 20
-    python bench/scale.py paper --partition shards --rounds 150 --extra --strategy fedavgm --server-lr 1 --server-momentum 0.5
+    python bench/scale.py paper --partition shards --rounds 200 --extra --client-optimizer sgd --lr 0.05 --freeze-bn-after 30
     python bench/scale.py paper --partition iid --rounds 20 --target 0.975 --extra --engine ray   # overhead, engines
 
 The last line is one JSON object.

@@ -61,3 +61,13 @@ def test_fit_returns_a_copy_that_the_next_client_on_the_same_model_leaves_alone(
     participant.fit(model, images, torch.ones(8, dtype=torch.long), None, 1, 0, 1, config, base)
     for k in kept:
         assert torch.equal(first[k], kept[k]), k
+
+
+def test_a_model_message_with_an_unusable_training_config_is_a_protocol_error():
+    from protocol import ProtocolError
+    good = {"epochs": 1, "batch_size": 8, "lr": 0.1}
+    assert participant.Participant.training_config({"config": good}) == good
+    with pytest.raises(ProtocolError, match="unusable training config: unknown client optimizer 'evil'"):
+        participant.Participant.training_config({"config": {**good, "optimizer": "evil"}})
+    with pytest.raises(ProtocolError, match="lacks field 'config'"):
+        participant.Participant.training_config({})

@@ -237,3 +237,24 @@ def test_freeze_bn_normalises_with_the_global_statistics_and_keeps_them(data):
     train(plain, images, labels, generator=torch.Generator().manual_seed(0), **common)
     assert not torch.allclose(plain[1].running_mean, before["1.running_mean"])
     assert not torch.allclose(plain[0].weight, frozen[0].weight)
+
+
+GOOD_CONFIG = {"epochs": 5, "batch_size": 10, "lr": 0.05, "optimizer": "sgd", "momentum": 0.0, "mu": 0.01}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochs": 0}, "epochs must be an integer >= 1"),
+    ({"epochs": True}, "epochs must be an integer >= 1"),
+    ({"batch_size": 2.5}, "batch_size must be an integer >= 1"),
+    ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"lr": -0.1}, "lr must be > 0"),
+    ({"lr": "0.1"}, "lr must be a finite number"),
+    ({"momentum": 1.0}, "momentum must be in"),
+    ({"mu": -1}, "mu must be >= 0"),
+    ({"optimizer": "rmsprop"}, "unknown client optimizer 'rmsprop'"),
+])
+def test_a_client_refuses_an_unusable_training_config_in_one_line(change, message):
+    training.check_training_config(GOOD_CONFIG)
+    training.check_training_config({"epochs": 1, "batch_size": 64, "lr": 1e-3})  # an older server's keys
+    with pytest.raises(ValueError, match=message):
+        training.check_training_config({**GOOD_CONFIG, **change})
