@@ -204,6 +204,30 @@ def test_weighting(weighting, expected):
     assert torch.allclose(got[name], task.base[name] + expected, atol=1e-5)
 
 
+VAR, MEAN, WEIGHT = "features.1.running_var", "features.1.running_mean", "classifier.4.bias"
+
+
+def two_rounds_of_shifted_statistics(fed, scales):
+    """Two rounds in which clients of 100 and 300 samples scale a BatchNorm variance by
+    ``scales`` and shift its mean and a weight by +1 and +3: (start, final state, the
+    training config each round sent)."""
+    start = {k: v.clone() for k, v in fed.global_state.items()}
+    a, b = session(0, 100), session(1, 300)
+    told = []
+    for number in (1, 2):
+        rnd, task = open_round(fed, [a, b], number)
+        told.append(decode_payload(task.payload)["config"])
+        for s, scale, shift in ((a, scales[0], 1.0), (b, scales[1], 3.0)):
+            local = {k: v.clone() for k, v in task.base.items()}
+            local[VAR] = task.base[VAR] * scale
+            local[MEAN] = task.base[MEAN] + shift
+            local[WEIGHT] = task.base[WEIGHT] + shift
+            fed.submit(s, task, body(local, s.peer.num_samples, round_num=number), 1, 1)
+        fed.close_round(rnd)
+        assert fed.finish_round(rnd) is not None
+    return start, fed.global_state, told
+
+
 def test_running_statistics_are_averaged_while_the_server_optimizer_steps_the_weights():
     """FedAvgM (eta 1, beta 0.9), two rounds in which every client shrinks its BatchNorm
     variances: weighted mean delta -0.5 x the variance each round, so 1 -> 0.5 -> 0.25.
@@ -212,23 +236,10 @@ def test_running_statistics_are_averaged_while_the_server_optimizer_steps_the_we
     +1 (100 samples) and +3 (300 samples) still takes FedAvgM's steps: +2.5, then
     +(0.9 x 2.5 + 2.5) = +4.75."""
     fed = make_federation(strategies.make("fedavgm", server_lr=1.0, server_momentum=0.9), norm_ratio=None)
-    var, mean, weight = "features.1.running_var", "features.1.running_mean", "classifier.4.bias"
-    start = {k: v.clone() for k, v in fed.global_state.items()}
-    a, b = session(0, 100), session(1, 300)
-    for number in (1, 2):
-        rnd, task = open_round(fed, [a, b], number)
-        for s, scale, shift in ((a, 0.2, 1.0), (b, 0.6, 3.0)):
-            local = {k: v.clone() for k, v in task.base.items()}
-            local[var] = task.base[var] * scale
-            local[mean] = task.base[mean] + shift
-            local[weight] = task.base[weight] + shift
-            fed.submit(s, task, body(local, s.peer.num_samples, round_num=number), 1, 1)
-        fed.close_round(rnd)
-        assert fed.finish_round(rnd) is not None
-    got = fed.global_state
-    assert torch.allclose(got[var], start[var] * 0.25, atol=1e-6)
-    assert torch.allclose(got[mean], start[mean] + 2 * 2.5, atol=1e-5)
-    assert torch.allclose(got[weight], start[weight] + 2.5 + 4.75, atol=1e-5)
+    start, got, _ = two_rounds_of_shifted_statistics(fed, scales=(0.2, 0.6))
+    assert torch.allclose(got[VAR], start[VAR] * 0.25, atol=1e-6)
+    assert torch.allclose(got[MEAN], start[MEAN] + 2 * 2.5, atol=1e-5)
+    assert torch.allclose(got[WEIGHT], start[WEIGHT] + 2.5 + 4.75, atol=1e-5)
 
 
 def test_after_freeze_bn_after_the_statistics_stay_the_global_ones_and_clients_are_told():
@@ -236,26 +247,11 @@ def test_after_freeze_bn_after_the_statistics_stay_the_global_ones_and_clients_a
     samples: +2.5); from round 2 on they stay fixed whatever clients send, while the
     weights still average (+2.5 again)."""
     fed = make_federation(freeze_bn_after=1, norm_ratio=None)
-    var, mean, weight = "features.1.running_var", "features.1.running_mean", "classifier.4.bias"
-    start = {k: v.clone() for k, v in fed.global_state.items()}
-    a, b = session(0, 100), session(1, 300)
-    told = []
-    for number in (1, 2):
-        rnd, task = open_round(fed, [a, b], number)
-        told.append(decode_payload(task.payload)["config"])
-        for s, shift in ((a, 1.0), (b, 3.0)):
-            local = {k: v.clone() for k, v in task.base.items()}
-            local[var] = task.base[var] * 0.5
-            local[mean] = task.base[mean] + shift
-            local[weight] = task.base[weight] + shift
-            fed.submit(s, task, body(local, s.peer.num_samples, round_num=number), 1, 1)
-        fed.close_round(rnd)
-        assert fed.finish_round(rnd) is not None
-    got = fed.global_state
+    start, got, told = two_rounds_of_shifted_statistics(fed, scales=(0.5, 0.5))
     assert [t["freeze_bn"] for t in told] == [False, True]
-    assert torch.allclose(got[mean], start[mean] + 2.5, atol=1e-5)
-    assert torch.allclose(got[var], start[var] * 0.5, atol=1e-6)
-    assert torch.allclose(got[weight], start[weight] + 2 * 2.5, atol=1e-5)
+    assert torch.allclose(got[MEAN], start[MEAN] + 2.5, atol=1e-5)
+    assert torch.allclose(got[VAR], start[VAR] * 0.5, atol=1e-6)
+    assert torch.allclose(got[WEIGHT], start[WEIGHT] + 2 * 2.5, atol=1e-5)
 
 
 def test_max_samples_caps_what_a_client_may_claim():
