@@ -34,7 +34,7 @@ from common import DEFAULT_DATA  # noqa: E402
 from data import load_mnist, partition, to_float  # noqa: E402
 from model import ImprovedCNN  # noqa: E402
 from participant import fit  # noqa: E402
-from training import evaluate  # noqa: E402
+from training import OPTIMIZERS, evaluate  # noqa: E402
 
 State = dict[str, torch.Tensor]
 
@@ -68,7 +68,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint")
     p.add_argument("--lr", type=float, nargs="+", default=[1e-4, 1e-5])
-    p.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="the clients' optimizer")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam", help="the clients' optimizer")
     p.add_argument("--momentum", type=float, default=0.0, help="SGD's momentum")
     p.add_argument("--freeze-bn", action="store_true", help="FixBN: clients normalise with the global statistics")
     p.add_argument("--repeats", type=int, default=1, help="rounds per learning rate")
