@@ -21,19 +21,17 @@ import sys
 
 import torch
 
-from data import DataError, load_mnist, resolve_data_dir, shard, subset
-from credentials import CredentialError
-from logs import setup_logging
-from participant import (  # noqa: F401 - update_message, pick_device, Unreachable: importable from here as before
+from fl.client.participant import (
     ClientConfig,
     Host,
     Participant,
-    Unreachable,
     add_client_arguments,
     check_client_arguments,
     pick_device,
-    update_message,
 )
+from fl.common.logs import setup_logging
+from fl.learning.data import DataError, load_mnist, resolve_data_dir, shard, subset
+from fl.wire.credentials import CredentialError
 
 log = logging.getLogger("client")
 

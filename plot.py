@@ -15,7 +15,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
-from checkpoint import read_metrics
+from fl.server.checkpoint import read_metrics
 
 MPL_HINT = "plotting needs matplotlib: pip install matplotlib"
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-import checkpoint as ckpt
-from data import DataError, load_mnist, resolve_data_dir, to_float
-from model import ImprovedCNN
-from training import evaluate
+from fl.learning.data import DataError, load_mnist, resolve_data_dir, to_float
+from fl.learning.model import ImprovedCNN
+from fl.learning.training import evaluate
+from fl.server import checkpoint as ckpt
 
 
 def _load(path: str | Path) -> tuple[ImprovedCNN, int]:

@@ -15,40 +15,14 @@ TLS, handshakes), ``ingest.py`` (decoding updates), ``federation.py`` (round log
 from __future__ import annotations
 
 import argparse
-import ctypes
-import logging
-import os
-import random
-import signal
-import ssl
 import sys
-import threading
-import time
-from typing import Any
 
-import torch
-from tqdm import tqdm
-
-import checkpoint as ckpt
-import privacy
-import secagg_server
-import strategies
-from config import ServerConfig
-from data import DataError, load_mnist, resolve_data_dir
-from evaluator import Evaluator, Finished, summary
-from federation import Federation
-from limits import raise_open_files
-from logs import setup_logging
-from model import ImprovedCNN
-from credentials import CredentialError, build_keyring, resolve_secret
-from logs import sanitize
-from security import server_tls_context
-from strategies.base import StrategyError
-from training import OPTIMIZERS
-from transport import FLServer
-
-log = logging.getLogger("server")
-
+from fl import privacy, strategies
+from fl.learning.training import OPTIMIZERS
+from fl.server import app
+from fl.server import secagg as secagg_server
+from fl.server.config import ServerConfig
+from fl.strategies.base import StrategyError
 
 # --- the command line ------------------------------------------------------------------
 
@@ -245,194 +219,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
         dp_population=a.dp_population, target_epsilon=a.target_epsilon, dp_seed=a.dp_seed, resume=a.resume, metrics=a.metrics, threads=a.threads, quiet=a.quiet, verbose=a.verbose,
         progress=not (a.no_progress or a.quiet), **secagg)
     try:
-        build_strategy(config)
+        app.build_strategy(config)
     except StrategyError as exc:
         p.error(str(exc))
     return config, a
 
 
-def build_strategy(config: ServerConfig) -> strategies.Strategy:
-    """The strategy, wrapped in DP-FedAvg when --dp-noise-multiplier is set."""
-    strategy = strategies.make(config.strategy, **config.strategy_params)
-    if not config.dp:
-        return strategy
-    generator, _ = privacy.make_generator(config.dp_seed)
-    if config.dp_adaptive:
-        return privacy.DPAdaptiveClipping(strategy, config.dp_noise_multiplier, config.clip_norm, generator,
-                                          clipping=config.dp_clipping, target_quantile=config.dp_target_quantile,
-                                          clip_lr=config.dp_clip_lr)
-    return privacy.DPFixedClipping(strategy, config.dp_noise_multiplier, config.clip_norm, generator,
-                                   clipping=config.dp_clipping)
-
-
-def build_accountant(config: ServerConfig, strategy: Any) -> Any:
-    """The accountant for m of N clients a round, or None without DP."""
-    if not config.dp:
-        return None
-    from sampling import sample_size
-    population = config.dp_population or config.min_clients
-    per_round = sample_size(population, config.fraction, config.min_fit)
-    return privacy.PrivacyAccountant(strategy.accounting_noise_multiplier, population, per_round, config.dp_delta)
-
-
-def _limit_malloc_arenas(n: int = 2) -> None:
-    """glibc gives busy threads their own malloc arenas (up to 8 per core) and keeps freed
-    blocks in each, so with a thread per client every update-sized buffer ends up cached
-    once per arena. Two arenas bound that; the GIL serialises the threads anyway."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        ctypes.CDLL(None).mallopt(-8, n)  # M_ARENA_MAX
-    except (AttributeError, OSError, TypeError):  # not glibc
-        pass
-
-
-def _one_line(exc: BaseException) -> str:
-    return sanitize(f"{type(exc).__name__}: {exc}")
-
-
-def resume(fed: Federation, config: ServerConfig) -> ckpt.History:
-    """Load and check the checkpoint, restore model, strategy and RNG; ValueError/OSError if unusable."""
-    saved = ckpt.load(config.checkpoint)
-    ckpt.check(saved, fed.global_state, config.rounds)
-    state = saved.get("strategy") or {}
-    if state.get("strategy", fed.strategy.name) != fed.strategy.name or (not state and fed.strategy.state_dict()):
-        log.warning("the checkpoint holds no %s state (written by %s): its server optimizer starts fresh",
-                    fed.strategy.name, state.get("strategy", "a stateless strategy"))
-    elif state:
-        fed.strategy.load_state_dict(state)
-    fed.global_state = fed.layout.unflatten(*fed.layout.flatten(saved["model"]))
-    fed.start_round = saved["round"]
-    ckpt.restore_rng(saved)
-    return ckpt.History(saved["metrics"])
-
-
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)
-    setup_logging(config.quiet, config.verbose)
-    _limit_malloc_arenas()
-    raise_open_files(config.max_connections + config.max_pending + 64)  # sockets, files, ingest
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    try:
-        test_images, test_labels = load_mnist(resolve_data_dir(config.data_dir), train=False,
-                                              download=config.download)
-    except DataError as exc:
-        log.error("%s", exc)
-        return 2
-    if config.test_limit:
-        test_images, test_labels = test_images[:config.test_limit], test_labels[:config.test_limit]
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    strategy = build_strategy(config)
-    accountant = build_accountant(config, strategy)
-    fed_class = secagg_server.SecAggFederation if config.secure_aggregation else Federation
-    fed = fed_class(config, strategy, {k: v.detach().clone() for k, v in ImprovedCNN().state_dict().items()})
-    fed.start_round = 0
-    history = ckpt.History()
-    if config.resume:
-        try:
-            history = resume(fed, config)
-        except (OSError, ValueError) as exc:
-            log.error("cannot resume from %s: %s", config.checkpoint, _one_line(exc))
-            return 2
-        log.info("resumed from %s after round %d", config.checkpoint, fed.start_round)
-    if accountant is not None:
-        accountant.step(fed.start_round)  # every completed round released one noised aggregate
-        log.info("%s; %s; noise %s", strategy.describe(), accountant.describe(),
-                 "seeded by --dp-seed (reproducible)" if config.dp_seed is not None else "from the OS CSPRNG")
-    ckpt.rewrite_metrics(config.metrics, history)
-    try:
-        keyring = build_keyring(resolve_secret(args.secret, args.secret_file), args.clients_file)
-    except CredentialError as exc:
-        log.error("%s", exc)
-        return 2
-    if args.secret:
-        log.warning("--secret is visible to every user of this machine in the process list; "
-                    "prefer --secret-file or $FL_SECRET")
-    try:
-        tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
-    except (OSError, ssl.SSLError) as exc:
-        log.error("cannot load the TLS certificate/key: %s", _one_line(exc))
-        return 2
-    try:
-        server = (secagg_server.SecAggFLServer if config.secure_aggregation else FLServer)(config, fed, keyring, tls)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
-        return 2
-    port = server.server_address[1]
-    log.info("listening on %s:%d%s; %d rounds of %s, waiting for %d clients", config.host, port,
-             " (TLS)" if tls else "", config.rounds, config.strategy, config.min_clients)
-    if config.secure_aggregation:
-        log.info("%s", secagg_server.describe(config))
-    if not keyring.required:
-        log.warning("no secret set: any client that can reach this port may join (--secret-file or FL_SECRET)")
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
-        fed.stop.set()
-        with fed.lock:
-            fed.lock.notify_all()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        return run(fed, config, history, (test_images, test_labels), accountant)
-    finally:
-        server.refusals.flush()
-        server.shutdown()
-        server.server_close()
-
-
-def run(fed: Federation, config: ServerConfig, history: ckpt.History,
-        test_set: tuple[torch.Tensor, torch.Tensor], accountant: Any = None) -> int:
-    started = time.monotonic()
-    bar = tqdm(total=config.rounds, initial=fed.start_round, desc="rounds", unit="round",
-               disable=not config.progress, dynamic_ncols=True)
-    evaluator = Evaluator(config, test_set, history, bar, on_failure=fed.stop.set)
-    number, attempt = fed.start_round + 1, 0
-    reason = "server stopping"
-    while number <= config.rounds and not fed.stop.is_set():
-        bar.set_description(f"round {number}")
-        if evaluator.reached is not None:
-            log.info("stopping before round %d: round %d reached %.2f%% >= --target-accuracy %g",
-                     number, *evaluator.reached, config.target_accuracy)
-            reason = "federation complete (target accuracy reached)"
-            break
-        if accountant is not None and config.target_epsilon is not None and \
-                accountant.epsilon_after(accountant.rounds + 1) > config.target_epsilon:
-            log.warning("stopping before round %d: it would spend epsilon %.3f > --target-epsilon %g (delta %.3g)",
-                        number, accountant.epsilon_after(accountant.rounds + 1), config.target_epsilon,
-                        accountant.delta)
-            reason = "federation complete (privacy budget spent)"
-            break
-        rnd = fed.run_round(number, attempt)
-        if rnd is None or fed.stop.is_set():
-            log.warning("round %d abandoned; the checkpoint keeps round %d", number, number - 1)
-            break
-        state = fed.finish_round(rnd)
-        if state is None:
-            attempt += 1
-            continue
-        strategy_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                          for k, v in fed.strategy.state_dict().items()}
-        extra = {}
-        if accountant is not None:
-            accountant.step()
-            extra = {"epsilon": accountant.epsilon(), "delta": accountant.delta}
-        evaluator.submit(Finished(rnd, state, strategy_state, extra))  # overlaps with the next round's training
-        number, attempt = number + 1, 0
-    evaluator.close()
-    bar.close()
-    fed.stop_all("federation complete" if number > config.rounds else reason)
-    grace = min(config.round_timeout, 30.0)
-    if fed.drain(grace):  # else clients mid-round would see a dead server and keep retrying
-        log.warning("%d client(s) still busy after %.0f s; closing their connections", len(fed.sessions), grace)
-    time.sleep(0.2)  # let the handlers close their sockets after the last DONE
-    if not config.quiet:
-        print("\nsummary\n" + summary(history, time.monotonic() - started, config), file=sys.stderr)
-    return 0
+    return app.main(config, args)
 
 
 if __name__ == "__main__":

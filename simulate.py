@@ -210,7 +210,7 @@ def build_commands(args: argparse.Namespace, server_extra: list[str], port: int,
 def prepare_data(data_dir: str | None) -> str | None:
     """Fetch or check MNIST once here, rather than racing every worker's download; the
     error line, or None. In a child process, so the launcher never holds torch (~0.5 GB)."""
-    code = ("import sys\nfrom data import DataError, load_mnist, resolve_data_dir\n"
+    code = ("import sys\nfrom fl.learning.data import DataError, load_mnist, resolve_data_dir\n"
             "try:\n    [load_mnist(resolve_data_dir(sys.argv[1] or None), train=t) for t in (True, False)]\n"
             "except DataError as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
     r = subprocess.run([sys.executable, "-c", code, data_dir or ""], cwd=HERE, capture_output=True, text=True)
@@ -370,9 +370,9 @@ class RayTrainer:
 
     def __init__(self, data_dir: str | None, device: str | None, threads: str | None, run_env: dict[str, str]) -> None:
         os.environ.update(run_env)
-        import trainer_pool
-        from data import resolve_data_dir
-        from participant import pick_device
+        from fl.client import trainer_pool
+        from fl.client.participant import pick_device
+        from fl.learning.data import resolve_data_dir
 
         trainer_pool.start_trainer(str(resolve_data_dir(data_dir)), True, str(pick_device(device or "cpu")),
                                    int(threads or 1))
@@ -381,7 +381,7 @@ class RayTrainer:
         return True
 
     def fit(self, *job: Any) -> Any:
-        import trainer_pool
+        from fl.client import trainer_pool
 
         return trainer_pool.fit_job(*job)
 
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
 def make_plot(out: Path) -> None:
     try:
         import plot
-        from checkpoint import read_metrics
+        from fl.server.checkpoint import read_metrics
 
         png = plot.plot_metrics([(out.name, read_metrics(out / "metrics.jsonl"))], out / "curve.png")
         print(f"plot: {png}", file=sys.stderr)

@@ -31,10 +31,7 @@ from typing import Any
 
 import torch
 
-from data import DataError, load_mnist, partition, resolve_data_dir, subset
-from limits import raise_open_files
-from logs import setup_logging
-from participant import (
+from fl.client.participant import (
     ClientConfig,
     Host,
     Participant,
@@ -42,7 +39,10 @@ from participant import (
     check_client_arguments,
     pick_device,
 )
-from trainer_pool import RayTrainers, TrainerPool
+from fl.client.trainer_pool import RayTrainers, TrainerPool
+from fl.common.limits import raise_open_files
+from fl.common.logs import setup_logging
+from fl.learning.data import DataError, load_mnist, partition, resolve_data_dir, subset
 
 log = logging.getLogger("worker")
 

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import participant  # noqa: E402
 import worker  # noqa: E402
-from layout import Layout  # noqa: E402
+from fl.client import participant  # noqa: E402
+from fl.common.layout import Layout  # noqa: E402
 
 
 def poison(scale: float) -> None:

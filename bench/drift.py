@@ -28,19 +28,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # after the repo: bench/secagg.py is not the package
-import checkpoint  # noqa: E402
-from aggregation import fedavg  # noqa: E402
 from common import DEFAULT_DATA  # noqa: E402
-from data import load_mnist, partition, to_float  # noqa: E402
-from model import ImprovedCNN  # noqa: E402
-from participant import fit  # noqa: E402
-from training import OPTIMIZERS, evaluate  # noqa: E402
+
+from fl.client.participant import fit  # noqa: E402
+from fl.common.layout import Layout  # noqa: E402
+from fl.learning.data import load_mnist, partition, to_float  # noqa: E402
+from fl.learning.model import ImprovedCNN  # noqa: E402
+from fl.learning.training import OPTIMIZERS, evaluate  # noqa: E402
+from fl.server import checkpoint  # noqa: E402
 
 State = dict[str, torch.Tensor]
 
 
 def mean_state(states: list[State]) -> State:
-    return fedavg([(s, 1) for s in states])  # equal shards: the plain mean
+    layout = Layout.of(states[0])  # equal shards: the plain mean (counters rounded, as the server does)
+    flat = [layout.flatten(s) for s in states]
+    floats = torch.stack([f for f, _ in flat]).double().mean(0).float()
+    ints = torch.stack([i for _, i in flat]).double().mean(0).round().long()
+    return layout.unflatten(floats, ints)
 
 
 def accuracy(state: State, test: tuple[torch.Tensor, torch.Tensor]) -> float:

@@ -77,8 +77,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # attacks.py: the crafted frames the attack tests send too
 
 import attacks as A  # noqa: E402
-from protocol import MAGIC, VERSION, HEADER, Connection, ConnectionClosed, MsgType, encode_header, encode_payload  # noqa: E402
-from security import client_handshake, client_tls_context  # noqa: E402
+
+from fl.wire.errors import ConnectionClosed  # noqa: E402
+from fl.wire.frames import HEADER, MAGIC, VERSION, Connection, MsgType, encode_header, encode_payload  # noqa: E402
+from fl.wire.handshake import client_handshake  # noqa: E402
+from fl.wire.tls import client_tls_context  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
 KINDS = ["garbage", "http", "bad-header", "oversized", "malformed", "hostile-pickle", "half-frame",

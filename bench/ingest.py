@@ -173,9 +173,9 @@ def make_payloads(rounds: int) -> tuple[list[bytes], int]:
     """One UPDATE payload per round (index = round number) and the MODEL payload's length."""
     import torch
 
-    from client import update_message
-    from model import ImprovedCNN
-    from protocol import encode_payload
+    from fl.client.participant import update_message
+    from fl.learning.model import ImprovedCNN
+    from fl.wire.frames import encode_payload
 
     torch.manual_seed(0)
     state = ImprovedCNN().state_dict()
@@ -222,9 +222,9 @@ def wait_log(path: Path, pattern: str, proc: subprocess.Popen, timeout: float = 
 def run_server(a: argparse.Namespace, payloads: list[bytes]) -> dict:
     import torch
 
-    from data import find_mnist_file, write_idx
-    from protocol import HEADER_SIZE, Connection, MsgType, decode_header, recv_exact
-    from security import client_handshake
+    from fl.learning.data import find_mnist_file, write_idx
+    from fl.wire.frames import HEADER_SIZE, Connection, MsgType, decode_header, recv_exact
+    from fl.wire.handshake import client_handshake
 
     tmp = Path(tempfile.mkdtemp(prefix="flbench-ingest-"))
     log_path = tmp / "server.log"
@@ -330,26 +330,28 @@ def profile(payload: bytes, reps: int) -> dict[str, float]:
     """The server's per-update stages (``Federation.submit`` for a flat float update), timed alone."""
     import torch
 
-    from aggregation import FedAvg, validate_flat
-    from model import ImprovedCNN
-    from protocol import decode_payload
+    from fl.common.layout import Layout
+    from fl.learning.model import ImprovedCNN
+    from fl.server.contribution import validate_flat
+    from fl.strategies.base import MeanAggregator
+    from fl.wire.frames import decode_payload
 
-    ref = ImprovedCNN().state_dict()
-    acc = FedAvg(ref)
-    t = {"decode_payload": 0.0, "unpack + validate_flat": 0.0, "FedAvg.add_flat": 0.0}
+    layout = Layout.of(ImprovedCNN().state_dict())
+    acc = MeanAggregator(layout.float_numel)
+    t = {"decode_payload": 0.0, "unpack + validate_flat": 0.0, "MeanAggregator.add": 0.0}
     raw = bytearray(payload)  # what recv_exact hands over
     for _ in range(reps):
         t0 = time.perf_counter()
         body = decode_payload(raw)
         t1 = time.perf_counter()
-        floats, ints = acc.layout.unpack(body["flat"])
+        floats, ints = layout.unpack(body["flat"])
         validate_flat(floats)
         t2 = time.perf_counter()
-        acc.add_flat(floats, ints, body["num_samples"])
+        acc.add(floats, body["num_samples"])
         t3 = time.perf_counter()
         t["decode_payload"] += t1 - t0
         t["unpack + validate_flat"] += t2 - t1
-        t["FedAvg.add_flat"] += t3 - t2
+        t["MeanAggregator.add"] += t3 - t2
     a, b = socket.socketpair()
     buf = bytearray(len(payload))
     view = memoryview(buf)
@@ -389,8 +391,8 @@ def main() -> None:
 
     import torch
 
-    from model import ImprovedCNN
-    from protocol import HEADER_SIZE
+    from fl.learning.model import ImprovedCNN
+    from fl.wire.frames import HEADER_SIZE
 
     model_mb = sum(v.numel() * 4 for v in ImprovedCNN().state_dict().values()) / 1e6
     payloads, model_len = make_payloads(a.rounds)

@@ -35,10 +35,10 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from augment import augment_batch  # noqa: E402
-from data import MNIST_FILES, load_mnist, to_float  # noqa: E402
-from model import ImprovedCNN  # noqa: E402
-from training import train  # noqa: E402
+from fl.learning.augment import augment_batch  # noqa: E402
+from fl.learning.data import MNIST_FILES, load_mnist, to_float  # noqa: E402
+from fl.learning.model import ImprovedCNN  # noqa: E402
+from fl.learning.training import train  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
 TARGET = 0.85

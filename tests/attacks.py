@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from protocol import FLAG_TAGGED, HEADER, HEADER_SIZE, TAG_SIZE, Connection, MsgType, encode_header, recv_exact
-from security import client_handshake
+from fl.wire.frames import FLAG_TAGGED, HEADER, HEADER_SIZE, TAG_SIZE, Connection, MsgType, encode_header, recv_exact
+from fl.wire.handshake import client_handshake
 
 LOOPBACK = "127.0.0.1"
 ATTACKER = "127.0.0.2"  # another loopback address: per-address limits must keep 127.0.0.1 free

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import MNIST_FILES, write_idx
+from fl.learning.data import MNIST_FILES, write_idx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_MNIST = REPO_ROOT.parent / "shared" / "data" / "mnist"

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-import secagg_client  # noqa: E402
 import worker  # noqa: E402
-from protocol import ConnectionClosed  # noqa: E402
+from fl.client import secagg as secagg_client  # noqa: E402
+from fl.wire.errors import ConnectionClosed  # noqa: E402
 
 RECORD = os.environ.get("FL_TEST_SECAGG_RECORD")
 FAULT = os.environ.get("FL_TEST_SECAGG_FAULT", "")

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+from fedavg_reference import FedAvg, fedavg
 
-from aggregation import (FedAvg, InvalidUpdate, clip_by_norm, fedavg, l2_norm, validate_flat, validate_num_samples,
-                         validate_state)
-from layout import Layout
-from model import ImprovedCNN
+from fl.common.layout import Layout
+from fl.common.vectors import InvalidUpdate, clip_by_norm, l2_norm
+from fl.learning.model import ImprovedCNN
+from fl.server.contribution import validate_flat, validate_num_samples, validate_state
 
 
 def make_state(seed: int, nbt: int = 0) -> dict[str, torch.Tensor]:

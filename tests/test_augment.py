@@ -1,12 +1,11 @@
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from augment import _batched_affine_grid, augment_batch
-from data import MEAN, STD
+from fl.learning.augment import _batched_affine_grid, augment_batch
+from fl.learning.data import MEAN, STD
 
 BG = (0 - MEAN) / STD
 IDENTITY = dict(rotate=0.0, translate=0.0, scale=(1.0, 1.0))

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-from checkpoint import (
+from fl.learning.model import ImprovedCNN
+from fl.server import checkpoint
+from fl.server.checkpoint import (
     FORMAT,
     History,
     append_metrics,
@@ -21,7 +22,6 @@ from checkpoint import (
     rewrite_metrics,
     save,
 )
-from model import ImprovedCNN
 
 METRICS = [
     {"round": 1, "accuracy": 0.91, "loss": 0.3, "clients": [1, 2]},

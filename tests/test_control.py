@@ -7,7 +7,7 @@ import tracemalloc
 
 import pytest
 
-from control import (
+from fl.wire.control import (
     CONTROL_MAX_FRAME,
     MAX_CLIENT_ID,
     MAX_DEPTH,
@@ -17,7 +17,7 @@ from control import (
     decode_control,
     encode_control,
 )
-from errors import ProtocolError
+from fl.wire.errors import ProtocolError
 
 
 def hello(**over):

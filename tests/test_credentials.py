@@ -6,7 +6,7 @@ import os
 import pytest
 
 import client
-from credentials import (
+from fl.wire.credentials import (
     MAX_SECRET_FILE,
     SECRET_ENV,
     CredentialError,

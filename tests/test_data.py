@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
-from data import (
-    DataError,
+from fl.learning import data
+from fl.learning.data import (
     MNIST_FILES,
+    DataError,
     find_mnist_file,
     load_mnist,
     parse_idx,
@@ -21,7 +21,6 @@ from data import (
     to_float,
     write_idx,
 )
-
 
 # --- IDX -------------------------------------------------------------------------------
 
@@ -322,7 +321,7 @@ def test_shard_matches_partition_and_checks_range() -> None:
 
 
 def test_subset_draws_across_the_whole_shard_not_its_head():
-    from data import pathological_partition, subset
+    from fl.learning.data import pathological_partition, subset
     labels = torch.arange(10).repeat_interleave(100)  # sorted by label
     shard = pathological_partition(labels, 5, seed=0)[0]  # two label-contiguous shards of 100
     picked = subset(shard, 50, seed=1)

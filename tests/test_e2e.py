@@ -6,7 +6,6 @@ import socket
 import time
 
 import pytest
-
 from procs import client_args, run, server_args, start, stop, wait_for_line
 
 

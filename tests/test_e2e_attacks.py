@@ -29,15 +29,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import attacks as A
 import pytest
 import torch
-
-import attacks as A
-import checkpoint as ckpt
-from model import ImprovedCNN
 from procs import client_args, expect_exit, start, stop, wait_for_line
-from protocol import ConnectionClosed, MsgType, RemoteError, encode_payload
-from security import client_tls_context
+
+from fl.learning.model import ImprovedCNN
+from fl.server import checkpoint as ckpt
+from fl.wire.errors import ConnectionClosed, RemoteError
+from fl.wire.frames import MsgType, encode_payload
+from fl.wire.tls import client_tls_context
 
 TEST_LIMIT = 500
 CLIENT_LIMIT = 500

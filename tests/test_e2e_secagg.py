@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import checkpoint as ckpt
-from layout import Layout
 from procs import expect_exit, log_of, server_args, start, stop, wait_for_line
-from protocol import Connection, MsgType, RemoteError
-from secagg import FixedPoint
-from secagg_server import REFUSAL
-from security import client_handshake
+
+from fl.common.layout import Layout
+from fl.secagg import FixedPoint
+from fl.server import checkpoint as ckpt
+from fl.server.secagg import REFUSAL
+from fl.wire.errors import RemoteError
+from fl.wire.frames import Connection, MsgType
+from fl.wire.handshake import client_handshake
 
 LIMIT = 20  # samples per client: training takes milliseconds
 MASK32 = (1 << 32) - 1

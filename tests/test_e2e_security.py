@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 import torch
-
 from procs import client_args, log_of, refused_counts, server_args, start, stop, wait_for_line
-from protocol import FLAG_TAGGED, Connection, MsgType, encode_header
-from security import client_handshake
+
+from fl.wire.frames import FLAG_TAGGED, Connection, MsgType, encode_header
+from fl.wire.handshake import client_handshake
 
 TEST_LIMIT = 500
 CLIENT_LIMIT = 500

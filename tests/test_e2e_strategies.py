@@ -8,9 +8,9 @@ import signal
 import socket
 
 import torch
-
-import checkpoint as ckpt
 from procs import server_args, start, stop, wait_for_line
+
+from fl.server import checkpoint as ckpt
 
 
 def read_metrics(path):

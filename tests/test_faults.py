@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import checkpoint as ckpt
 from procs import client_args, expect_exit, log_of, refused_counts, server_args, start, stop, wait_for_line
-from protocol import Connection, ConnectionClosed, MsgType, RemoteError, encode_body, encode_header
-from security import client_handshake
+
+from fl.server import checkpoint as ckpt
+from fl.wire.errors import ConnectionClosed, RemoteError
+from fl.wire.frames import Connection, MsgType, encode_body, encode_header
+from fl.wire.handshake import client_handshake
 
 TEST_LIMIT = 500
 CLIENT_LIMIT = 500

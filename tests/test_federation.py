@@ -6,17 +6,17 @@ import threading
 
 import pytest
 import torch
+from fedavg_reference import fedavg
 
-import strategies
-from aggregation import fedavg
-from config import ServerConfig
-from protocol import decode_payload
-from federation import Federation, Session, Stop
-from layout import Layout
-from model import ImprovedCNN
-from quantization import quantize_state, state_delta
-from security import Peer
-from strategies.base import Strategy
+from fl import strategies
+from fl.common.layout import Layout
+from fl.learning.model import ImprovedCNN
+from fl.learning.quantization import quantize_state, state_delta
+from fl.server.config import ServerConfig
+from fl.server.federation import Federation, Session, Stop
+from fl.strategies.base import Strategy
+from fl.wire.frames import decode_payload
+from fl.wire.handshake import Peer
 
 
 def make_federation(strategy: Strategy | None = None, **overrides) -> Federation:

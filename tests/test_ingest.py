@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from client import update_message
-from ingest import Ingest
-from protocol import ProtocolError, encode_payload
+from fl.client.participant import update_message
+from fl.server.ingest import Ingest
+from fl.wire.errors import ProtocolError
+from fl.wire.frames import encode_payload
 
 
 def make(submit=None, slots=2):

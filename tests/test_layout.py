@@ -4,9 +4,10 @@ import zipfile
 import pytest
 import torch
 
-from layout import Layout, LayoutError
-from model import ImprovedCNN
-from protocol import ProtocolError, decode_payload, encode_payload
+from fl.common.layout import Layout, LayoutError
+from fl.learning.model import ImprovedCNN
+from fl.wire.errors import ProtocolError
+from fl.wire.frames import decode_payload, encode_payload
 
 
 @pytest.fixture(scope="module")

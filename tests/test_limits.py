@@ -5,7 +5,7 @@ import resource
 
 import pytest
 
-from limits import raise_open_files
+from fl.common.limits import raise_open_files
 
 
 @pytest.fixture

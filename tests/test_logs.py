@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from logs import PEER_TEXT_LIMIT, sanitize, setup_logging
+from fl.common.logs import PEER_TEXT_LIMIT, sanitize, setup_logging
 
 
 @pytest.mark.parametrize("text", ["", "plain text", "ümlaut ok", "a\\b 'quoted' \"x\""])

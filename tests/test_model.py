@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from model import ImprovedCNN, count_parameters
+from fl.learning.model import ImprovedCNN, count_parameters
 
 EXPECTED_KEYS = {
     "features.0.weight", "features.0.bias",

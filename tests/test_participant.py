@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layout import Layout
-from model import ImprovedCNN
-import participant
-from participant import clip_delta
+from fl.client import participant
+from fl.client.participant import clip_delta
+from fl.common.layout import Layout
+from fl.learning.model import ImprovedCNN
 
 
 def test_clip_delta_bounds_the_float_delta_and_keeps_the_counters():
@@ -64,7 +64,7 @@ def test_fit_returns_a_copy_that_the_next_client_on_the_same_model_leaves_alone(
 
 
 def test_a_model_message_with_an_unusable_training_config_is_a_protocol_error():
-    from protocol import ProtocolError
+    from fl.wire.errors import ProtocolError
     good = {"epochs": 1, "batch_size": 8, "lr": 0.1}
     assert participant.Participant.training_config({"config": good}) == good
     with pytest.raises(ProtocolError, match="unusable training config: unknown client optimizer 'evil'"):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import checkpoint
 import plot
+from fl.server import checkpoint
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLIENT_KEYS = {"client_id", "samples", "quantized", "bytes_up", "norm", "train_s", "loss", "accuracy"}
@@ -111,7 +111,7 @@ def test_metrics_round_trip_keeps_keys_and_types(tmp_path: Path) -> None:
 def test_schema_matches_server_record() -> None:
     """The record above must keep the keys the server actually writes, or these tests prove nothing."""
     root = Path(__file__).resolve().parent.parent
-    tree = ast.parse((root / "evaluator.py").read_text() + "\n" + (root / "federation.py").read_text())
+    tree = ast.parse((root / "fl/server/evaluator.py").read_text() + "\n" + (root / "fl/server/federation.py").read_text())
     key_sets = [{k.value for k in node.keys} for node in ast.walk(tree) if isinstance(node, ast.Dict)
                 and node.keys and all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys)]
     assert set(record(1)) in key_sets

@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
 import predict
-from data import load_mnist
-from model import ImprovedCNN
-from training import train
+from fl.learning.data import load_mnist
+from fl.learning.model import ImprovedCNN
+from fl.learning.training import train
+from fl.server import checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,19 @@ import torch
 from dp_accounting import rdp
 from dp_accounting.privacy_accountant import NeighboringRelation
 
-from privacy import (WEIGHTING_MESSAGE, DPAdaptiveClipping, DPFixedClipping, PrivacyAccountant,
-                     adaptive_delta_noise_multiplier, check_weighting, default_delta, make_generator)
-from aggregation import InvalidUpdate, clip_by_norm as clip_update, l2_norm
-from strategies.base import Strategy, StrategyError
+from fl.common.vectors import InvalidUpdate, l2_norm
+from fl.common.vectors import clip_by_norm as clip_update
+from fl.privacy import (
+    WEIGHTING_MESSAGE,
+    DPAdaptiveClipping,
+    DPFixedClipping,
+    PrivacyAccountant,
+    adaptive_delta_noise_multiplier,
+    check_weighting,
+    default_delta,
+    make_generator,
+)
+from fl.strategies.base import Strategy, StrategyError
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -12,29 +12,26 @@ import tracemalloc
 
 import pytest
 import torch
-
 from procs import Worker
 
-import protocol
-from model import ImprovedCNN
-from protocol import (
+from fl.learning.model import ImprovedCNN
+from fl.wire import frames as protocol
+from fl.wire.errors import ConnectionClosed, ProtocolError, RemoteError
+from fl.wire.frames import (
     CONTROL_TYPES,
-    Frame,
     DEFAULT_MAX_FRAME,
-    MIB,
-    RECV_STEP,
     FLAG_TAGGED,
     HANDSHAKE_MAX_FRAME,
     HEADER,
     HEADER_SIZE,
     MAGIC,
+    MIB,
+    RECV_STEP,
     TAG_SIZE,
     VERSION,
     Connection,
-    ConnectionClosed,
+    Frame,
     MsgType,
-    ProtocolError,
-    RemoteError,
     decode_header,
     decode_payload,
     encode_header,
@@ -931,7 +928,7 @@ def test_key_property_sets_both_directions(pair):
 # --- honest messages over a socket --------------------------------------------------------
 
 def test_honest_update_and_done_over_a_socket(pair):
-    from client import update_message
+    from fl.client.participant import update_message
 
     a, b = pair
     torch.manual_seed(0)

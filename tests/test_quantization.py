@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from model import ImprovedCNN
-from quantization import (
+from fl.learning.model import ImprovedCNN
+from fl.learning.quantization import (
     QuantizationError,
     apply_delta,
     dequantize_state,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from procs import run
 
 pytest.importorskip("ray", reason="Ray is not installed: pip install -r requirements-ray.txt")

@@ -15,15 +15,14 @@ from collections import OrderedDict
 import pytest
 import torch
 
-import safe_decode
-from client import update_message
-from errors import ProtocolError
-from layout import Layout
-from model import ImprovedCNN
-from protocol import encode_payload
-from quantization import quantize_state, state_delta
-from safe_decode import MAX_DEPTH, MAX_ENTRIES, MAX_PICKLE, check_tree, load
-
+from fl.client.participant import update_message
+from fl.common.layout import Layout
+from fl.learning.model import ImprovedCNN
+from fl.learning.quantization import quantize_state, state_delta
+from fl.wire import safe_decode
+from fl.wire.errors import ProtocolError
+from fl.wire.frames import encode_payload
+from fl.wire.safe_decode import MAX_DEPTH, MAX_ENTRIES, MAX_PICKLE, check_tree, load
 
 # --- crafting -----------------------------------------------------------------------------
 

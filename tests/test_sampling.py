@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from sampling import sample_clients, sample_size
+from fl.server.sampling import sample_clients, sample_size
 
 
 @pytest.mark.parametrize("connected, fraction, min_fit, expected", [

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from screening import NormScreen
+from fl.server.screening import NormScreen
 
 
 def test_holds_until_three_norms_then_judges_all_by_the_median():

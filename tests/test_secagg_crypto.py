@@ -2,8 +2,20 @@ from __future__ import annotations
 
 import pytest
 
-from secagg.crypto import SEAL_OVERHEAD, agree, commit, context, derive, generate_keypair, open_sealed, private_bytes, private_key, public_bytes, seal
-from secagg.errors import SecAggError
+from fl.secagg.crypto import (
+    SEAL_OVERHEAD,
+    agree,
+    commit,
+    context,
+    derive,
+    generate_keypair,
+    open_sealed,
+    private_bytes,
+    private_key,
+    public_bytes,
+    seal,
+)
+from fl.secagg.errors import SecAggError
 
 
 def test_agreement_is_symmetric_and_bound_to_its_context() -> None:

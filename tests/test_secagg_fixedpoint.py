@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from secagg.fixedpoint import FixedPoint
+from fl.secagg.fixedpoint import FixedPoint
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-from secagg.crypto import generate_keypair
-from secagg.graph import group, neighbours
-from secagg.masking import add_mask, expand, mask_input, pair_key, pair_sign, remove_masks, self_key
+from fl.secagg.crypto import generate_keypair
+from fl.secagg.graph import group, neighbours
+from fl.secagg.masking import add_mask, expand, mask_input, pair_key, pair_sign, remove_masks, self_key
 
 
 @pytest.mark.parametrize("bits", [8, 20, 32, 40, 62])

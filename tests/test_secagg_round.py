@@ -12,16 +12,12 @@ import pytest
 import torch
 
 import server
-import strategies
-from config import ServerConfig
-from federation import Session
-from privacy.fixed_clipping import DPMeanAggregator
-from protocol import decode_payload, encode_payload
-from secagg import FixedPoint, SecAggClient, SecAggConfig, SecAggError
-from secagg.graph import neighbours
-from secagg_round import Left, RoundClosed, SecAggRound
-from secagg_server import SecAggFederation, fold_sum, round_settings
-from secagg_wire import (
+from fl import strategies
+from fl.privacy.fixed_clipping import DPMeanAggregator
+from fl.secagg import FixedPoint, SecAggClient, SecAggConfig, SecAggError
+from fl.secagg.coordinator import Left, RoundClosed, SecAggRound
+from fl.secagg.graph import neighbours
+from fl.secagg.wire import (
     ABORT,
     CLIENT_FIELDS,
     SERVER_FIELDS,
@@ -34,8 +30,12 @@ from secagg_wire import (
     encode,
     group_size,
 )
-from security import Peer
-from strategies.base import MeanAggregator
+from fl.server.config import ServerConfig
+from fl.server.federation import Session
+from fl.server.secagg import SecAggFederation, fold_sum, round_settings
+from fl.strategies.base import MeanAggregator
+from fl.wire.frames import decode_payload, encode_payload
+from fl.wire.handshake import Peer
 
 MASK32 = (1 << 32) - 1
 SEED = bytes(range(32))
@@ -288,7 +288,7 @@ def test_settings_round_trip_and_refusals():
                  length=1000, l2_clip=2.5)
     assert Settings.from_dict(wire({"s": s.to_dict()})["s"]) == s
     assert s.fixed_point().frac_bits == FixedPoint(32, 8.0, 5).frac_bits
-    from errors import ProtocolError
+    from fl.wire.errors import ProtocolError
     for change, match in [({"version": 2}, "version"), ({"threshold": 1}, "threshold"), ({"clip": 8}, "float"),
                           ({"bits": 70}, "bits"), ({"extra": 1}, "exactly"), ({"num_shares": 4}, "num_shares")]:
         with pytest.raises(ProtocolError, match=match):

@@ -7,10 +7,10 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from protocol import decode_payload, encode_payload
-from secagg import FixedPoint, SecAggAbort, SecAggClient, SecAggConfig, SecAggError, SecAggServer, Stage
-from secagg.messages import SEALED_BYTES
-from secagg_wire import CLIENT_FIELDS, SERVER_FIELDS, decode, encode
+from fl.secagg import FixedPoint, SecAggAbort, SecAggClient, SecAggConfig, SecAggError, SecAggServer, Stage
+from fl.secagg.messages import SEALED_BYTES
+from fl.secagg.wire import CLIENT_FIELDS, SERVER_FIELDS, decode, encode
+from fl.wire.frames import decode_payload, encode_payload
 
 MODEL_SIZE = 421_834  # ImprovedCNN's parameters
 MASK32 = (1 << 32) - 1

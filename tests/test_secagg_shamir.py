@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from secagg.shamir import reconstruct, share
+from fl.secagg.shamir import reconstruct, share
 
 
 @pytest.mark.parametrize("size", [16, 32, 48])

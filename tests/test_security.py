@@ -12,32 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from procs import Worker
 
-from protocol import (
-    HANDSHAKE_MAX_FRAME,
-    Connection,
-    MsgType,
-    ProtocolError,
-    RemoteError,
-    encode_body,
-    encode_payload,
-)
-from security import (
-    SECRET_ENV,
-    AuthError,
-    KeyRing,
-    Peer,
-    client_handshake,
-    client_tls_context,
-    proof,
-    resolve_secret,
-    server_handshake,
-    server_tls_context,
-    session_keys,
-    transcript,
-)
+from fl.wire.credentials import SECRET_ENV, KeyRing, resolve_secret
+from fl.wire.errors import ProtocolError, RemoteError
+from fl.wire.frames import HANDSHAKE_MAX_FRAME, Connection, MsgType, encode_body, encode_payload
+from fl.wire.handshake import AuthError, Peer, client_handshake, proof, server_handshake, session_keys, transcript
+from fl.wire.tls import client_tls_context, server_tls_context
 
 SECRET = b"correct horse battery staple"
 TIMEOUT = 3.0

@@ -4,12 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import checkpoint as ckpt
 import server
-import strategies
-from federation import Federation, Session
-from layout import Layout
-from security import Peer
+from fl import strategies
+from fl.common.layout import Layout
+from fl.server import app
+from fl.server import checkpoint as ckpt
+from fl.server.federation import Federation, Session
+from fl.wire.handshake import Peer
 
 
 def test_flags_build_a_frozen_config_with_the_strategy_parameters():
@@ -99,7 +100,7 @@ def test_resume_restores_the_strategy_state_and_continues_like_an_uninterrupted_
     resumed_config, _ = server.parse_args(argv + ["--resume"])
     torch.manual_seed(123)  # a different initial model: everything must come from the checkpoint
     second = Federation(resumed_config, strategies.make("fedadam"))
-    server.resume(second, resumed_config)
+    app.resume(second, resumed_config)
     assert second.start_round == 2 and second.strategy.step == 2
     run_rounds(second, [3, 4])
     for key in ("m", "v"):
@@ -144,8 +145,8 @@ def test_dp_wraps_the_strategy_and_the_accountant_sees_m_of_n():
     config, _ = server.parse_args(["--dp-noise-multiplier", "1.0", "--clip-norm", "2", "--min-clients", "100",
                                    "--fraction", "0.1", "--strategy", "fedadam", "--dp-seed", "3"])
     assert config.weighting == "uniform"  # the default under DP
-    strategy = server.build_strategy(config)
-    accountant = server.build_accountant(config, strategy)
+    strategy = app.build_strategy(config)
+    accountant = app.build_accountant(config, strategy)
     assert strategy.inner.name == "fedadam" and strategy.clip_norm == 2.0
     assert (accountant.num_clients, accountant.clients_per_round) == (100, 10)
     assert accountant.delta == pytest.approx(100 ** -1.1)
@@ -154,7 +155,7 @@ def test_dp_wraps_the_strategy_and_the_accountant_sees_m_of_n():
 def test_under_dp_the_federation_neither_screens_nor_clips_and_fixes_m_per_round():
     config, _ = server.parse_args(["--dp-noise-multiplier", "0", "--clip-norm", "0.5", "--min-clients", "2",
                                    "--dp-seed", "0"])
-    fed = Federation(config, server.build_strategy(config))
+    fed = Federation(config, app.build_strategy(config))
     assert fed.norm_ratio is None and fed.clip_norm is None
     sessions = [Session(Peer(i, 100, {}), f"t:{i}") for i in range(2)]
     for s in sessions:

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import run
 
 import simulate
-from procs import run
 
 
 def commands(*argv: str, cores: int = 2):

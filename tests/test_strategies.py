@@ -13,10 +13,9 @@ import textwrap
 import pytest
 import torch
 
-import strategies
-from strategies import MeanAggregator, Strategy, StrategyError, available, cli_parameters, make
-from strategies import robust
-from strategies.base import param
+from fl import strategies
+from fl.strategies import MeanAggregator, Strategy, StrategyError, available, cli_parameters, make, robust
+from fl.strategies.base import param
 
 
 def vec(*values: float) -> torch.Tensor:
@@ -147,8 +146,8 @@ class TestRegistry:
         (tmp_path / "extra_strategy.py").write_text(textwrap.dedent('''
             import dataclasses
             from typing import ClassVar
-            from strategies.base import param
-            from strategies.fedavg import FedAvg   # imported: must not register twice
+            from fl.strategies.base import param
+            from fl.strategies.fedavg import FedAvg  # imported: must not register twice
 
             @dataclasses.dataclass
             class Extra(FedAvg):
@@ -165,7 +164,7 @@ class TestRegistry:
             assert make("extra", gamma=2).gamma == 2.0
             assert cli_parameters()["gamma"].metadata["strategies"] == ("extra",)
             (tmp_path / "dup_strategy.py").write_text(
-                "import dataclasses\nfrom typing import ClassVar\nfrom strategies.base import Strategy\n"
+                "import dataclasses\nfrom typing import ClassVar\nfrom fl.strategies.base import Strategy\n"
                 "@dataclasses.dataclass\nclass Dup(Strategy):\n    name: ClassVar[str] = 'fedavg'\n")
             strategies._registry.cache_clear()
             with pytest.raises(RuntimeError, match="'fedavg' is defined twice"):
@@ -173,7 +172,7 @@ class TestRegistry:
         finally:
             monkeypatch.undo()
             strategies._registry.cache_clear()
-            for mod in ("strategies.extra_strategy", "strategies.dup_strategy"):
+            for mod in ("fl.strategies.extra_strategy", "fl.strategies.dup_strategy"):
                 sys.modules.pop(mod, None)
         assert "extra" not in available()
 

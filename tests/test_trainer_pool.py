@@ -6,12 +6,12 @@ import threading
 
 import pytest
 import torch
-
-import participant
-from data import load_mnist
-from model import ImprovedCNN
 from test_worker import model_msg, serve_one
-from trainer_pool import TrainerPool
+
+from fl.client import participant
+from fl.client.trainer_pool import TrainerPool
+from fl.learning.data import load_mnist
+from fl.learning.model import ImprovedCNN
 
 
 def updates_of(host: participant.Host, clients: dict[int, participant.ClientConfig], state: dict,

@@ -3,14 +3,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_synthetic_images
-from model import ImprovedCNN
 from torch import nn
 
-import training
-from data import to_float
-from training import add_proximal_gradient, client_optimizer, evaluate, proximal_term, round_lr, train
+from fl.learning import training
+from fl.learning.data import to_float
+from fl.learning.model import ImprovedCNN
+from fl.learning.training import add_proximal_gradient, client_optimizer, evaluate, proximal_term, round_lr, train
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from transport import RefusalLog
+from fl.server.transport import RefusalLog
 
 
 def messages(caplog) -> list[str]:

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import participant
 from conftest import make_synthetic_images
-from layout import Layout
-from model import ImprovedCNN
 from procs import Worker as Thread
 from procs import server_args, start, stop
-from protocol import Connection, MsgType
+
+from fl.client import participant
+from fl.common.layout import Layout
+from fl.learning.model import ImprovedCNN
+from fl.wire.frames import Connection, MsgType
 from worker import format_ids, parse_args, parse_ids
 
 CONFIG = {"epochs": 1, "lr": 1e-3, "batch_size": 16, "augment": True, "hflip": False}
@@ -122,7 +122,7 @@ def test_quantized_participant_and_8bit_broadcast():
     p = participant.Participant(1, host, participant.ClientConfig(quantization=True, progress=False),
                                 indices=torch.arange(24))
     state = ImprovedCNN().state_dict()
-    from quantization import quantize_state, state_delta
+    from fl.learning.quantization import quantize_state, state_delta
 
     moved = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
     delta = {"round": 2, "rounds": 3, "config": CONFIG, "delta": quantize_state(state_delta(moved, state)),

@@ -1,0 +1,114 @@
+"""Train a worker's sampled clients on several processes, each client on whichever is free.
+
+Workers that each train their own clients one after another leave cores idle whenever the
+server's sample falls unevenly across them: 10 of 100 clients over two workers of 50 is 6
+and 4 (or worse) more often than 5 and 5, and the round waits for the busier worker. A
+``TrainerPool`` is a ``participant.Host`` whose ``fit`` sends the training to the next free
+process of a pool, so one worker can hold every connection while all cores train.
+
+What travels per job: the model the client was sent, its shard's indices and the round's
+config out; the trained state, the training result and the generator's state back (the
+generator feeds stochastic rounding of an 8-bit update). Everything protocol-side (reading
+the MODEL, building the UPDATE, secure aggregation's stages) stays in the worker, so a
+pooled client is the same client to the server. Training is seeded from (seed, client id,
+round) alone (``participant.fit``): which process trains a client changes nothing.
+
+Each process loads MNIST once, holds one model and uses ``threads`` intra-op threads. The
+processes are spawned, not forked: forking a process whose torch thread pools are running
+can deadlock.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+import torch
+
+from fl.client.participant import Fitted, Host, Participant, fit
+
+_trainer: dict[str, Any] = {}  # this training process's data and model (set by start_trainer)
+
+
+class TrainerPool(Host):
+    """A Host that trains on ``processes`` spawned processes, as many clients at once."""
+
+    def __init__(self, processes: int, data_dir: str, download: bool, device: torch.device, threads: int = 1) -> None:
+        if processes < 1:
+            raise ValueError(f"a trainer pool needs at least one process, got {processes}")
+        super().__init__(None, None, device, slots=processes)
+        self.processes = processes
+        self.executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=start_trainer, initargs=(data_dir, download, str(device), threads))
+        # Start every process now (each imports torch and loads MNIST), so the first round
+        # does not wait for them and a process that cannot start fails the worker here.
+        try:
+            for started in [self.executor.submit(os.getpid) for _ in range(processes)]:
+                started.result()
+        except BrokenProcessPool:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+            raise RuntimeError("a training process failed to start (its error is above)") from None
+
+    def fit(self, participant: Participant, round_num: int, config: dict[str, Any],
+            base: dict[str, torch.Tensor]) -> Fitted:
+        future = self.executor.submit(fit_job, participant.indices, participant.client_id, participant.config.seed,
+                                      round_num, config, base)
+        return _fitted(*future.result())
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+class RayTrainers(Host):
+    """A Host that trains on Ray actors (``simulate.RayTrainer``: ``start_trainer`` and
+    ``fit_job`` in an actor), wherever Ray placed them, each client on whichever is free."""
+
+    def __init__(self, actors: list[Any], device: torch.device) -> None:
+        import ray  # noqa: PLC0415 - an optional extra, needed only here
+
+        super().__init__(None, None, device, slots=len(actors))
+        self.ray = ray
+        self.idle: queue.SimpleQueue[Any] = queue.SimpleQueue()  # never waits: a slot of lock is held
+        for actor in actors:
+            self.idle.put(actor)
+        try:  # wait for every actor to have loaded the data, as TrainerPool does
+            ray.get([actor.ready.remote() for actor in actors])
+        except ray.exceptions.RayError as exc:
+            raise RuntimeError(f"a Ray training actor failed to start: {str(exc).strip().splitlines()[0]}") from None
+
+    def fit(self, participant: Participant, round_num: int, config: dict[str, Any],
+            base: dict[str, torch.Tensor]) -> Fitted:
+        actor = self.idle.get()
+        try:
+            job = actor.fit.remote(participant.indices, participant.client_id, participant.config.seed,
+                                   round_num, config, base)
+            return _fitted(*self.ray.get(job))
+        finally:
+            self.idle.put(actor)
+
+
+def _fitted(local: dict[str, torch.Tensor], result: Any, generator_state: torch.Tensor, samples: int) -> Fitted:
+    generator = torch.Generator()
+    generator.set_state(generator_state)
+    return local, result, generator, samples
+
+
+def start_trainer(data_dir: str, download: bool, device: str, threads: int) -> None:
+    """Set up a training process: its thread count, MNIST and one model."""
+    from fl.learning.data import load_mnist  # noqa: PLC0415 - only the training processes need it
+    from fl.learning.model import ImprovedCNN  # noqa: PLC0415
+
+    torch.set_num_threads(threads)
+    images, labels = load_mnist(data_dir, train=True, download=download)
+    _trainer.update(images=images, labels=labels, model=ImprovedCNN().to(device))
+
+
+def fit_job(indices: torch.Tensor, client_id: int, seed: int, round_num: int, config: dict[str, Any],
+            base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor, int]:
+    """One client's training in a training process; the generator travels as its state."""
+    local, result, generator, samples = fit(_trainer["model"], _trainer["images"], _trainer["labels"], indices,
+                                            client_id, seed, round_num, config, base)
+    return local, result, generator.get_state(), samples

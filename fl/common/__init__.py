@@ -1,0 +1,1 @@
+"""Pure helpers both sides use: a state's flat layout, vector math, logging, process limits."""

@@ -1,0 +1,1 @@
+"""The server side: settings, connections, rounds, validation, evaluation and checkpoints."""

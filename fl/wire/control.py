@@ -1,0 +1,191 @@
+"""Control messages as small, strictly checked JSON: HELLO, CHALLENGE, AUTH, WELCOME, DONE
+and ERROR.
+
+Everything a peer can send before it has authenticated is one of these, so none of it
+ever reaches ``torch.load``: a control payload is at most ``CONTROL_MAX_FRAME`` bytes of
+ASCII JSON, its nesting is measured before ``json.loads`` sees it (``"[[[["`` would
+otherwise recurse), numbers are short integers (no floats, NaN or 4000-digit ints), keys
+are unique, and each message has a fixed schema checked field by field: integers in
+range, nonces and proofs as fixed-length lowercase hex, option names and values from a
+closed list, unknown keys refused. Free text from the peer (DONE and ERROR reasons) is
+bounded and sanitized as it is decoded, so no caller can log it raw.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from fl.common.logs import sanitize
+from fl.wire.errors import ProtocolError
+
+CONTROL_MAX_FRAME = 4096  # the largest control message (an ERROR of escaped text) is ~2 KB
+MAX_DEPTH = 3  # HELLO's options are the deepest: {"options": {...}}
+MAX_INT_DIGITS = 19
+MAX_CLIENT_ID = 999_999
+MAX_NUM_SAMPLES = 10**9
+NONCE_SIZE = 32
+PROOF_SIZE = 32  # HMAC-SHA256
+REASON_LIMIT = 256  # sanitized, so with its "...[N more chars]" note under 300
+DEVICES = ("auto", "cpu", "cuda")
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKET = re.compile(r"[\[\]{}]")
+_HEX = re.compile(r"[0-9a-f]*")
+
+
+class Spec:
+    """One field's type and bounds; ``check`` returns the value as the receiver keeps it."""
+
+    def check(self, value: Any, where: str) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Int(Spec):
+    lo: int
+    hi: int
+
+    def check(self, value: Any, where: str) -> int:
+        if type(value) is not int:  # bool is not an int here
+            raise ProtocolError(f"{where} must be an integer, not {type(value).__name__}")
+        if not self.lo <= value <= self.hi:
+            raise ProtocolError(f"{where} = {value} is out of range {self.lo}..{self.hi}")
+        return value
+
+
+@dataclass(frozen=True)
+class Bool(Spec):
+    def check(self, value: Any, where: str) -> bool:
+        if type(value) is not bool:
+            raise ProtocolError(f"{where} must be true or false, not {type(value).__name__}")
+        return value
+
+
+@dataclass(frozen=True)
+class Choice(Spec):
+    options: tuple[str, ...]
+
+    def check(self, value: Any, where: str) -> str:
+        if type(value) is not str or value not in self.options:
+            raise ProtocolError(f"{where} must be one of {', '.join(self.options)}, not {sanitize(value, 40)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Hex(Spec):
+    """Exactly ``nbytes`` bytes as lowercase hex (one spelling per value); null if ``nullable``."""
+
+    nbytes: int
+    nullable: bool = False
+
+    def check(self, value: Any, where: str) -> str | None:
+        if value is None and self.nullable:
+            return None
+        if type(value) is not str or len(value) != 2 * self.nbytes or not _HEX.fullmatch(value):
+            raise ProtocolError(f"{where} must be {self.nbytes} bytes of lowercase hex")
+        return value
+
+
+@dataclass(frozen=True)
+class Text(Spec):
+    """Free text from the peer: bounded and sanitized, whatever it held."""
+
+    limit: int
+
+    def check(self, value: Any, where: str) -> str:
+        if type(value) is not str:
+            raise ProtocolError(f"{where} must be a string, not {type(value).__name__}")
+        return sanitize(value, self.limit)
+
+
+@dataclass(frozen=True)
+class Obj(Spec):
+    fields: Mapping[str, Spec]
+    optional: frozenset[str] = field(default_factory=frozenset)
+
+    def check(self, value: Any, where: str) -> dict[str, Any]:
+        if type(value) is not dict:
+            raise ProtocolError(f"{where} must be an object, not {type(value).__name__}")
+        unknown = [k for k in value if k not in self.fields]
+        if unknown:
+            raise ProtocolError(f"{where} has unknown key {sanitize(unknown[0], 40)!r}")
+        missing = [k for k in self.fields if k not in value and k not in self.optional]
+        if missing:
+            raise ProtocolError(f"{where} lacks {missing[0]!r}")
+        return {k: self.fields[k].check(v, f"{where}.{k}") for k, v in value.items()}
+
+
+# "secagg": the client can run secure aggregation (secagg_wire.py); absent means it cannot.
+OPTIONS = Obj({"quantization": Bool(), "device": Choice(DEVICES), "secagg": Bool()},
+              frozenset({"quantization", "device", "secagg"}))
+_REASON = Obj({"reason": Text(REASON_LIMIT)}, frozenset({"reason"}))
+_PROOF = Obj({"proof": Hex(PROOF_SIZE, nullable=True)})
+SCHEMAS: dict[str, Obj] = {
+    "HELLO": Obj({"client_id": Int(0, MAX_CLIENT_ID), "num_samples": Int(0, MAX_NUM_SAMPLES),
+                  "options": OPTIONS, "nonce": Hex(NONCE_SIZE)}),
+    "CHALLENGE": Obj({"nonce": Hex(NONCE_SIZE), "auth": Bool()}),
+    "AUTH": _PROOF,
+    "WELCOME": _PROOF,
+    "DONE": _REASON,
+    "ERROR": _REASON,
+}
+
+
+def encode_control(name: str, body: Mapping[str, Any]) -> bytes:
+    """Check ``body`` against the schema of message ``name`` and write it as canonical JSON
+    (sorted keys, no spaces, ASCII), so the bytes a transcript hashes are well defined."""
+    checked = SCHEMAS[name].check(dict(body), name)
+    raw = json.dumps(checked, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                     allow_nan=False).encode("ascii")
+    if len(raw) > CONTROL_MAX_FRAME:
+        raise ProtocolError(f"{name} of {len(raw)} bytes exceeds {CONTROL_MAX_FRAME}")
+    return raw
+
+
+def decode_control(name: str, raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Parse and check a control payload from a peer; any deviation is a ProtocolError."""
+    if len(raw) > CONTROL_MAX_FRAME:
+        raise ProtocolError(f"{name} of {len(raw)} bytes exceeds {CONTROL_MAX_FRAME}")
+    try:
+        text = bytes(raw).decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{name} is not ASCII JSON") from None
+    depth = _nesting(text)
+    if depth > MAX_DEPTH:
+        raise ProtocolError(f"{name} is nested {depth} deep (at most {MAX_DEPTH})")
+    try:
+        value = json.loads(text, object_pairs_hook=_unique_keys, parse_int=_short_int,
+                           parse_float=_no_float, parse_constant=_no_float)
+    except (ValueError, RecursionError) as exc:  # RecursionError cannot happen after _nesting
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ProtocolError(f"{name} is not valid JSON: {sanitize(reason, 80)}") from None
+    return SCHEMAS[name].check(value, name)
+
+
+def _nesting(text: str) -> int:
+    """How deep arrays and objects nest, counted without parsing (brackets inside strings
+    do not count); linear in the text, no recursion."""
+    depth = peak = 0
+    for m in _BRACKET.finditer(_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        peak = max(peak, depth)
+    return peak
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ProtocolError("duplicate key in a control message")
+    return out
+
+
+def _short_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ProtocolError(f"integer of {len(digits)} digits in a control message")
+    return int(digits)
+
+
+def _no_float(text: str) -> Any:
+    raise ProtocolError(f"non-integer number {sanitize(text, 40)} in a control message")
