@@ -8,9 +8,10 @@ atomically and logged as one JSON line.
 
     python server.py --rounds 5 --min-clients 3 [--strategy fedadam --fraction 0.5]
 
-The jobs live in their own files: ``config.py`` (settings), ``transport.py`` (sockets,
-TLS, handshakes), ``ingest.py`` (decoding updates), ``federation.py`` (round logic),
-``evaluator.py`` (evaluation, checkpoints, metrics) and ``strategies/``.
+This file is the command line; the server is ``fl/server/``: ``config.py`` (settings),
+``app.py`` (start-up and the round loop), ``transport.py`` (sockets, TLS, handshakes),
+``ingest.py`` (decoding updates), ``federation.py`` (round logic), ``evaluator.py``
+(evaluation, checkpoints, metrics); the strategies are ``fl/strategies/``.
 """
 from __future__ import annotations
 
@@ -24,13 +25,21 @@ from fl.server import secagg as secagg_server
 from fl.server.config import ServerConfig
 from fl.strategies.base import StrategyError
 
-# --- the command line ------------------------------------------------------------------
-
 def build_parser() -> argparse.ArgumentParser:
-    d = ServerConfig()
     p = argparse.ArgumentParser(
         description="Federated-learning server: runs rounds over TCP clients, evaluated on the MNIST test set.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = ServerConfig()
+    add_network_arguments(p, d)
+    add_federation_arguments(p, d)
+    add_strategy_arguments(p)
+    add_privacy_arguments(p)
+    secagg_server.add_arguments(p)
+    add_output_arguments(p, d)
+    return p
+
+
+def add_network_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     net = p.add_argument_group("network")
     net.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for all interfaces)")
     net.add_argument("--port", type=int, default=d.port, help="TCP port (0 picks a free one)")
@@ -54,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest frame accepted, MiB (the float32 model is 1.7 MB)")
     net.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout,
                      help="seconds a new connection has to authenticate")
+
+
+def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     fl = p.add_argument_group("federation")
     fl.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds to run")
     fl.add_argument("--target-accuracy", type=float, default=None, metavar="A",
@@ -85,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--no-augment", action="store_true", help="tell clients to train without augmentation")
     fl.add_argument("--hflip", action="store_true", help="add random horizontal flips to augmentation (hurts digits)")
     fl.add_argument("--seed", type=int, default=d.seed, help="seed of the initial global model and of client sampling")
-    add_strategy_arguments(p)
-    add_privacy_arguments(p)
-    secagg_server.add_arguments(p)
+
+
+def add_output_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     io = p.add_argument_group("data and output")
     io.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
     io.add_argument("--no-download", action="store_true", help="never try to download MNIST")
@@ -100,7 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     io.add_argument("-v", "--verbose", action="store_true", help="debug logging (every join, every update)")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
 
 
 def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
@@ -153,35 +164,69 @@ def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Namespace]:
-    """The config, and the namespace for the credentials (which never enter the config)."""
+    """The config, and the namespace for the credentials (which never enter the config).
+    A bad value ends the program with argparse's one-line error (exit 2)."""
     p = build_parser()
     a = p.parse_args(argv)
     secagg = secagg_server.check_arguments(p, a)  # may set uniform weighting and --min-fit 2
+    check_network(p, a)
+    check_federation(p, a)
+    params = check_aggregation(p, a)
+    check_privacy(p, a)
+    config = to_config(a, params, secagg)
+    try:
+        app.build_strategy(config)
+    except StrategyError as exc:
+        p.error(str(exc))
+    return config, a
+
+
+def check_network(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if bool(a.tls_cert) != bool(a.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    if not 0 <= a.port <= 65535:
+        p.error(f"--port {a.port} is not a TCP port")
+    if a.max_samples < 1 or a.max_connections < 1 or a.max_pending < 1 or a.max_pending_per_address < 1:
+        p.error("--max-samples, --max-connections, --max-pending and --max-pending-per-address must be at least 1")
+    if a.max_frame_mb < 1:
+        p.error("--max-frame-mb must be at least 1")
+
+
+def check_federation(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     if a.rounds < 1 or a.min_clients < 1 or a.min_fit < 1:
         p.error("--rounds, --min-clients and --min-fit must be at least 1")
     if a.min_fit > a.min_clients:
         p.error("--min-fit cannot exceed --min-clients")
     if not 0 < a.fraction <= 1:
         p.error(f"--fraction must be in (0, 1], got {a.fraction}")
-    if bool(a.tls_cert) != bool(a.tls_key):
-        p.error("--tls-cert and --tls-key go together")
-    if not 0 <= a.port <= 65535:
-        p.error(f"--port {a.port} is not a TCP port")
+    if not a.lr > 0:
+        p.error(f"--lr must be positive, got {a.lr}")
+    if a.freeze_bn_after is not None and a.freeze_bn_after < 0:
+        p.error(f"--freeze-bn-after must be >= 0, got {a.freeze_bn_after}")
+    if not 0 <= a.client_momentum < 1:
+        p.error(f"--client-momentum must be in [0, 1), got {a.client_momentum}")
+    if a.client_momentum and a.client_optimizer != "sgd":
+        p.error("--client-momentum needs --client-optimizer sgd")
+    if a.target_accuracy is not None and not 0 < a.target_accuracy <= 1:
+        p.error(f"--target-accuracy must be in (0, 1], got {a.target_accuracy}")
+
+
+def check_aggregation(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, object]:
+    """The strategy's parameters given on the command line, checked by the strategy itself."""
     if a.clip_norm is not None and not a.clip_norm > 0:
         p.error(f"--clip-norm must be positive, got {a.clip_norm}")
-    if a.max_samples < 1 or a.max_connections < 1 or a.max_pending < 1 or a.max_pending_per_address < 1:
-        p.error("--max-samples, --max-connections, --max-pending and --max-pending-per-address must be at least 1")
     if a.norm_ratio is not None and a.norm_ratio != 0 and not a.norm_ratio > 1:
         p.error(f"--norm-ratio must be > 1 (or 0 to turn screening off), got {a.norm_ratio}")
-    if a.max_frame_mb < 1:
-        p.error("--max-frame-mb must be at least 1")
     params = {k[len("strategy_"):]: v for k, v in vars(a).items() if k.startswith("strategy_") and v is not None}
     try:
         strategies.make(a.strategy, **params)
     except StrategyError as exc:
         p.error(str(exc))
-    dp = a.dp_noise_multiplier is not None
-    if dp:
+    return params
+
+
+def check_privacy(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    if a.dp_noise_multiplier is not None:
         if a.weighting == "samples":
             p.error(privacy.WEIGHTING_MESSAGE)
         if a.clip_norm is None:
@@ -194,17 +239,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
             p.error(f"--dp-delta must be in (0, 1), got {a.dp_delta}")
     elif a.target_epsilon is not None or a.dp_adaptive:
         p.error("--target-epsilon and --dp-adaptive need --dp-noise-multiplier")
-    if not a.lr > 0:
-        p.error(f"--lr must be positive, got {a.lr}")
-    if a.freeze_bn_after is not None and a.freeze_bn_after < 0:
-        p.error(f"--freeze-bn-after must be >= 0, got {a.freeze_bn_after}")
-    if not 0 <= a.client_momentum < 1:
-        p.error(f"--client-momentum must be in [0, 1), got {a.client_momentum}")
-    if a.client_momentum and a.client_optimizer != "sgd":
-        p.error("--client-momentum needs --client-optimizer sgd")
-    if a.target_accuracy is not None and not 0 < a.target_accuracy <= 1:
-        p.error(f"--target-accuracy must be in (0, 1], got {a.target_accuracy}")
-    config = ServerConfig(
+
+
+def to_config(a: argparse.Namespace, params: dict[str, object], secagg: dict[str, object]) -> ServerConfig:
+    dp = a.dp_noise_multiplier is not None
+    return ServerConfig(
         host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, max_connections=a.max_connections,
         max_pending=a.max_pending, max_pending_per_address=a.max_pending_per_address, max_frame_mb=a.max_frame_mb,
         handshake_timeout=a.handshake_timeout, rounds=a.rounds, target_accuracy=a.target_accuracy, min_clients=a.min_clients, min_fit=a.min_fit,
@@ -218,12 +257,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
         dp_target_quantile=a.dp_target_quantile, dp_clip_lr=a.dp_clip_lr, dp_delta=a.dp_delta,
         dp_population=a.dp_population, target_epsilon=a.target_epsilon, dp_seed=a.dp_seed, resume=a.resume, metrics=a.metrics, threads=a.threads, quiet=a.quiet, verbose=a.verbose,
         progress=not (a.no_progress or a.quiet), **secagg)
-    try:
-        app.build_strategy(config)
-    except StrategyError as exc:
-        p.error(str(exc))
-    return config, a
-
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)

@@ -90,6 +90,10 @@ def resume(fed: Federation, config: ServerConfig) -> ckpt.History:
     return ckpt.History(saved["metrics"])
 
 
+class StartupError(Exception):
+    """A setting the server cannot start with; its text is the one line the user sees."""
+
+
 def main(config: ServerConfig, args: argparse.Namespace) -> int:
     """Run a server; ``args`` holds the credentials flags, which never enter the config."""
     setup_logging(config.quiet, config.verbose)
@@ -98,13 +102,35 @@ def main(config: ServerConfig, args: argparse.Namespace) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        test_images, test_labels = load_mnist(resolve_data_dir(config.data_dir), train=False,
-                                              download=config.download)
-    except DataError as exc:
+        test_set = load_test_set(config)
+        fed, history, accountant = build_federation(config)
+        server = listen(config, fed, args)
+    except StartupError as exc:
         log.error("%s", exc)
         return 2
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    stop_on_signals(fed)
+    try:
+        return run(fed, config, history, test_set, accountant)
+    finally:
+        server.refusals.flush()
+        server.shutdown()
+        server.server_close()
+
+
+def load_test_set(config: ServerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        images, labels = load_mnist(resolve_data_dir(config.data_dir), train=False, download=config.download)
+    except DataError as exc:
+        raise StartupError(str(exc)) from None
     if config.test_limit:
-        test_images, test_labels = test_images[:config.test_limit], test_labels[:config.test_limit]
+        images, labels = images[:config.test_limit], labels[:config.test_limit]
+    return images, labels
+
+
+def build_federation(config: ServerConfig) -> tuple[Federation, ckpt.History, Any]:
+    """The seeded initial model (or the checkpoint's, with --resume), the strategy and the
+    accountant; the metrics file is rewritten to the rounds the run starts after."""
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     strategy = build_strategy(config)
@@ -117,41 +143,44 @@ def main(config: ServerConfig, args: argparse.Namespace) -> int:
         try:
             history = resume(fed, config)
         except (OSError, ValueError) as exc:
-            log.error("cannot resume from %s: %s", config.checkpoint, _one_line(exc))
-            return 2
+            raise StartupError(f"cannot resume from {config.checkpoint}: {_one_line(exc)}") from None
         log.info("resumed from %s after round %d", config.checkpoint, fed.start_round)
     if accountant is not None:
         accountant.step(fed.start_round)  # every completed round released one noised aggregate
         log.info("%s; %s; noise %s", strategy.describe(), accountant.describe(),
                  "seeded by --dp-seed (reproducible)" if config.dp_seed is not None else "from the OS CSPRNG")
     ckpt.rewrite_metrics(config.metrics, history)
+    return fed, history, accountant
+
+
+def listen(config: ServerConfig, fed: Federation, args: argparse.Namespace) -> FLServer:
+    """The listening server with its key ring and TLS context (not serving yet)."""
     try:
         keyring = build_keyring(resolve_secret(args.secret, args.secret_file), args.clients_file)
     except CredentialError as exc:
-        log.error("%s", exc)
-        return 2
+        raise StartupError(str(exc)) from None
     if args.secret:
         log.warning("--secret is visible to every user of this machine in the process list; "
                     "prefer --secret-file or $FL_SECRET")
     try:
         tls = server_tls_context(config.tls_cert, config.tls_key) if config.tls_cert else None
     except (OSError, ssl.SSLError) as exc:
-        log.error("cannot load the TLS certificate/key: %s", _one_line(exc))
-        return 2
+        raise StartupError(f"cannot load the TLS certificate/key: {_one_line(exc)}") from None
     try:
         server = (secagg_server.SecAggFLServer if config.secure_aggregation else FLServer)(config, fed, keyring, tls)
     except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.host, config.port, exc.strerror or exc)
-        return 2
-    port = server.server_address[1]
-    log.info("listening on %s:%d%s; %d rounds of %s, waiting for %d clients", config.host, port,
-             " (TLS)" if tls else "", config.rounds, config.strategy, config.min_clients)
+        raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+    log.info("listening on %s:%d%s; %d rounds of %s, waiting for %d clients", config.host,
+             server.server_address[1], " (TLS)" if tls else "", config.rounds, config.strategy, config.min_clients)
     if config.secure_aggregation:
         log.info("%s", secagg_server.describe(config))
     if not keyring.required:
         log.warning("no secret set: any client that can reach this port may join (--secret-file or FL_SECRET)")
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+    return server
 
+
+def stop_on_signals(fed: Federation) -> None:
+    """Ctrl-C or SIGTERM: finish the step under way, then stop (the checkpoint stays whole)."""
     def on_signal(signum: int, _frame: Any) -> None:
         log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
         fed.stop.set()
@@ -160,12 +189,6 @@ def main(config: ServerConfig, args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    try:
-        return run(fed, config, history, (test_images, test_labels), accountant)
-    finally:
-        server.refusals.flush()
-        server.shutdown()
-        server.server_close()
 
 
 def run(fed: Federation, config: ServerConfig, history: ckpt.History,
