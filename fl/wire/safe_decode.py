@@ -349,7 +349,7 @@ warnings.filterwarnings("ignore", message="Detected pickle protocol", category=U
 class _BufferReader(io.RawIOBase):
     """A seekable read-only file over received bytes. torch.load reads each tensor's record
     straight into its storage (``readinto``); io.BytesIO would first copy a bytearray
-    payload whole, which costs a model-sized allocation and ~2x the decode time."""
+    payload whole: a model-sized allocation and a second pass over the bytes."""
 
     def __init__(self, raw: bytes | bytearray | memoryview) -> None:
         super().__init__()
