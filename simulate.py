@@ -30,6 +30,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from fl.common.ids import format_ids as id_spec  # worker.py's --client-ids form
+
 HERE = Path(__file__).resolve().parent
 SCHEMES = ("iid", "dirichlet", "shards")  # data.SCHEMES; not imported, so the launcher never loads torch
 # Server flags the launcher sets itself: passing them through would break the run folder or the workers.
@@ -77,24 +79,23 @@ def hosting(clients: int, workers: int) -> tuple[list[list[int]], int]:
     return split_clients(clients, workers), 1
 
 
-def id_spec(ids: list[int]) -> str:
-    """worker.py's --client-ids form of a contiguous or scattered id list."""
-    runs: list[list[int]] = []
-    for i in ids:
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     """The launcher's flags, and the rest (passed to server.py as they are)."""
     p = argparse.ArgumentParser(
         description="Run a federation: a server and N clients trained by W processes (or Ray actors). "
                     "Flags not listed here are passed to server.py unchanged.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    fl = p.add_argument_group("federation")
+    add_federation_flags(p.add_argument_group("federation"))
+    add_worker_flags(p.add_argument_group("workers"))
+    add_output_flags(p.add_argument_group("output"))
+    args, server_extra = p.parse_known_args(argv)
+    check_args(p, args, server_extra)
+    return args, server_extra
+
+
+def add_federation_flags(fl: argparse._ArgumentGroup) -> None:
+    """What the federation is: clients, rounds, data split, training; the server and the
+    workers both get these."""
     fl.add_argument("--clients", type=int, default=3, help="number of clients")
     fl.add_argument("--rounds", type=int, default=3, help="federated rounds")
     fl.add_argument("--fraction", type=float, default=None,
@@ -117,7 +118,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     fl.add_argument("--limit", type=int, default=None, help="each client trains on at most N samples (quick runs)")
     fl.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images (quick runs)")
     fl.add_argument("--seed", type=int, default=0, help="seed for the model, the split and training")
-    run = p.add_argument_group("workers")
+
+
+def add_worker_flags(run: argparse._ArgumentGroup) -> None:
+    """Where the clients run and how they reach the server (local processes or Ray)."""
     run.add_argument("--workers", type=int, default=None,
                      help="processes that train the clients (default: one per core, or one per client when "
                           "there are at most two clients per core): one worker's training processes, or "
@@ -133,12 +137,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     run.add_argument("--port", type=int, default=None,
                      help="server port (default: a free one; on a cluster, a port the nodes can reach)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu", help="workers' device")
-    out = p.add_argument_group("output")
+
+
+def add_output_flags(out: argparse._ArgumentGroup) -> None:
     out.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
     out.add_argument("--secret", default=None, help="shared secret for the run (default: a fresh random one)")
     out.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
     out.add_argument("--no-plot", action="store_true", help="skip the PNG plot at the end")
-    args, server_extra = p.parse_known_args(argv)
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, server_extra: list[str]) -> None:
+    """Refuse, through ``p.error``, values no run can use and server flags the launcher owns."""
     if args.clients < 1 or args.rounds < 1:
         p.error("--clients and --rounds must be at least 1")
     if args.workers is not None and args.workers < 1:
@@ -152,7 +161,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     own = [a for a in server_extra if a.split("=", 1)[0] in OWN_SERVER_FLAGS]
     if own:
         p.error(f"{own[0].split('=', 1)[0]} is set by the launcher (see --port, --host, --out, --secret)")
-    return args, server_extra
 
 
 def listen_host(args: argparse.Namespace) -> str:
@@ -420,36 +428,21 @@ def main(argv: list[str] | None = None) -> int:
     engine: ProcessEngine | RayEngine | None = None
     server: subprocess.Popen | None = None
     try:
-        if args.engine == "ray":
-            try:
-                engine = RayEngine(args.ray_address, workers)
-            except RuntimeError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 2
-            if args.ray_address and not args.connect_host:
-                args.connect_host = engine.node_ip()
-        else:
-            engine = ProcessEngine()
+        try:
+            engine = make_engine(args, workers)
+        except RuntimeError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         server_cmd, worker_args = build_commands(args, server_extra, port, out)
         run_env = {"FL_SECRET": args.secret or os.urandom(16).hex(), "PYTHONUNBUFFERED": "1"}
         log_paths = [out / f"worker-{i}.log" for i in range(len(worker_args))]
         groups, trainers = hosting(args.clients, workers)
-        sizes = sorted({len(ids) for ids in groups})
-        where = (f"1 worker training on {trainers} {engine.trainers()}" if trainers > 1 else
-                 f"{len(groups)} workers ({engine.describe()}; {'-'.join(map(str, sizes))} clients each)")
-        print(f"run folder: {out}\nserver on {listen}:{port}, {args.clients} clients in {where}, {args.rounds} rounds"
-              f"{'' if args.fraction is None else f', fraction {args.fraction}'}; worker logs: {out}/worker-<i>.log",
-              file=sys.stderr)
+        announce(args, out, f"{listen}:{port}", engine, groups, trainers)
         server = subprocess.Popen(server_cmd, env=dict(os.environ, **run_env))
         engine.start(worker_args, run_env, log_paths, trainers)
-        while server.poll() is None:
-            failed = engine.poll()
-            if failed is not None:
-                i, status = failed
-                print(f"error: worker {i} exited with status {status}; stopping the federation\n"
-                      f"{tail(log_paths[i])}", file=sys.stderr)
-                return status or 1
-            time.sleep(0.2)
+        failure = watch(server, engine, log_paths)
+        if failure is not None:
+            return failure
         status = server.returncode
         if status == 0:  # the workers were told DONE: let them finish
             for i in engine.wait(timeout=30):
@@ -466,6 +459,42 @@ def main(argv: list[str] | None = None) -> int:
         make_plot(out)
     print(f"metrics: {out / 'metrics.jsonl'}\ncheckpoint: {out / 'checkpoint.pt'}", file=sys.stderr)
     return status
+
+
+def make_engine(args: argparse.Namespace, workers: int) -> ProcessEngine | RayEngine:
+    """The engine ``--engine`` names; RuntimeError when Ray is missing. On a Ray cluster the
+    workers connect back to this node's IP unless ``--connect-host`` says otherwise."""
+    if args.engine != "ray":
+        return ProcessEngine()
+    engine = RayEngine(args.ray_address, workers)
+    if args.ray_address and not args.connect_host:
+        args.connect_host = engine.node_ip()
+    return engine
+
+
+def announce(args: argparse.Namespace, out: Path, address: str, engine: ProcessEngine | RayEngine,
+             groups: list[list[int]], trainers: int) -> None:
+    """The run's one-line summary, so a user sees where the server and the logs are."""
+    sizes = sorted({len(ids) for ids in groups})
+    where = (f"1 worker training on {trainers} {engine.trainers()}" if trainers > 1 else
+             f"{len(groups)} workers ({engine.describe()}; {'-'.join(map(str, sizes))} clients each)")
+    print(f"run folder: {out}\nserver on {address}, {args.clients} clients in {where}, {args.rounds} rounds"
+          f"{'' if args.fraction is None else f', fraction {args.fraction}'}; worker logs: {out}/worker-<i>.log",
+          file=sys.stderr)
+
+
+def watch(server: subprocess.Popen, engine: ProcessEngine | RayEngine, log_paths: list[Path]) -> int | None:
+    """Wait for the server to end; a failed worker's status (never 0) as soon as one fails,
+    or None once the server has ended: one failed worker stops the whole federation."""
+    while server.poll() is None:
+        failed = engine.poll()
+        if failed is not None:
+            i, status = failed
+            print(f"error: worker {i} exited with status {status}; stopping the federation\n"
+                  f"{tail(log_paths[i])}", file=sys.stderr)
+            return status or 1
+        time.sleep(0.2)
+    return None
 
 
 def make_plot(out: Path) -> None:

@@ -40,38 +40,12 @@ from fl.client.participant import (
     pick_device,
 )
 from fl.client.trainer_pool import RayTrainers, TrainerPool
+from fl.common.ids import format_ids, parse_ids
 from fl.common.limits import raise_open_files
 from fl.common.logs import setup_logging
 from fl.learning.data import DataError, load_mnist, partition, resolve_data_dir, subset
 
 log = logging.getLogger("worker")
-
-
-def parse_ids(spec: str) -> list[int]:
-    """``"0-49,60,70-79"`` -> the sorted, distinct ids; ValueError on a malformed spec."""
-    ids: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        lo, sep, hi = part.partition("-")
-        try:
-            first, last = (int(lo), int(hi)) if sep else (int(part), int(part))
-        except ValueError:
-            raise ValueError(f"bad client id range {part!r} (expected N or N-M)") from None
-        if first < 0 or last < first:
-            raise ValueError(f"bad client id range {part!r} (expected 0 <= N <= M)")
-        ids.update(range(first, last + 1))
-    return sorted(ids)
-
-
-def format_ids(ids: list[int]) -> str:
-    """The inverse of parse_ids, compact: [0, 1, 2, 5] -> "0-2,5"."""
-    runs: list[list[int]] = []
-    for i in sorted(ids):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """Random affine augmentation of whole normalised batches, inside the training loop.
 
-One sampling grid + one ``grid_sample`` call cover the batch, so the cost is ~0.1-0.2 ms
-for 64 MNIST images on CPU instead of a per-sample PIL/torchvision pipeline.
+One sampling grid + one ``grid_sample`` call cover the batch, instead of a per-sample
+PIL/torchvision pipeline.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 
 def _batched_affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Same grid as ``F.affine_grid(theta, [B,C,h,w], align_corners=False)``, ~5x faster on CPU.
+    """Same grid as ``F.affine_grid(theta, [B,C,h,w], align_corners=False)``, cheaper on CPU.
 
     affine_grid builds a per-sample base grid; here the identity grid is built once and all
     transforms are applied with a single small matmul.

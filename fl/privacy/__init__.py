@@ -12,7 +12,7 @@ The server owns the wiring: ``check_weighting`` at start, ``begin_round(m)`` bef
 round's ``aggregator``, ``accountant.step()`` after each released aggregate.
 
 ``PrivacyAccountant`` and ``default_delta`` are imported on first use: dp-accounting
-brings scipy and mpmath (~2.5 s of imports), which a run without DP should not pay.
+brings scipy and mpmath, slow imports that a run without DP should not pay for.
 """
 from __future__ import annotations
 

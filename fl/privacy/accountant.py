@@ -54,9 +54,8 @@ class PrivacyAccountant:
     The server calls :meth:`step` once per released noised aggregate (not for a round that
     was abandoned before release), :meth:`epsilon` for the log, and :meth:`rounds_within`
     once at start to stop before the round that would pass ``--target-epsilon``.
-    The library recomputes the rounds' RDP per query (up to ~0.5 s for fixed-size
-    sampling with its default orders, on this project's 2-core machine); answers are
-    memoised per round count.
+    The library recomputes the rounds' RDP per query (slow for fixed-size sampling with
+    its default orders); answers are memoised per round count.
     """
 
     def __init__(self, noise_multiplier: float, num_clients: int, clients_per_round: int,

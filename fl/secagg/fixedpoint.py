@@ -8,9 +8,9 @@ picks the largest ``f`` for which ``max_clients`` clients at the clip bound cann
 ``max_clients * ceil(clip * 2^f) <= 2^(k-1) - 1``.
 
 **k = 32 by default**: a masked vector then travels as uint32, 4 bytes per coordinate, the
-size of the float32 update it replaces (1.69 MB for the 421,834-parameter model), so
-secure aggregation costs no extra bandwidth; and 32 bits leave ample precision. With the
-defaults (``clip`` 8, ``max_clients`` 256, so ``f`` = 19):
+size of the float32 update it replaces, so secure aggregation costs no extra bandwidth;
+and 32 bits leave ample precision. With the defaults (``clip`` 8, ``max_clients`` 256,
+so ``f`` = 19):
 
 - range: each client's coordinates are clipped to [-8, 8] (an update beyond that after one
   local epoch is a fault; :meth:`FixedPoint.clipped` counts the clipped coordinates so a

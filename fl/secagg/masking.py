@@ -13,7 +13,7 @@ Client u sends ``y_u = x_u + PRG(b_u) + sum_v sign(u, v) * PRG(s_uv)  (mod 2^bit
 a fixed nonce (each key is derived for one stream only), read as little-endian words: 32-bit
 words for ``bits`` <= 32, 64-bit words (reduced mod 2^bits) above. A word is uniform, so
 its low ``bits`` are too: masks are uniform over the ring, and ``y_u`` alone says nothing
-about ``x_u``. One mask of the 421,834-coordinate model costs ~5 ms (2 CPU cores, shared).
+about ``x_u``.
 
 Ring elements are int64 tensors in ``[0, 2^bits)``, ``bits`` <= 62, so adding two never
 overflows; masks are folded in place, one keystream at a time.

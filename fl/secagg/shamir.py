@@ -11,9 +11,8 @@ secret.
 
 Index limits: x is any nonzero field element, so n is unbounded in principle; shares of one
 secret need distinct x. The library's field arithmetic is pure Python: sharing one block
-among n holders costs n*t multiplications, reconstructing it t^2 (about 1 ms for t = 6 of
-n = 10, 0.1-0.2 s for t = 51 of n = 100). That is negligible next to the masks for tens of
-clients; for hundreds, SecAgg+ groups (``graph``) keep n and t small.
+among n holders costs n*t multiplications, reconstructing it t^2. That is negligible next
+to the masks for tens of clients; for hundreds, SecAgg+ groups (``graph``) keep n and t small.
 """
 from __future__ import annotations
 

@@ -43,6 +43,7 @@ import torch
 from fl.common.logs import sanitize
 from fl.secagg import FixedPoint, SecAggConfig, SecAggError
 from fl.secagg.messages import ADVERTISE, KEYS, MASKED, ROUTED, SHARES, SURVIVORS, UNMASK, blob_tensor
+from fl.wire.control import REASON_LIMIT
 from fl.wire.errors import ProtocolError
 
 WIRE_VERSION = 1
@@ -52,7 +53,6 @@ CLIENT_FIELDS = {0: ADVERTISE, 1: SHARES, 2: MASKED, 3: UNMASK}
 SERVER_FIELDS = {0: KEYS, 1: ROUTED, 2: SURVIVORS}
 METADATA = ("num_samples", "metrics", "ints")  # stage 2, in clear beside the masked vector
 KEY_FIELDS = frozenset({"c_pk", "s_pk", "graph_seed", "b_commit"})  # bytes in the core
-REASON_LIMIT = 200
 
 
 # --- the round's settings, sent in MODEL ----------------------------------------------------

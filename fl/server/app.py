@@ -3,9 +3,7 @@ evaluate each finished one in the background. ``server.py`` is its command line.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
-import os
 import random
 import signal
 import ssl
@@ -18,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from fl import privacy, strategies
-from fl.common.limits import raise_open_files
+from fl.common.limits import limit_malloc_arenas, raise_open_files
 from fl.common.logs import sanitize, setup_logging
 from fl.learning.data import DataError, load_mnist, resolve_data_dir
 from fl.learning.model import ImprovedCNN
@@ -58,18 +56,6 @@ def build_accountant(config: ServerConfig, strategy: Any) -> Any:
     return privacy.PrivacyAccountant(strategy.accounting_noise_multiplier, population, per_round, config.dp_delta)
 
 
-def _limit_malloc_arenas(n: int = 2) -> None:
-    """glibc gives busy threads their own malloc arenas (up to 8 per core) and keeps freed
-    blocks in each, so with a thread per client every update-sized buffer ends up cached
-    once per arena. Two arenas bound that; the GIL serialises the threads anyway."""
-    if "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        ctypes.CDLL(None).mallopt(-8, n)  # M_ARENA_MAX
-    except (AttributeError, OSError, TypeError):  # not glibc
-        pass
-
-
 def _one_line(exc: BaseException) -> str:
     return sanitize(f"{type(exc).__name__}: {exc}")
 
@@ -97,7 +83,7 @@ class StartupError(Exception):
 def main(config: ServerConfig, args: argparse.Namespace) -> int:
     """Run a server; ``args`` holds the credentials flags, which never enter the config."""
     setup_logging(config.quiet, config.verbose)
-    _limit_malloc_arenas()
+    limit_malloc_arenas()
     raise_open_files(config.max_connections + config.max_pending + 64)  # sockets, files, ingest
     if config.threads:
         torch.set_num_threads(config.threads)

@@ -3,9 +3,9 @@
 shared part of ``median`` and ``trimmed-mean``.
 
 A robust statistic needs every value of a coordinate at once, so :class:`HeldDeltas` keeps
-the round's deltas: memory is (sampled clients) x (model size) x 4 bytes (float32 rows;
-1.7 MB per client for the 421,834-value ImprovedCNN), plus a temporary of about 4 MiB x 3
-while reducing, as coordinates are reduced in chunks.
+the round's deltas: memory is (sampled clients) x (model size) x 4 bytes (one float32 row
+per client), plus a temporary of about 4 MiB x 3 while reducing, as coordinates are
+reduced in chunks.
 """
 from __future__ import annotations
 

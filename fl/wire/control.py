@@ -23,11 +23,11 @@ from fl.wire.errors import ProtocolError
 CONTROL_MAX_FRAME = 4096  # the largest control message (an ERROR of escaped text) is ~2 KB
 MAX_DEPTH = 3  # HELLO's options are the deepest: {"options": {...}}
 MAX_INT_DIGITS = 19
-MAX_CLIENT_ID = 999_999
+MAX_CLIENT_ID = 999_999  # the one bound on client ids: HELLO, the clients file
 MAX_NUM_SAMPLES = 10**9
 NONCE_SIZE = 32
 PROOF_SIZE = 32  # HMAC-SHA256
-REASON_LIMIT = 256  # sanitized, so with its "...[N more chars]" note under 300
+REASON_LIMIT = 256  # any reason a peer sends (ERROR, DONE, a SECAGG abort); with its "...[N more chars]" note < 300
 DEVICES = ("auto", "cpu", "cuda")
 
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"')

@@ -35,7 +35,7 @@ import struct
 import traceback
 import warnings
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -82,6 +82,36 @@ _NAME = re.compile(r"([A-Za-z0-9_.-]{1,64})/(data\.pkl|\.format_version|\.storag
 
 def check_archive(view: memoryview) -> memoryview:
     """Check the zip structure of a ``torch.save`` payload; returns a view of ``data.pkl``."""
+    total, cd_offset, cd_end = _directory_bounds(view)
+    names: dict[str, tuple[int, int]] = {}  # record (lower case) -> (start, size)
+    prefix: str | None = None
+    pos, cd = 0, cd_offset  # each local record must start where the previous one ended
+    for _ in range(total):
+        entry, cd = _central_entry(view, cd, cd_end)
+        if entry.offset != pos or pos + _LOCAL.size > cd_offset:
+            raise ProtocolError("archive entries are not back to back")
+        start, end = _local_record(view, pos, entry, cd_offset)
+        prefix, record = _record_name(entry.name, prefix, names)
+        names[record] = (start, entry.size)
+        pos = end
+    if cd != cd_end or pos != cd_offset:
+        raise ProtocolError("archive entry sizes do not add up to the payload")
+    return _pickle_record(view, names)
+
+
+class _Entry(NamedTuple):
+    """A central directory entry, as far as the local record must repeat it."""
+
+    name: bytes
+    flags: int
+    crc: int
+    size: int  # stored, so compressed and uncompressed sizes are equal
+    offset: int
+
+
+def _directory_bounds(view: memoryview) -> tuple[int, int, int]:
+    """(entries, central directory offset, its end) from the end records at the payload's
+    tail, which must describe one disk and no comment, as ``torch.save`` writes them."""
     n = len(view)
     if n < _END.size:
         raise ProtocolError("too short for a torch.save archive")
@@ -102,53 +132,65 @@ def check_archive(view: memoryview) -> memoryview:
         raise ProtocolError(f"archive of {total} entries (at most {MAX_ENTRIES})")
     if cd_offset + cd_size != cd_end:
         raise ProtocolError("central directory does not end where the end record starts")
-    names: dict[str, tuple[int, int]] = {}
-    prefix = None
-    pos, cd = 0, cd_offset  # each local record must start where the previous one ended
-    for _ in range(total):
-        if cd + _CENTRAL.size > cd_end:
-            raise ProtocolError("central directory overruns its size")
-        (sig, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len, disk,
-         _, _, offset) = _CENTRAL.unpack_from(view, cd)
-        if sig != SIG_CENTRAL:
-            raise ProtocolError("bad central directory entry")
-        if method != 0:
-            raise ProtocolError(f"compressed archive entry (method {method}): only stored entries are accepted")
-        if flags & ~(FLAG_DESCRIPTOR | FLAG_UTF8) or csize != usize or extra_len or comment_len or disk:
-            raise ProtocolError("archive entry with flags, extra fields or sizes torch.save does not write")
-        if not 0 < name_len <= MAX_NAME or cd + _CENTRAL.size + name_len > cd_end:
-            raise ProtocolError("archive entry name too long")
-        name = bytes(view[cd + _CENTRAL.size:cd + _CENTRAL.size + name_len])
-        cd += _CENTRAL.size + name_len
-        if offset != pos or pos + _LOCAL.size > cd_offset:
-            raise ProtocolError("archive entries are not back to back")
-        lsig, _, lflags, lmethod, _, _, lcrc, lcsize, lusize, lname_len, lextra_len = _LOCAL.unpack_from(view, pos)
-        start = pos + _LOCAL.size + lname_len + lextra_len
-        if lsig != SIG_LOCAL or lflags != flags or lmethod != 0 or lname_len != name_len \
-                or lextra_len > MAX_EXTRA or bytes(view[pos + _LOCAL.size:pos + _LOCAL.size + name_len]) != name:
-            raise ProtocolError("local header disagrees with the central directory")
-        end = start + usize
-        if flags & FLAG_DESCRIPTOR:
-            if (lcrc, lcsize, lusize) not in ((0, 0, 0), (crc, csize, usize)) or end + _DESCRIPTOR.size > cd_offset \
-                    or _DESCRIPTOR.unpack_from(view, end) != (SIG_DESCRIPTOR, crc, csize, usize):
-                raise ProtocolError("data descriptor disagrees with the central directory")
-            end += _DESCRIPTOR.size
-        elif (lcrc, lcsize, lusize) != (crc, csize, usize):
-            raise ProtocolError("local header sizes disagree with the central directory")
-        if end > cd_offset:
-            raise ProtocolError("archive entry overruns the central directory")
-        match = _NAME.fullmatch(name.decode("latin-1"))
-        if match is None:
-            raise ProtocolError(f"unexpected archive entry {sanitize(name.decode('latin-1'), 80)!r}")
-        if prefix is None:
-            prefix = match.group(1)
-        record = match.group(2)
-        if match.group(1) != prefix or record.lower() in names:
-            raise ProtocolError(f"duplicate or stray archive entry {sanitize(name.decode('latin-1'), 80)!r}")
-        names[record.lower()] = (start, usize)
-        pos = end
-    if cd != cd_end or pos != cd_offset:
-        raise ProtocolError("archive entry sizes do not add up to the payload")
+    return total, cd_offset, cd_end
+
+
+def _central_entry(view: memoryview, cd: int, cd_end: int) -> tuple[_Entry, int]:
+    """The entry at ``cd`` and where the next one starts: stored, no extras, a short name."""
+    if cd + _CENTRAL.size > cd_end:
+        raise ProtocolError("central directory overruns its size")
+    (sig, _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len, comment_len, disk,
+     _, _, offset) = _CENTRAL.unpack_from(view, cd)
+    if sig != SIG_CENTRAL:
+        raise ProtocolError("bad central directory entry")
+    if method != 0:
+        raise ProtocolError(f"compressed archive entry (method {method}): only stored entries are accepted")
+    if flags & ~(FLAG_DESCRIPTOR | FLAG_UTF8) or csize != usize or extra_len or comment_len or disk:
+        raise ProtocolError("archive entry with flags, extra fields or sizes torch.save does not write")
+    if not 0 < name_len <= MAX_NAME or cd + _CENTRAL.size + name_len > cd_end:
+        raise ProtocolError("archive entry name too long")
+    name = bytes(view[cd + _CENTRAL.size:cd + _CENTRAL.size + name_len])
+    return _Entry(name, flags, crc, usize, offset), cd + _CENTRAL.size + name_len
+
+
+def _local_record(view: memoryview, pos: int, entry: _Entry, cd_offset: int) -> tuple[int, int]:
+    """(data start, record end) of the local record at ``pos``, which must repeat ``entry``
+    (torch's reader trusts the local header, so a disagreement could hide bytes)."""
+    lsig, _, lflags, lmethod, _, _, lcrc, lcsize, lusize, lname_len, lextra_len = _LOCAL.unpack_from(view, pos)
+    start = pos + _LOCAL.size + lname_len + lextra_len
+    if lsig != SIG_LOCAL or lflags != entry.flags or lmethod != 0 or lname_len != len(entry.name) \
+            or lextra_len > MAX_EXTRA or bytes(view[pos + _LOCAL.size:pos + _LOCAL.size + lname_len]) != entry.name:
+        raise ProtocolError("local header disagrees with the central directory")
+    sizes = (entry.crc, entry.size, entry.size)
+    end = start + entry.size
+    if entry.flags & FLAG_DESCRIPTOR:
+        if (lcrc, lcsize, lusize) not in ((0, 0, 0), sizes) or end + _DESCRIPTOR.size > cd_offset \
+                or _DESCRIPTOR.unpack_from(view, end) != (SIG_DESCRIPTOR, *sizes):
+            raise ProtocolError("data descriptor disagrees with the central directory")
+        end += _DESCRIPTOR.size
+    elif (lcrc, lcsize, lusize) != sizes:
+        raise ProtocolError("local header sizes disagree with the central directory")
+    if end > cd_offset:
+        raise ProtocolError("archive entry overruns the central directory")
+    return start, end
+
+
+def _record_name(name: bytes, prefix: str | None, names: dict[str, tuple[int, int]]) -> tuple[str, str]:
+    """(the archive's folder, the record's name in lower case): a name ``torch.save`` gives,
+    in the same folder as the first entry, seen once."""
+    match = _NAME.fullmatch(name.decode("latin-1"))
+    if match is None:
+        raise ProtocolError(f"unexpected archive entry {sanitize(name.decode('latin-1'), 80)!r}")
+    if prefix is None:
+        prefix = match.group(1)
+    record = match.group(2).lower()
+    if match.group(1) != prefix or record in names:
+        raise ProtocolError(f"duplicate or stray archive entry {sanitize(name.decode('latin-1'), 80)!r}")
+    return prefix, record
+
+
+def _pickle_record(view: memoryview, names: dict[str, tuple[int, int]]) -> memoryview:
+    """``data.pkl``'s bytes, once the small records are small and the byte order is ours."""
     for record, (start, size) in names.items():
         if not record.startswith("data") and size > MAX_SMALL_RECORD:
             raise ProtocolError(f"archive record {record} of {size} bytes")
@@ -307,7 +349,7 @@ warnings.filterwarnings("ignore", message="Detected pickle protocol", category=U
 class _BufferReader(io.RawIOBase):
     """A seekable read-only file over received bytes. torch.load reads each tensor's record
     straight into its storage (``readinto``); io.BytesIO would first copy a bytearray
-    payload whole, which costs a model-sized allocation and ~2x the decode time."""
+    payload whole: a model-sized allocation and a second pass over the bytes."""
 
     def __init__(self, raw: bytes | bytearray | memoryview) -> None:
         super().__init__()
