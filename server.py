@@ -25,6 +25,7 @@ from fl.server import secagg as secagg_server
 from fl.server.config import ServerConfig
 from fl.strategies.base import StrategyError
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Federated-learning server: runs rounds over TCP clients, evaluated on the MNIST test set.",
