@@ -113,11 +113,6 @@ def dequantize_state(
     return out
 
 
-def is_quantized_state(packed: Mapping[str, object]) -> bool:
-    """Lets a receiver accept both plain and quantized updates on the same channel."""
-    return any(isinstance(v, Mapping) for v in packed.values())
-
-
 def state_delta(local: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Deltas, not weights, are what quantize well; integer counters are sent as absolute values."""
     return {k: v - base[k] if v.is_floating_point() else v for k, v in local.items()}

@@ -64,11 +64,6 @@ class FixedPoint:
         """The value of one unit in the ring: ``2^-f``."""
         return 2.0**-self.frac_bits
 
-    def max_error(self, count: int, stochastic: bool = False) -> float:
-        """Bound on ``|decode(sum of count encodings) - sum of the clipped inputs|`` per coordinate
-        (strict for stochastic rounding)."""
-        return count * self.step * (1.0 if stochastic else 0.5)
-
     def clipped(self, x: torch.Tensor) -> int:
         """How many coordinates of ``x`` encoding would clip."""
         return int((x.detach().abs() > self.clip).sum())

@@ -53,11 +53,6 @@ def _words(seed: bytes, length: int, bits: int) -> torch.Tensor:
     return words.to(torch.int64) if bits <= 32 else words.bitwise_and_(ring_mask(bits))
 
 
-def expand(seed: bytes, length: int, bits: int) -> torch.Tensor:
-    """``PRG(seed)``: ``length`` int64 ring elements, uniform in ``[0, 2^bits)``."""
-    return _words(seed, length, bits).bitwise_and_(ring_mask(bits))
-
-
 def add_mask(acc: torch.Tensor, seed: bytes, sign: int, bits: int) -> torch.Tensor:
     """``acc += sign * PRG(seed) (mod 2^bits)``, in place; ``acc`` is an int64 ring vector."""
     words = _words(seed, acc.numel(), bits)
