@@ -18,7 +18,7 @@ import argparse
 import sys
 
 from fl import privacy, strategies
-from fl.learning.training import OPTIMIZERS
+from fl.learning.config import OPTIMIZERS, TrainingConfig
 from fl.server import app
 from fl.server import secagg as secagg_server
 from fl.server.config import ServerConfig
@@ -68,12 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds to wait for the updates of a round")
     fl.add_argument("--quantize-broadcast", action="store_true",
                     help="send the global model as an 8-bit delta to clients that hold the previous one")
-    fl.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round (sent to clients)")
-    fl.add_argument("--lr", type=float, default=d.lr, help="clients' learning rate in round 1")
-    fl.add_argument("--client-optimizer", choices=OPTIMIZERS, default=d.client_optimizer,
+    fl.add_argument("--local-epochs", type=int, default=d.training.epochs, help="local epochs per round (sent to clients)")
+    fl.add_argument("--lr", type=float, default=d.training.lr, help="clients' learning rate in round 1")
+    fl.add_argument("--client-optimizer", choices=OPTIMIZERS, default=d.training.optimizer,
                     help="clients' optimizer, fresh each round (sgd: the FedAvg paper's; try it on "
                          "label-skewed shards, with a larger --lr such as 0.05)")
-    fl.add_argument("--client-momentum", type=float, default=d.client_momentum,
+    fl.add_argument("--client-momentum", type=float, default=d.training.momentum,
                     help="momentum of the clients' SGD (0: plain SGD, as in the FedAvg paper)")
     fl.add_argument("--freeze-bn-after", type=int, default=None, metavar="ROUND",
                     help="FixBN (Zhong et al., ICML 2024): after this round, clients' BatchNorm layers "
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(for label-skewed shards, whose batches see only a few classes; 0: from the start)")
     fl.add_argument("--lr-schedule", choices=("cosine", "constant"), default=d.lr_schedule,
                     help="cosine decays the learning rate to 0.1x by the last round")
-    fl.add_argument("--batch-size", type=int, default=d.batch_size, help="clients' batch size")
+    fl.add_argument("--batch-size", type=int, default=d.training.batch_size, help="clients' batch size")
     fl.add_argument("--no-augment", action="store_true", help="tell clients to train without augmentation")
     fl.add_argument("--hflip", action="store_true", help="add random horizontal flips to augmentation (hurts digits)")
     fl.add_argument("--seed", type=int, default=d.seed, help="seed of the initial global model and of client sampling")
@@ -204,14 +204,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
         p.error("--client-momentum needs --client-optimizer sgd")
     if a.target_accuracy is not None and not 0 < a.target_accuracy <= 1:
         p.error(f"--target-accuracy must be in (0, 1], got {a.target_accuracy}")
+    try:
+        training = TrainingConfig(epochs=a.local_epochs, lr=a.lr, batch_size=a.batch_size, optimizer=a.client_optimizer,
+                                  momentum=a.client_momentum, augment=not a.no_augment, hflip=a.hflip)
+    except ValueError as exc:
+        p.error(f"clients' training settings: {exc}")
     config = ServerConfig(
         host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, max_connections=a.max_connections,
         max_pending=a.max_pending, max_pending_per_address=a.max_pending_per_address, max_frame_mb=a.max_frame_mb,
         handshake_timeout=a.handshake_timeout, rounds=a.rounds, target_accuracy=a.target_accuracy, min_clients=a.min_clients, min_fit=a.min_fit,
         fraction=a.fraction, round_timeout=a.round_timeout, quantize_broadcast=a.quantize_broadcast,
-        local_epochs=a.local_epochs, lr=a.lr, client_optimizer=a.client_optimizer,
-        client_momentum=a.client_momentum, freeze_bn_after=a.freeze_bn_after, lr_schedule=a.lr_schedule, batch_size=a.batch_size,
-        augment=not a.no_augment, hflip=a.hflip, seed=a.seed, strategy=a.strategy, strategy_params=params,
+        training=training, freeze_bn_after=a.freeze_bn_after, lr_schedule=a.lr_schedule, seed=a.seed, strategy=a.strategy, strategy_params=params,
         weighting=a.weighting or ("uniform" if dp else "samples"), clip_norm=a.clip_norm, max_samples=a.max_samples, norm_ratio=a.norm_ratio or None,
         data_dir=a.data_dir, download=not a.no_download, test_limit=a.test_limit, checkpoint=a.checkpoint,
         dp_noise_multiplier=a.dp_noise_multiplier, dp_clipping=a.dp_clipping, dp_adaptive=a.dp_adaptive,
