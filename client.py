@@ -21,14 +21,9 @@ import sys
 
 import torch
 
-from fl.client.participant import (
-    ClientConfig,
-    Host,
-    Participant,
-    add_client_arguments,
-    check_client_arguments,
-    pick_device,
-)
+from fl.client.config import ClientConfig, add_client_arguments, check_client_arguments, pick_device
+from fl.client.host import Host
+from fl.client.participant import Participant
 from fl.common.logs import setup_logging
 from fl.learning.data import DataError, load_mnist, resolve_data_dir, shard, subset
 from fl.wire.credentials import CredentialError

@@ -19,11 +19,14 @@ import argparse
 import sys
 
 from fl import privacy, strategies
-from fl.learning.training import OPTIMIZERS
+from fl.learning.config import OPTIMIZERS, TrainingConfig
 from fl.server import app
 from fl.server import secagg as secagg_server
 from fl.server.config import ServerConfig
 from fl.strategies.base import StrategyError
+
+TRAINING_FLAGS = {"epochs": "--local-epochs", "batch_size": "--batch-size", "lr": "--lr",
+                  "momentum": "--client-momentum"}  # TrainingConfig's fields by their flags
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,12 +84,12 @@ def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> Non
     fl.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds to wait for the updates of a round")
     fl.add_argument("--quantize-broadcast", action="store_true",
                     help="send the global model as an 8-bit delta to clients that hold the previous one")
-    fl.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round (sent to clients)")
-    fl.add_argument("--lr", type=float, default=d.lr, help="clients' learning rate in round 1")
-    fl.add_argument("--client-optimizer", choices=OPTIMIZERS, default=d.client_optimizer,
+    fl.add_argument("--local-epochs", type=int, default=d.training.epochs, help="local epochs per round (sent to clients)")
+    fl.add_argument("--lr", type=float, default=d.training.lr, help="clients' learning rate in round 1")
+    fl.add_argument("--client-optimizer", choices=OPTIMIZERS, default=d.training.optimizer,
                     help="clients' optimizer, fresh each round (sgd: the FedAvg paper's; try it on "
                          "label-skewed shards, with a larger --lr such as 0.05)")
-    fl.add_argument("--client-momentum", type=float, default=d.client_momentum,
+    fl.add_argument("--client-momentum", type=float, default=d.training.momentum,
                     help="momentum of the clients' SGD (0: plain SGD, as in the FedAvg paper)")
     fl.add_argument("--freeze-bn-after", type=int, default=None, metavar="ROUND",
                     help="FixBN (Zhong et al., ICML 2024): after this round, clients' BatchNorm layers "
@@ -94,7 +97,7 @@ def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> Non
                          "(for label-skewed shards, whose batches see only a few classes; 0: from the start)")
     fl.add_argument("--lr-schedule", choices=("cosine", "constant"), default=d.lr_schedule,
                     help="cosine decays the learning rate to 0.1x by the last round")
-    fl.add_argument("--batch-size", type=int, default=d.batch_size, help="clients' batch size")
+    fl.add_argument("--batch-size", type=int, default=d.training.batch_size, help="clients' batch size")
     fl.add_argument("--no-augment", action="store_true", help="tell clients to train without augmentation")
     fl.add_argument("--hflip", action="store_true", help="add random horizontal flips to augmentation (hurts digits)")
     fl.add_argument("--seed", type=int, default=d.seed, help="seed of the initial global model and of client sampling")
@@ -174,7 +177,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     check_federation(p, a)
     params = check_aggregation(p, a)
     check_privacy(p, a)
-    config = to_config(a, params, secagg)
+    config = to_config(a, check_training(p, a), params, secagg)
     try:
         app.build_strategy(config)
     except StrategyError as exc:
@@ -200,12 +203,8 @@ def check_federation(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--min-fit cannot exceed --min-clients")
     if not 0 < a.fraction <= 1:
         p.error(f"--fraction must be in (0, 1], got {a.fraction}")
-    if not a.lr > 0:
-        p.error(f"--lr must be positive, got {a.lr}")
     if a.freeze_bn_after is not None and a.freeze_bn_after < 0:
         p.error(f"--freeze-bn-after must be >= 0, got {a.freeze_bn_after}")
-    if not 0 <= a.client_momentum < 1:
-        p.error(f"--client-momentum must be in [0, 1), got {a.client_momentum}")
     if a.client_momentum and a.client_optimizer != "sgd":
         p.error("--client-momentum needs --client-optimizer sgd")
     if a.target_accuracy is not None and not 0 < a.target_accuracy <= 1:
@@ -242,22 +241,32 @@ def check_privacy(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--target-epsilon and --dp-adaptive need --dp-noise-multiplier")
 
 
-def to_config(a: argparse.Namespace, params: dict[str, object], secagg: dict[str, object]) -> ServerConfig:
+def check_training(p: argparse.ArgumentParser, a: argparse.Namespace) -> TrainingConfig:
+    """What clients are told to train with; TrainingConfig holds the checks."""
+    try:
+        return TrainingConfig(epochs=a.local_epochs, lr=a.lr, batch_size=a.batch_size, optimizer=a.client_optimizer,
+                              momentum=a.client_momentum, augment=not a.no_augment, hflip=a.hflip)
+    except ValueError as exc:  # "lr must be > 0, got 0" -> "--lr must be > 0, got 0"
+        key, _, rest = str(exc).partition(" ")
+        p.error(f"{TRAINING_FLAGS[key]} {rest}" if key in TRAINING_FLAGS else f"clients' training settings: {exc}")
+
+
+def to_config(a: argparse.Namespace, training: TrainingConfig, params: dict[str, object],
+              secagg: dict[str, object]) -> ServerConfig:
     dp = a.dp_noise_multiplier is not None
     return ServerConfig(
         host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, max_connections=a.max_connections,
         max_pending=a.max_pending, max_pending_per_address=a.max_pending_per_address, max_frame_mb=a.max_frame_mb,
         handshake_timeout=a.handshake_timeout, rounds=a.rounds, target_accuracy=a.target_accuracy, min_clients=a.min_clients, min_fit=a.min_fit,
         fraction=a.fraction, round_timeout=a.round_timeout, quantize_broadcast=a.quantize_broadcast,
-        local_epochs=a.local_epochs, lr=a.lr, client_optimizer=a.client_optimizer,
-        client_momentum=a.client_momentum, freeze_bn_after=a.freeze_bn_after, lr_schedule=a.lr_schedule, batch_size=a.batch_size,
-        augment=not a.no_augment, hflip=a.hflip, seed=a.seed, strategy=a.strategy, strategy_params=params,
+        training=training, freeze_bn_after=a.freeze_bn_after, lr_schedule=a.lr_schedule, seed=a.seed, strategy=a.strategy, strategy_params=params,
         weighting=a.weighting or ("uniform" if dp else "samples"), clip_norm=a.clip_norm, max_samples=a.max_samples, norm_ratio=a.norm_ratio or None,
         data_dir=a.data_dir, download=not a.no_download, test_limit=a.test_limit, checkpoint=a.checkpoint,
         dp_noise_multiplier=a.dp_noise_multiplier, dp_clipping=a.dp_clipping, dp_adaptive=a.dp_adaptive,
         dp_target_quantile=a.dp_target_quantile, dp_clip_lr=a.dp_clip_lr, dp_delta=a.dp_delta,
         dp_population=a.dp_population, target_epsilon=a.target_epsilon, dp_seed=a.dp_seed, resume=a.resume, metrics=a.metrics, threads=a.threads, quiet=a.quiet, verbose=a.verbose,
         progress=not (a.no_progress or a.quiet), **secagg)
+
 
 def main(argv: list[str] | None = None) -> int:
     config, args = parse_args(argv)

@@ -379,7 +379,7 @@ class RayTrainer:
     def __init__(self, data_dir: str | None, device: str | None, threads: str | None, run_env: dict[str, str]) -> None:
         os.environ.update(run_env)
         from fl.client import trainer_pool
-        from fl.client.participant import pick_device
+        from fl.client.config import pick_device
         from fl.learning.data import resolve_data_dir
 
         trainer_pool.start_trainer(str(resolve_data_dir(data_dir)), True, str(pick_device(device or "cpu")),

@@ -31,14 +31,9 @@ from typing import Any
 
 import torch
 
-from fl.client.participant import (
-    ClientConfig,
-    Host,
-    Participant,
-    add_client_arguments,
-    check_client_arguments,
-    pick_device,
-)
+from fl.client.config import ClientConfig, add_client_arguments, check_client_arguments, pick_device
+from fl.client.host import Host
+from fl.client.participant import Participant
 from fl.client.trainer_pool import RayTrainers, TrainerPool
 from fl.common.ids import format_ids, parse_ids
 from fl.common.limits import raise_open_files

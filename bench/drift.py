@@ -8,7 +8,7 @@ Loads a checkpoint written in the FedAvg paper's non-IID setting (``scale.py pap
   federation cannot compute): if the averaged statistics were the problem, the second
   would be much higher;
 - ``drift``: for each client learning rate, R rounds of 10 clients drawn from the 100
-  pathological shards, each trained E=5, B=10 from the checkpoint (``participant.fit``,
+  pathological shards, each trained E=5, B=10 from the checkpoint (``local.fit``,
   the clients' own training), their models averaged; the accuracy of each average, and of
   the average of the R averages (what a server learning rate below 1 approaches).
 
@@ -30,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # after the repo: bench/secagg.py is not the package
 from common import DEFAULT_DATA  # noqa: E402
 
-from fl.client.participant import fit  # noqa: E402
+from fl.client.local import fit  # noqa: E402
 from fl.common.layout import Layout  # noqa: E402
+from fl.learning.config import TrainingConfig  # noqa: E402
 from fl.learning.data import load_mnist, partition, to_float  # noqa: E402
 from fl.learning.model import ImprovedCNN  # noqa: E402
 from fl.learning.training import OPTIMIZERS, evaluate  # noqa: E402
@@ -90,8 +91,8 @@ def main() -> None:
           f"recomputed over the training set {100 * out['recomputed_statistics']:.2f}%", flush=True)
     model = ImprovedCNN()
     for lr in a.lr:
-        config = {"epochs": 5, "lr": lr, "batch_size": 10, "augment": True, "optimizer": a.optimizer,
-                  "momentum": a.momentum, "freeze_bn": a.freeze_bn}
+        config = TrainingConfig(epochs=5, lr=lr, batch_size=10, augment=True, optimizer=a.optimizer,
+                                momentum=a.momentum, freeze_bn=a.freeze_bn)
         rounds = []
         for r in range(a.repeats):
             sample = random.Random(r).sample(range(100), 10)

@@ -173,7 +173,7 @@ def make_payloads(rounds: int) -> tuple[list[bytes], int]:
     """One UPDATE payload per round (index = round number) and the MODEL payload's length."""
     import torch
 
-    from fl.client.participant import update_message
+    from fl.client.steps import update_message
     from fl.learning.model import ImprovedCNN
     from fl.wire.frames import encode_payload
 

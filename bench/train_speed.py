@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fl.learning.augment import augment_batch  # noqa: E402
+from fl.learning.config import TrainingConfig  # noqa: E402
 from fl.learning.data import MNIST_FILES, load_mnist, to_float  # noqa: E402
 from fl.learning.model import ImprovedCNN  # noqa: E402
 from fl.learning.training import train  # noqa: E402
@@ -84,7 +85,7 @@ def run_train(images: torch.Tensor, labels: torch.Tensor, batch_size: int, lr: f
     generator = torch.Generator().manual_seed(1)
     with open(os.devnull, "w") as devnull, contextlib.redirect_stderr(devnull):
         start = time.perf_counter()
-        train(model, images, labels, epochs=1, lr=lr, batch_size=batch_size, generator=generator,
+        train(model, images, labels, TrainingConfig(epochs=1, lr=lr, batch_size=batch_size), generator=generator,
               progress=progress, desc="bench")
         return time.perf_counter() - start
 

@@ -39,7 +39,7 @@ _dropped: set[int] = set()
 
 class TestSession(secagg_client.SecAggSession):
     def before_masked(self, x: torch.Tensor, body: dict) -> None:
-        cid = self.participant.client_id
+        cid = self.client_id
         if FAULT == "drop-before-masked":
             with _lock:
                 first = cid not in _dropped
@@ -54,7 +54,7 @@ class TestSession(secagg_client.SecAggSession):
                         "bits": fp.bits, "frac_bits": fp.frac_bits, "max_clients": fp.max_clients}
 
     def after_masked(self) -> None:
-        cid = self.participant.client_id
+        cid = self.client_id
         if RECORD:
             torch.save(self._record, Path(RECORD) / f"client{cid}.pt")
         if FAULT == "exit-after-masked":

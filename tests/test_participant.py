@@ -1,13 +1,14 @@
-"""participant.py's pure helpers: client-side DP clipping of the whole state, and the
-training config a client obeys."""
+"""The client's pure helpers: client-side DP clipping of the whole state (steps/clip.py),
+local training (local.py) and the training config a client obeys."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fl.client import participant
-from fl.client.participant import clip_delta
+from fl.client import local, participant
+from fl.client.steps.clip import clip_delta
 from fl.common.layout import Layout
+from fl.learning.config import TrainingConfig
 from fl.learning.model import ImprovedCNN
 
 
@@ -35,17 +36,18 @@ def test_clip_delta_bounds_the_float_delta_and_keeps_the_counters():
 def test_fit_trains_with_the_optimizer_the_server_named(monkeypatch, sent, expected):
     seen = {}
 
-    def fake_train(model, images, labels, **kwargs):
-        seen.update(kwargs)
+    def fake_train(model, images, labels, config, **kwargs):
+        seen["config"] = config
         return "result"
 
-    monkeypatch.setattr(participant, "train", fake_train)
+    monkeypatch.setattr(local, "train", fake_train)
     model = torch.nn.Linear(2, 2)
-    config = {"epochs": 1, "lr": 0.05, "batch_size": 4, **sent}
-    participant.fit(model, torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), None,
-                    client_id=3, seed=0, round_num=1, config=config, base=model.state_dict())
-    assert (seen["optimizer"], seen["momentum"], seen["mu"], seen["freeze_bn"]) == expected
-    assert seen["lr"] == 0.05
+    config = TrainingConfig.from_wire({"epochs": 1, "lr": 0.05, "batch_size": 4, **sent})
+    local.fit(model, torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), None,
+              client_id=3, seed=0, round_num=1, config=config, base=model.state_dict())
+    seen = seen["config"]
+    assert (seen.optimizer, seen.momentum, seen.proximal_mu, seen.freeze_bn) == expected
+    assert seen.lr == 0.05
 
 
 def test_fit_returns_a_copy_that_the_next_client_on_the_same_model_leaves_alone():
@@ -55,10 +57,10 @@ def test_fit_returns_a_copy_that_the_next_client_on_the_same_model_leaves_alone(
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
     base = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
-    config = {"epochs": 1, "lr": 0.1, "batch_size": 4, "optimizer": "sgd", "augment": False}
-    first = participant.fit(model, images, torch.zeros(8, dtype=torch.long), None, 0, 0, 1, config, base)[0]
+    config = TrainingConfig(epochs=1, lr=0.1, batch_size=4, optimizer="sgd", augment=False)
+    first = local.fit(model, images, torch.zeros(8, dtype=torch.long), None, 0, 0, 1, config, base)[0]
     kept = {k: v.clone() for k, v in first.items()}
-    participant.fit(model, images, torch.ones(8, dtype=torch.long), None, 1, 0, 1, config, base)
+    local.fit(model, images, torch.ones(8, dtype=torch.long), None, 1, 0, 1, config, base)
     for k in kept:
         assert torch.equal(first[k], kept[k]), k
 
@@ -66,7 +68,7 @@ def test_fit_returns_a_copy_that_the_next_client_on_the_same_model_leaves_alone(
 def test_a_model_message_with_an_unusable_training_config_is_a_protocol_error():
     from fl.wire.errors import ProtocolError
     good = {"epochs": 1, "batch_size": 8, "lr": 0.1}
-    assert participant.Participant.training_config({"config": good}) == good
+    assert participant.Participant.training_config({"config": good}) == TrainingConfig(epochs=1, batch_size=8, lr=0.1)
     with pytest.raises(ProtocolError, match="unusable training config: unknown client optimizer 'evil'"):
         participant.Participant.training_config({"config": {**good, "optimizer": "evil"}})
     with pytest.raises(ProtocolError, match="lacks field 'config'"):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import predict
+from fl.learning.config import TrainingConfig
 from fl.learning.data import load_mnist
 from fl.learning.model import ImprovedCNN
 from fl.learning.training import train
@@ -23,8 +24,8 @@ def trained_checkpoint(synthetic_mnist_dir: Path, tmp_path_factory: pytest.TempP
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: extra threads only fight a busy CI box
     try:
-        train(model, images, labels, epochs=1, lr=1e-3, batch_size=20,
-              generator=torch.Generator().manual_seed(0), augment=False, progress=False)
+        train(model, images, labels, TrainingConfig(epochs=1, lr=1e-3, batch_size=20, augment=False),
+              generator=torch.Generator().manual_seed(0), progress=False)
     finally:
         torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"

@@ -17,24 +17,24 @@ def test_flags_build_a_frozen_config_with_the_strategy_parameters():
     config, _ = server.parse_args(["--strategy", "fedadam", "--server-lr", "0.05", "--fraction", "0.5",
                                    "--weighting", "uniform", "--clip-norm", "2", "--no-augment"])
     assert config.strategy == "fedadam" and config.strategy_params == {"server_lr": 0.05}
-    assert (config.fraction, config.weighting, config.clip_norm, config.augment) == (0.5, "uniform", 2.0, False)
+    assert (config.fraction, config.weighting, config.clip_norm, config.training.augment) == (0.5, "uniform", 2.0, False)
     with pytest.raises(AttributeError):
         config.rounds = 3  # frozen
     assert "secret" not in str(config.public())
 
 
 def test_the_clients_optimizer_reaches_the_training_config_every_client_is_sent():
-    assert server.parse_args([])[0].training_config()["optimizer"] == "adam"  # the default is unchanged
+    assert server.parse_args([])[0].training_config().optimizer == "adam"  # the default is unchanged
     config, _ = server.parse_args(["--client-optimizer", "sgd", "--client-momentum", "0.9", "--lr", "0.05"])
-    sent = config.training_config()
-    assert (sent["optimizer"], sent["momentum"], config.lr) == ("sgd", 0.9, 0.05)
+    sent = config.training_config().to_wire()
+    assert (sent["optimizer"], sent["momentum"], config.training.lr) == ("sgd", 0.9, 0.05)
     assert sent["freeze_bn"] is False
 
 
 def test_freeze_bn_after_round_r_tells_clients_from_round_r_plus_1():
     config, _ = server.parse_args(["--freeze-bn-after", "3"])
-    assert [config.training_config(r)["freeze_bn"] for r in (1, 3, 4, 9)] == [False, False, True, True]
-    assert server.parse_args(["--freeze-bn-after", "0"])[0].training_config(1)["freeze_bn"] is True
+    assert [config.training_config(r).freeze_bn for r in (1, 3, 4, 9)] == [False, False, True, True]
+    assert server.parse_args(["--freeze-bn-after", "0"])[0].training_config(1).freeze_bn is True
 
 
 def test_every_strategy_is_listed_in_help(capsys):
@@ -55,7 +55,8 @@ def test_every_strategy_is_listed_in_help(capsys):
     (["--strategy", "fedavg", "--mu", "0.1"], "--mu is not a parameter of fedavg"),
     (["--clip-norm", "0"], "--clip-norm must be positive"),
     (["--norm-ratio", "0.5"], "--norm-ratio must be > 1"),
-    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
     (["--freeze-bn-after", "-1"], "--freeze-bn-after must be >= 0"),
     (["--client-optimizer", "sgd", "--client-momentum", "1"], "--client-momentum must be in [0, 1)"),
     (["--client-momentum", "0.9"], "--client-momentum needs --client-optimizer sgd"),

@@ -31,7 +31,10 @@ def imports_of(path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            # "from fl.secagg import shamir" imports the module shamir, not the package's names
+            names = [f"{node.module}.{a.name}" for a in node.names]
+            if not all(n in known for n in names):
+                names.append(node.module)
         else:
             continue
         for name in names:

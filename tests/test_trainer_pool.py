@@ -9,12 +9,14 @@ import torch
 from test_worker import model_msg, serve_one
 
 from fl.client import participant
+from fl.client.config import ClientConfig
+from fl.client.host import Host
 from fl.client.trainer_pool import TrainerPool
 from fl.learning.data import load_mnist
 from fl.learning.model import ImprovedCNN
 
 
-def updates_of(host: participant.Host, clients: dict[int, participant.ClientConfig], state: dict,
+def updates_of(host: Host, clients: dict[int, ClientConfig], state: dict,
                concurrently: bool) -> dict[int, list[dict]]:
     """Each client's UPDATE bodies for two rounds (the second an 8-bit broadcast-free MODEL)."""
     out: dict[int, list[dict]] = {}
@@ -36,13 +38,13 @@ def updates_of(host: participant.Host, clients: dict[int, participant.ClientConf
 def test_pooled_clients_send_the_updates_they_would_train_locally(synthetic_mnist_dir):
     images, labels = load_mnist(synthetic_mnist_dir, train=True, download=False)
     state = {k: v.clone() for k, v in ImprovedCNN().state_dict().items()}
-    clients = {0: participant.ClientConfig(seed=3, progress=False),
-               1: participant.ClientConfig(seed=3, progress=False, quantization=True, stochastic_rounding=True),
-               2: participant.ClientConfig(seed=3, progress=False)}
+    clients = {0: ClientConfig(seed=3, progress=False),
+               1: ClientConfig(seed=3, progress=False, quantization=True, stochastic_rounding=True),
+               2: ClientConfig(seed=3, progress=False)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the pool's processes: another thread count sums in another order
     try:
-        local = updates_of(participant.Host(images, labels, torch.device("cpu")), clients, state, concurrently=False)
+        local = updates_of(Host(images, labels, torch.device("cpu")), clients, state, concurrently=False)
     finally:
         torch.set_num_threads(threads)
     pool = TrainerPool(2, str(synthetic_mnist_dir), False, torch.device("cpu"))
@@ -67,7 +69,7 @@ def test_a_pool_whose_processes_cannot_load_the_data_fails_at_once(tmp_path):
 
 def test_a_pool_holds_one_slot_per_process():
     pool = TrainerPool.__new__(TrainerPool)
-    participant.Host.__init__(pool, None, None, torch.device("cpu"), slots=2)
+    Host.__init__(pool, None, None, torch.device("cpu"), slots=2)
     assert pool.lock.acquire(blocking=False) and pool.lock.acquire(blocking=False)
     assert not pool.lock.acquire(blocking=False)  # a third client waits for a free process
 

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -7,6 +8,7 @@ from conftest import make_synthetic_images
 from torch import nn
 
 from fl.learning import training
+from fl.learning.config import TrainingConfig
 from fl.learning.data import to_float
 from fl.learning.model import ImprovedCNN
 from fl.learning.training import add_proximal_gradient, client_optimizer, evaluate, proximal_term, round_lr, train
@@ -38,7 +40,7 @@ def test_train_learns_the_synthetic_task_and_reports_its_work(data):
     torch.manual_seed(0)
     model = ImprovedCNN()
     before, _ = evaluate(model, images, labels)
-    result = train(model, images, labels, epochs=2, lr=1e-3, batch_size=32,
+    result = train(model, images, labels, TrainingConfig(epochs=2, lr=1e-3, batch_size=32),
                    generator=torch.Generator().manual_seed(0), progress=False)
     after, accuracy = evaluate(model, images, labels)
     assert result.samples == 2 * len(labels) and result.seconds > 0
@@ -52,7 +54,7 @@ def test_train_is_reproducible_with_the_same_generator(data):
     for _ in range(2):
         torch.manual_seed(0)
         model = ImprovedCNN()
-        train(model, images[:64], labels[:64], epochs=1, lr=1e-3, batch_size=16,
+        train(model, images[:64], labels[:64], TrainingConfig(epochs=1, lr=1e-3, batch_size=16),
               generator=torch.Generator().manual_seed(3), progress=False)
         states.append(model.state_dict())
     for k in states[0]:
@@ -121,8 +123,8 @@ def tiny_model() -> nn.Module:
 def fit(data, **kwargs) -> nn.Module:
     images, labels = data
     model = tiny_model()
-    train(model, images[:96], labels[:96], epochs=2, lr=1e-2, batch_size=16,
-          generator=torch.Generator().manual_seed(5), progress=False, augment=False, **kwargs)
+    train(model, images[:96], labels[:96], TrainingConfig(epochs=2, lr=1e-2, batch_size=16, augment=False, **kwargs),
+          generator=torch.Generator().manual_seed(5), progress=False)
     return model
 
 
@@ -171,8 +173,9 @@ def test_sgd_takes_the_heavy_ball_steps_computed_by_hand(data, momentum):
         gw, gb = linear_gradient(w, b, x, labels)
         velocity = (gw, gb) if velocity is None else (momentum * velocity[0] + gw, momentum * velocity[1] + gb)
         w, b = w - lr * velocity[0], b - lr * velocity[1]
-    train(model, images, labels, epochs=2, lr=lr, batch_size=40, generator=torch.Generator().manual_seed(0),
-          progress=False, augment=False, optimizer="sgd", momentum=momentum)
+    train(model, images, labels, TrainingConfig(epochs=2, lr=lr, batch_size=40, augment=False, optimizer="sgd",
+                                                momentum=momentum),
+          generator=torch.Generator().manual_seed(0), progress=False)
     assert torch.allclose(model[1].weight.double(), w, atol=1e-5)
     assert torch.allclose(model[1].bias.double(), b, atol=1e-5)
 
@@ -222,8 +225,9 @@ def test_freeze_bn_normalises_with_the_global_statistics_and_keeps_them(data):
     images, labels = images[:32], labels[:32]
     frozen, reference, plain = bn_model(), bn_model(), bn_model()
     before = {k: v.clone() for k, v in frozen.state_dict().items()}
-    common = dict(epochs=1, lr=0.1, batch_size=32, progress=False, augment=False, optimizer="sgd")
-    train(frozen, images, labels, generator=torch.Generator().manual_seed(0), freeze_bn=True, **common)
+    common = TrainingConfig(epochs=1, lr=0.1, batch_size=32, augment=False, optimizer="sgd")
+    train(frozen, images, labels, dataclasses.replace(common, freeze_bn=True),
+          generator=torch.Generator().manual_seed(0), progress=False)
     reference[1].eval()
     F.cross_entropy(reference(to_float(images)), labels).backward()
     with torch.no_grad():
@@ -233,7 +237,7 @@ def test_freeze_bn_normalises_with_the_global_statistics_and_keeps_them(data):
         assert torch.allclose(a, b, atol=1e-6)
     for k in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
         assert torch.equal(frozen.state_dict()[k], before[k]), k
-    train(plain, images, labels, generator=torch.Generator().manual_seed(0), **common)
+    train(plain, images, labels, common, generator=torch.Generator().manual_seed(0), progress=False)
     assert not torch.allclose(plain[1].running_mean, before["1.running_mean"])
     assert not torch.allclose(plain[0].weight, frozen[0].weight)
 
@@ -253,7 +257,25 @@ GOOD_CONFIG = {"epochs": 5, "batch_size": 10, "lr": 0.05, "optimizer": "sgd", "m
     ({"optimizer": "rmsprop"}, "unknown client optimizer 'rmsprop'"),
 ])
 def test_a_client_refuses_an_unusable_training_config_in_one_line(change, message):
-    training.check_training_config(GOOD_CONFIG)
-    training.check_training_config({"epochs": 1, "batch_size": 64, "lr": 1e-3})  # an older server's keys
+    TrainingConfig.from_wire(GOOD_CONFIG)
+    TrainingConfig.from_wire({"epochs": 1, "batch_size": 64, "lr": 1e-3})  # an older server's keys
     with pytest.raises(ValueError, match=message):
-        training.check_training_config({**GOOD_CONFIG, **change})
+        TrainingConfig.from_wire({**GOOD_CONFIG, **change})
+
+
+def test_the_wire_form_has_the_keys_servers_always_sent_in_their_order():
+    plain = TrainingConfig(epochs=2, lr=0.01, batch_size=10, optimizer="sgd", momentum=0.9)
+    assert list(plain.to_wire()) == ["epochs", "batch_size", "augment", "hflip", "optimizer", "momentum",
+                                     "freeze_bn", "lr"]
+    both = dataclasses.replace(plain, mu=0.01, dp_clip_norm=1.0)
+    assert list(both.to_wire())[-2:] == ["mu", "dp_clip_norm"]
+    for config in (plain, both):
+        assert TrainingConfig.from_wire(config.to_wire()) == config
+    older = TrainingConfig.from_wire({"epochs": 1, "batch_size": 64, "lr": 1e-3})
+    assert (older.optimizer, older.momentum, older.augment, older.mu, older.proximal_mu) == ("adam", 0.0, True, None, 0)
+
+
+@pytest.mark.parametrize("dp", [0, -1.0, float("nan"), True, "1"])
+def test_a_bad_dp_clip_norm_is_refused(dp):
+    with pytest.raises(ValueError, match="dp_clip_norm must be a positive number"):
+        TrainingConfig.from_wire({**GOOD_CONFIG, "dp_clip_norm": dp})

@@ -15,7 +15,9 @@ from conftest import make_synthetic_images
 from procs import Worker as Thread
 from procs import server_args, start, stop
 
-from fl.client import participant
+from fl.client import local, participant
+from fl.client.config import ClientConfig
+from fl.client.host import Host
 from fl.common.layout import Layout
 from fl.learning.model import ImprovedCNN
 from fl.wire.frames import Connection, MsgType
@@ -85,16 +87,16 @@ def test_virtual_client_trains_exactly_like_a_client_process():
     in its own process (its shard gathered, a model of its own)."""
     images, labels = small_data()
     idx = {cid: torch.arange(cid, 48, 3) for cid in range(3)}
-    cfg = participant.ClientConfig(seed=5, progress=False)
+    cfg = ClientConfig(seed=5, progress=False)
     state = {k: v.clone() for k, v in ImprovedCNN().state_dict().items()}
 
-    shared = participant.Host(images, labels, torch.device("cpu"))
+    shared = Host(images, labels, torch.device("cpu"))
     first = participant.Participant(0, shared, cfg, indices=idx[0])
     serve_one(first, [model_msg(1, state, 1)])  # leaves the shared model trained and the RNGs used
     hosted = participant.Participant(2, shared, cfg, indices=idx[2])
     (got,), reason = serve_one(hosted, [model_msg(1, state, 1)])
 
-    alone = participant.Participant(2, participant.Host(images[idx[2]], labels[idx[2]], torch.device("cpu")), cfg)
+    alone = participant.Participant(2, Host(images[idx[2]], labels[idx[2]], torch.device("cpu")), cfg)
     (want,), _ = serve_one(alone, [model_msg(1, state, 1)])
     assert reason == "test over" and got["num_samples"] == want["num_samples"] == 16
     assert torch.equal(got["flat"]["float"], want["flat"]["float"])
@@ -104,8 +106,8 @@ def test_virtual_client_trains_exactly_like_a_client_process():
 
 def test_participants_of_a_host_share_one_received_model():
     images, labels = small_data()
-    host = participant.Host(images, labels, torch.device("cpu"))
-    cfg = participant.ClientConfig(progress=False)
+    host = Host(images, labels, torch.device("cpu"))
+    cfg = ClientConfig(progress=False)
     state = ImprovedCNN().state_dict()
     ps = [participant.Participant(cid, host, cfg, indices=torch.arange(cid, 48, 2)) for cid in range(2)]
     for p in ps:  # each decodes its own copy from its own connection...
@@ -118,8 +120,8 @@ def test_participants_of_a_host_share_one_received_model():
 
 def test_quantized_participant_and_8bit_broadcast():
     images, labels = small_data()
-    host = participant.Host(images, labels, torch.device("cpu"))
-    p = participant.Participant(1, host, participant.ClientConfig(quantization=True, progress=False),
+    host = Host(images, labels, torch.device("cpu"))
+    p = participant.Participant(1, host, ClientConfig(quantization=True, progress=False),
                                 indices=torch.arange(24))
     state = ImprovedCNN().state_dict()
     from fl.learning.quantization import quantize_state, state_delta
@@ -135,16 +137,16 @@ def test_quantized_participant_and_8bit_broadcast():
 @pytest.mark.parametrize("config,expected", [({}, 0.0), ({"mu": 0.0}, 0.0), ({"mu": 0.01}, 0.01)])
 def test_fedprox_mu_from_the_round_config_reaches_train(monkeypatch, config, expected):
     seen = {}
-    real_train = participant.train
+    real_train = local.train
 
-    def spy(*args, **kwargs):
-        seen["mu"] = kwargs.pop("mu", None)
-        return real_train(*args, **kwargs)
+    def spy(model, images, labels, config, **kwargs):
+        seen["mu"] = config.proximal_mu
+        return real_train(model, images, labels, config, **kwargs)
 
-    monkeypatch.setattr(participant, "train", spy)
+    monkeypatch.setattr(local, "train", spy)
     images, labels = small_data(16)
-    p = participant.Participant(0, participant.Host(images, labels, torch.device("cpu")),
-                                participant.ClientConfig(progress=False))
+    p = participant.Participant(0, Host(images, labels, torch.device("cpu")),
+                                ClientConfig(progress=False))
     serve_one(p, [model_msg(1, ImprovedCNN().state_dict(), 1, **config)])
     assert seen["mu"] == expected
 

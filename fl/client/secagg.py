@@ -1,4 +1,7 @@
-"""A client's side of a secure-aggregation round, for ``participant.Participant``.
+"""A client's side of a secure-aggregation round. It is handed what it needs (the checked
+training config, the model received, a ``train`` callback, the client id and a logger)
+and reaches into nothing else: like Flower's ``secaggplus_mod``, it trains through the
+callback, with a ``steps.mask.Mask`` as the update chain.
 
 When a MODEL message carries ``secagg`` settings (``secagg_wire.Settings``) the client runs
 the four stages of ``secagg.SecAggClient`` on its connection instead of sending an UPDATE:
@@ -12,7 +15,7 @@ the four stages of ``secagg.SecAggClient`` on its connection instead of sending 
 shares routed to it arrive. So a client that drops out before training costs the others
 nothing, and the model-sized masked vector exists only between training and sending. In
 ``worker.py`` the stages run on each client's own thread without the training lock, and
-only "train, clip, encode, mask" takes a slot of the host's lock, so the hosted clients
+only "train, clip, encode, mask" (the ``train`` callback) takes a slot of the host's lock, so the hosted clients
 train as in plain rounds (one at a time, or one per process of a ``TrainerPool``) while
 all of them take part in the key stages together.
 
@@ -31,17 +34,27 @@ the server ends the round quietly; the connection stays.
 """
 from __future__ import annotations
 
-import math
-from typing import Any
+import logging
+from typing import Any, Callable, Sequence
 
 import torch
 
+from fl.client.local import log_round
+from fl.client.steps.base import Step
+from fl.client.steps.mask import Mask
 from fl.common.layout import Layout
-from fl.common.vectors import clip_by_norm
+from fl.learning.config import TrainingConfig
+from fl.learning.training import TrainResult
 from fl.secagg import SecAggAbort, SecAggClient, SecAggError
 from fl.secagg.wire import ADVERTISE_KEYS, MASKED_INPUT, SHARE_KEYS, UNMASKING, Settings, decode_server, encode
 from fl.wire.errors import ConnectionClosed, ProtocolError
 from fl.wire.frames import Connection, MsgType
+
+Train = Callable[[Sequence[Step]], tuple[dict[str, Any], TrainResult]]
+"""Train (holding a slot of the host's lock) and run the steps: (body, result)."""
+
+QUANTIZATION_WARNING = ("the server requires secure aggregation: sending 32-bit masked updates "
+                        "(8-bit --quantization cannot be masked in the ring)")
 
 
 class Done(Exception):
@@ -52,35 +65,42 @@ class Done(Exception):
         self.reason = reason
 
 
-def begin(participant: Any, conn: Connection, round_num: int, model_msg: dict[str, Any]) -> "SecAggSession":
-    """Check the round's settings and resolve the model (on the training thread, under the
-    host's lock, which the caller holds); ProtocolError for settings this client refuses."""
+def settings_of(model_msg: dict[str, Any], round_num: int) -> Settings:
+    """The round's secure-aggregation settings; ProtocolError for settings this client refuses."""
     settings = Settings.from_dict(model_msg["secagg"])
     if settings.round != round_num:
         raise ProtocolError(f"secagg settings for round {settings.round} in the MODEL of round {round_num}")
-    config = participant.training_config(model_msg)
-    base = participant.host.compute(participant._base, model_msg)
+    return settings
+
+
+def begin(conn: Connection, settings: Settings, training: TrainingConfig, base: dict[str, torch.Tensor], *,
+          client_id: int, train: Train, log: logging.Logger | logging.LoggerAdapter) -> "SecAggSession":
+    """A session for the round, once the model received matches the settings' length."""
     layout = Layout.of(base)
     if settings.length != layout.float_numel:
         raise ProtocolError(f"secagg length {settings.length} does not match the model's "
                             f"{layout.float_numel} floating values")
-    return SESSION(participant, conn, round_num, settings, config, base, layout)
+    return SESSION(conn, settings, training, base, layout, client_id=client_id, train=train, log=log)
 
 
 class SecAggSession:
     """One client's part in one round: fresh keys, never reused. Subclasses (tests) may
-    override :meth:`before_masked` and :meth:`after_masked`."""
+    override :meth:`before_masked` and :meth:`after_masked`. ``result`` is the training's
+    once the masked input went out and the round ended well."""
 
-    def __init__(self, participant: Any, conn: Connection, round_num: int, settings: Settings,
-                 config: dict[str, Any], base: dict[str, torch.Tensor], layout: Layout) -> None:
-        self.participant = participant
+    def __init__(self, conn: Connection, settings: Settings, training: TrainingConfig,
+                 base: dict[str, torch.Tensor], layout: Layout, *, client_id: int, train: Train,
+                 log: logging.Logger | logging.LoggerAdapter) -> None:
         self.conn = conn
-        self.round = round_num
+        self.round = settings.round
         self.settings = settings
-        self.config = config
+        self.training = training
         self.base = base
         self.layout = layout
-        self.log = participant.log
+        self.client_id = client_id
+        self.train = train
+        self.log = log
+        self.result: TrainResult | None = None
 
     # --- hooks for tests ----------------------------------------------------------------
 
@@ -94,12 +114,7 @@ class SecAggSession:
 
     def run(self) -> str | None:
         """Run the stages; None when this client's part is over, or the DONE reason."""
-        p, s = self.participant, self.settings
-        if p.config.quantization and not getattr(p, "_secagg_quantization_warned", False):
-            p._secagg_quantization_warned = True
-            self.log.warning("the server requires secure aggregation: sending 32-bit masked updates "
-                             "(8-bit --quantization cannot be masked in the ring)")
-        client = SecAggClient(p.client_id, s.config(), s.round)
+        client = SecAggClient(self.client_id, self.settings.config(), self.round)
         try:
             self.send(ADVERTISE_KEYS, client.advertise_keys())
             keys = self.receive(ADVERTISE_KEYS)
@@ -109,12 +124,10 @@ class SecAggSession:
             routed = self.receive(SHARE_KEYS)
             if isinstance(routed, str):
                 return self.left(routed)
-            with p.host.lock:  # as many clients of this process train at once as it has models
-                fitted = p.host.fit(p, self.round, self.config, self.base)
-                x, body, result = p.host.compute(self.masked_input, client, routed, fitted)
-                del fitted
-            self.before_masked(x, body)
-            del x
+            mask = Mask(client, routed, self.settings, self.layout, self.l2_bound(), self.log)
+            body, result = self.train([mask])
+            self.before_masked(mask.encoded, body)
+            del mask
             self.conn.send(MsgType.SECAGG, body)
             del body
             self.after_masked()
@@ -128,10 +141,8 @@ class SecAggSession:
             reason = f"secure aggregation, round {self.round}: {exc}"
             self.conn.send_error(reason)
             raise ConnectionClosed(f"left the round ({reason})") from None
-        p.rounds_trained += 1
-        self.log.info("round %d: loss %.4f acc %.2f%% | %.1f s, %.0f img/s | secure aggregation with %d others",
-                      self.round, result.loss, 100 * result.accuracy, result.seconds,
-                      result.samples / max(result.seconds, 1e-9), len(survivors["survivors"]) - 1)
+        self.result = result
+        log_round(self.log, self.round, result, f"secure aggregation with {len(survivors['survivors']) - 1} others")
         return None
 
     def left(self, reason: str) -> None:
@@ -149,40 +160,11 @@ class SecAggSession:
             raise Done(str(msg.body.get("reason", "done")))
         return decode_server(msg.body, stage)
 
-    def masked_input(self, client: SecAggClient, routed: dict[str, Any],
-                     fitted: tuple[dict[str, torch.Tensor], Any, Any, int]) -> tuple[torch.Tensor, dict[str, Any], Any]:
-        """Clip, encode and mask the trained model; on the host's training thread. (x, body, result)."""
-        from fl.client.participant import train_metrics  # noqa: PLC0415 - participant imports this module
-
-        s = self.settings
-        local, result, _, num_samples = fitted
-        floats, ints = self.layout.flatten(local)
-        delta = floats - self.layout.flatten(self.base)[0]
-        del local, floats
-        fp = s.fixed_point()
-        norm = self.l2_bound()
-        if norm is not None:
-            margin = math.sqrt(s.length) * fp.step / 2  # rounding to the grid may add this much
-            delta, before = clip_by_norm(delta, norm - margin if norm > 2 * margin else norm)
-            if before > norm:
-                self.log.debug("round %d: delta norm %.4g clipped to %.4g", self.round, before, norm)
-        clipped = fp.clipped(delta)
-        if clipped:
-            self.log.warning("round %d: %d coordinates of the update exceed the secure-aggregation range "
-                             "+-%g and were clipped", self.round, clipped, s.clip)
-        x = fp.encode(delta)
-        msg = client.masked_input(routed, x)
-        body = encode(MASKED_INPUT, msg, num_samples=num_samples, metrics=train_metrics(result), ints=ints.tolist())
-        return x, body, result
-
     def l2_bound(self) -> float | None:
         """The L2 norm to clip the delta to: the server's --clip-norm and DP clip norm, the smaller."""
         bounds = [self.settings.l2_clip] if self.settings.l2_clip else []
-        dp = self.config.get("dp_clip_norm")
-        if dp is not None:
-            if isinstance(dp, bool) or not isinstance(dp, (int, float)) or not (math.isfinite(dp) and dp > 0):
-                raise ProtocolError("dp_clip_norm must be a positive number")
-            bounds.append(float(dp))
+        if self.training.dp_clip_norm is not None:  # checked by TrainingConfig.from_wire
+            bounds.append(self.training.dp_clip_norm)
         return min(bounds) if bounds else None
 
 

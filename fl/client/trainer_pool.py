@@ -3,7 +3,7 @@
 Workers that each train their own clients one after another leave cores idle whenever the
 server's sample falls unevenly across them: 10 of 100 clients over two workers of 50 is 6
 and 4 (or worse) more often than 5 and 5, and the round waits for the busier worker. A
-``TrainerPool`` is a ``participant.Host`` whose ``fit`` sends the training to the next free
+``TrainerPool`` is a ``host.Host`` whose ``fit`` sends the training to the next free
 process of a pool, so one worker can hold every connection while all cores train.
 
 What travels per job: the model the client was sent, its shard's indices and the round's
@@ -11,7 +11,7 @@ config out; the trained state, the training result and the generator's state bac
 generator feeds stochastic rounding of an 8-bit update). Everything protocol-side (reading
 the MODEL, building the UPDATE, secure aggregation's stages) stays in the worker, so a
 pooled client is the same client to the server. Training is seeded from (seed, client id,
-round) alone (``participant.fit``): which process trains a client changes nothing.
+round) alone (``local.fit``): which process trains a client changes nothing.
 
 Each process loads MNIST once, holds one model and uses ``threads`` intra-op threads. The
 processes are spawned, not forked: forking a process whose torch thread pools are running
@@ -28,7 +28,9 @@ from typing import Any
 
 import torch
 
-from fl.client.participant import Fitted, Host, Participant, fit
+from fl.client.host import Host, Shard
+from fl.client.local import Fitted, fit
+from fl.learning.config import TrainingConfig
 
 _trainer: dict[str, Any] = {}  # this training process's data and model (set by start_trainer)
 
@@ -52,9 +54,9 @@ class TrainerPool(Host):
             self.executor.shutdown(wait=False, cancel_futures=True)
             raise RuntimeError("a training process failed to start (its error is above)") from None
 
-    def fit(self, participant: Participant, round_num: int, config: dict[str, Any],
+    def fit(self, client: Shard, round_num: int, config: TrainingConfig,
             base: dict[str, torch.Tensor]) -> Fitted:
-        future = self.executor.submit(fit_job, participant.indices, participant.client_id, participant.config.seed,
+        future = self.executor.submit(fit_job, client.indices, client.client_id, client.config.seed,
                                       round_num, config, base)
         return _fitted(*future.result())
 
@@ -79,11 +81,11 @@ class RayTrainers(Host):
         except ray.exceptions.RayError as exc:
             raise RuntimeError(f"a Ray training actor failed to start: {str(exc).strip().splitlines()[0]}") from None
 
-    def fit(self, participant: Participant, round_num: int, config: dict[str, Any],
+    def fit(self, client: Shard, round_num: int, config: TrainingConfig,
             base: dict[str, torch.Tensor]) -> Fitted:
         actor = self.idle.get()
         try:
-            job = actor.fit.remote(participant.indices, participant.client_id, participant.config.seed,
+            job = actor.fit.remote(client.indices, client.client_id, client.config.seed,
                                    round_num, config, base)
             return _fitted(*self.ray.get(job))
         finally:
@@ -106,7 +108,7 @@ def start_trainer(data_dir: str, download: bool, device: str, threads: int) -> N
     _trainer.update(images=images, labels=labels, model=ImprovedCNN().to(device))
 
 
-def fit_job(indices: torch.Tensor, client_id: int, seed: int, round_num: int, config: dict[str, Any],
+def fit_job(indices: torch.Tensor, client_id: int, seed: int, round_num: int, config: TrainingConfig,
             base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor, int]:
     """One client's training in a training process; the generator travels as its state."""
     local, result, generator, samples = fit(_trainer["model"], _trainer["images"], _trainer["labels"], indices,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fl.learning.augment import augment_batch
+from fl.learning.config import OPTIMIZERS, TrainingConfig
 from fl.learning.data import to_float
 
 
@@ -28,28 +29,12 @@ class TrainResult:
     seconds: float
 
 
-def train(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    generator: torch.Generator,
-    augment: bool = True,
-    hflip: bool = False,
-    progress: bool = True,
-    desc: str = "train",
-    mu: float = 0.0,
-    optimizer: str = "adam",
-    momentum: float = 0.0,
-    freeze_bn: bool = False,
-) -> TrainResult:
+def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainingConfig, *,
+          generator: torch.Generator, progress: bool = True, desc: str = "train") -> TrainResult:
     """Adam (or SGD) from a fresh state each round: optimizer moments from an old global
     model would point the wrong way after aggregation.
 
-    ``optimizer="sgd"`` (with ``momentum``) is the FedAvg paper's client. Its step is
+    ``config.optimizer == "sgd"`` (with ``momentum``) is the FedAvg paper's client. Its step is
     ``lr`` times the gradient, so as the learning rate decays the mean of the clients'
     updates tends to a step along the mean of their gradients, the global objective's.
     Adam divides each client's gradient by that client's own running scale, so the mean of
@@ -61,8 +46,7 @@ def train(
     parameters (not buffers) at the start of this call. The term's gradient,
     mu * (w - w_global), is added to the gradients after ``backward()`` (two fused calls
     per step) rather than built into the autograd graph: the same update, without the
-    graph's cost (a loss-side term made a CPU step ~15% slower here). The reported loss stays the cross-entropy,
-    comparable across strategies. mu = 0 runs the plain loop (no copy, no extra work).
+    graph's cost. The reported loss stays the cross-entropy, comparable across strategies. mu = 0 runs the plain loop (no copy, no extra work).
 
     ``freeze_bn`` is FixBN's calibration phase (Zhong, Chen & Chao, ICML 2024): BatchNorm
     normalises with the global running statistics the model arrived with, and leaves them
@@ -70,54 +54,76 @@ def train(
     are two digits' statistics, so a client would otherwise fit its weights to a
     normalisation the global model never sees at test time. The scales and shifts still
     train; dropout still drops."""
-    if not 0 <= mu < math.inf:
-        raise ValueError(f"mu must be a finite number >= 0, got {mu!r}")
     device = next(model.parameters()).device
     images, labels = images.to(device), labels.to(device)
-    opt = client_optimizer(model.parameters(), optimizer, lr, momentum)
+    opt = client_optimizer(model.parameters(), config.optimizer, config.lr, config.momentum)
     params = [p for p in model.parameters() if p.requires_grad]
-    anchors = [p.detach().clone() for p in params] if mu > 0 else None
+    mu = config.proximal_mu
+    proximal = (params, [p.detach().clone() for p in params], mu) if mu > 0 else None
+    train_mode(model, config.freeze_bn)
+    n = len(labels)
+    start = time.perf_counter()
+    loss_sum = correct = torch.zeros((), device=device)
+    for epoch in range(1, config.epochs + 1):
+        loss_sum, correct = train_epoch(model, opt, images, labels, config, generator, proximal,
+                                        progress=progress, desc=f"{desc} epoch {epoch}/{config.epochs}")
+    return TrainResult(loss=loss_sum.item() / n, accuracy=correct.item() / n,
+                       samples=n * config.epochs, seconds=time.perf_counter() - start)
+
+
+def train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Training mode, but BatchNorm in eval mode under FixBN (global statistics, kept as they are)."""
     model.train()
     if freeze_bn:
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
-    n = len(labels)
+
+
+Proximal = tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], float]  # params, anchors, mu
+
+
+def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+                config: TrainingConfig, generator: torch.Generator, proximal: Proximal | None, *,
+                progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass over the data in the generator's order: (summed loss, correct count) as
+    tensors on the device, read once at the end rather than synchronising every step."""
+    device = labels.device
+    n, batch_size = len(labels), config.batch_size
     steps = math.ceil(n / batch_size)
-    start = time.perf_counter()
-    loss_sum = correct = torch.zeros((), device=device)
-    for epoch in range(1, epochs + 1):
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        order = torch.randperm(n, generator=generator).to(device)
-        bar = tqdm(total=n, desc=f"{desc} epoch {epoch}/{epochs}", unit="img", leave=False,
-                   disable=not progress, dynamic_ncols=True)
-        epoch_start = time.perf_counter()
-        for step in range(steps):
-            idx = order[step * batch_size:(step + 1) * batch_size]
-            x, y = to_float(images[idx]), labels[idx]
-            if augment:
-                x = augment_batch(x, generator, hflip=hflip)  # draws on the CPU: same on any device
-            opt.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            loss.backward()
-            if anchors is not None:
-                add_proximal_gradient(params, anchors, mu)
-            opt.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (out.argmax(1) == y).sum()
-            if progress and (step % 20 == 19 or step == steps - 1):
-                done = min((step + 1) * batch_size, n)
-                bar.update(done - bar.n)
-                bar.set_postfix(loss=f"{loss_sum.item() / done:.4f}", acc=f"{correct.item() / done:.3f}",
-                                ips=f"{done / (time.perf_counter() - epoch_start):.0f}")
-        bar.close()
-    return TrainResult(loss=loss_sum.item() / n, accuracy=correct.item() / n,
-                       samples=n * epochs, seconds=time.perf_counter() - start)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    order = torch.randperm(n, generator=generator).to(device)
+    bar = tqdm(total=n, desc=desc, unit="img", leave=False, disable=not progress, dynamic_ncols=True)
+    epoch_start = time.perf_counter()
+    for step in range(steps):
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        x, y = to_float(images[idx]), labels[idx]
+        if config.augment:
+            x = augment_batch(x, generator, hflip=config.hflip)  # draws on the CPU: same on any device
+        out, loss = train_step(model, opt, x, y, proximal)
+        loss_sum += loss.detach() * len(y)
+        correct += (out.argmax(1) == y).sum()
+        if progress and (step % 20 == 19 or step == steps - 1):
+            done = min((step + 1) * batch_size, n)
+            bar.update(done - bar.n)
+            bar.set_postfix(loss=f"{loss_sum.item() / done:.4f}", acc=f"{correct.item() / done:.3f}",
+                            ips=f"{done / (time.perf_counter() - epoch_start):.0f}")
+    bar.close()
+    return loss_sum, correct
 
 
-OPTIMIZERS = ("adam", "sgd")
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               proximal: Proximal | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a batch; (logits, loss)."""
+    opt.zero_grad(set_to_none=True)
+    out = model(x)
+    loss = F.cross_entropy(out, y)
+    loss.backward()
+    if proximal is not None:
+        add_proximal_gradient(*proximal)
+    opt.step()
+    return out, loss
 
 
 def client_optimizer(params: Iterable[torch.Tensor], name: str, lr: float,
@@ -133,27 +139,6 @@ def client_optimizer(params: Iterable[torch.Tensor], name: str, lr: float,
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum)
     raise ValueError(f"unknown client optimizer {name!r} (choose from {', '.join(OPTIMIZERS)})")
-
-
-def check_training_config(config: Mapping[str, Any]) -> None:
-    """A client's check of the training config a server sent, before it trains: a bad
-    value is one line naming its key (ValueError), not a traceback in the middle of a round."""
-    for key in ("epochs", "batch_size"):
-        value = config.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-    numbers = {"lr": config.get("lr"), "momentum": config.get("momentum", 0.0), "mu": config.get("mu", 0.0)}
-    for key, value in numbers.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{key} must be a finite number, got {value!r}")
-    if not numbers["lr"] > 0:
-        raise ValueError(f"lr must be > 0, got {numbers['lr']!r}")
-    if not 0 <= numbers["momentum"] < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {numbers['momentum']!r}")
-    if numbers["mu"] < 0:
-        raise ValueError(f"mu must be >= 0, got {numbers['mu']!r}")
-    if config.get("optimizer", "adam") not in OPTIMIZERS:
-        raise ValueError(f"unknown client optimizer {config.get('optimizer')!r}")
 
 
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fl.learning.config import TrainingConfig
+
 MNIST_TRAIN_SIZE = 60_000
 
 
@@ -34,15 +36,9 @@ class ServerConfig:
     fraction: float = 1.0
     round_timeout: float = 600.0
     quantize_broadcast: bool = False
-    local_epochs: int = 1
-    lr: float = 1e-3
-    client_optimizer: str = "adam"  # training.OPTIMIZERS
-    client_momentum: float = 0.0  # SGD's
+    training: TrainingConfig = field(default_factory=TrainingConfig)  # round 1's; lr is the schedule's start
     lr_schedule: str = "cosine"
     freeze_bn_after: int | None = None  # FixBN: from the next round on, BatchNorm uses the global statistics
-    batch_size: int = 64
-    augment: bool = True
-    hflip: bool = False
     seed: int = 0
     # aggregation
     strategy: str = "fedavg"
@@ -89,13 +85,17 @@ class ServerConfig:
         """Whether BatchNorm's statistics are fixed in this round (FixBN's calibration phase)."""
         return self.freeze_bn_after is not None and round_num > self.freeze_bn_after
 
-    def training_config(self, round_num: int = 1) -> dict[str, Any]:
-        """What every client is told, besides the round's learning rate and the strategy's keys."""
-        return {"epochs": self.local_epochs, "batch_size": self.batch_size, "augment": self.augment,
-                "hflip": self.hflip, "optimizer": self.client_optimizer, "momentum": self.client_momentum,
-                "freeze_bn": self.bn_frozen(round_num)}
+    def training_config(self, round_num: int = 1) -> TrainingConfig:
+        """What every client is told in a round, besides the round's learning rate and the
+        strategy's keys (``fit_config``)."""
+        return dataclasses.replace(self.training, freeze_bn=self.bn_frozen(round_num))
 
     def public(self) -> dict[str, Any]:
-        """The settings as plain JSON-able values, for the checkpoint (no credentials here)."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
+        """The settings as plain JSON-able values, for the checkpoint (no credentials here);
+        the training settings under the flat keys checkpoints have always had."""
+        t = self.training
+        flat = {"local_epochs": t.epochs, "lr": t.lr, "client_optimizer": t.optimizer,
+                "client_momentum": t.momentum, "batch_size": t.batch_size, "augment": t.augment, "hflip": t.hflip}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "training"}
+        return {k: v for k, v in {**flat, **fields}.items()
                 if isinstance(v, (int, float, str, bool, dict)) or v is None}

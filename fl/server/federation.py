@@ -17,6 +17,7 @@ round's ``rejected``) or that round (the previous model kept), never the process
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import queue
@@ -297,8 +298,9 @@ class Federation:
         cfg = self.config
         sampled = sample_clients(connected, cfg.fraction, cfg.min_fit, cfg.seed, number, attempt)
         participants = {cid: connected[cid] for cid in sampled}
-        lr = round_lr(cfg.lr, number, cfg.rounds, cfg.lr_schedule)
-        config = {**cfg.training_config(number), "lr": lr, **self.strategy.fit_config(number)}
+        lr = round_lr(cfg.training.lr, number, cfg.rounds, cfg.lr_schedule)
+        training = dataclasses.replace(cfg.training_config(number), lr=lr, **self.strategy.fit_config(number))
+        config = training.to_wire()
         header = {"round": number, "rounds": cfg.rounds, "config": config,
                   **self.round_extras(number, participants)}
         base, compact = self.broadcast_state()

@@ -1,0 +1,100 @@
+"""A client process's settings, built once from the command line: the flags ``client.py``
+and ``worker.py`` share, their checks, and the frozen ``ClientConfig`` every participant
+of the process reads."""
+from __future__ import annotations
+
+import argparse
+import ssl
+from dataclasses import dataclass
+
+import torch
+
+from fl.learning.data import SCHEMES
+from fl.wire.credentials import resolve_secret
+from fl.wire.tls import client_tls_context
+
+
+def add_client_arguments(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """The flags client.py and worker.py share; returns the groups so a caller can add its own."""
+    net = p.add_argument_group("network")
+    net.add_argument("--host", default="127.0.0.1", help="server address")
+    net.add_argument("--port", type=int, default=8080, help="server port")
+    secret = net.add_mutually_exclusive_group()
+    secret.add_argument("--secret-file", default=None, metavar="PATH",
+                        help="file holding this client's secret on one line (default: $FL_SECRET)")
+    secret.add_argument("--secret", default=None,
+                        help="the secret itself: visible to other users in the process list, "
+                             "prefer --secret-file or $FL_SECRET")
+    net.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS server; enables TLS")
+    net.add_argument("--connect-timeout", type=float, default=120.0,
+                     help="seconds to keep retrying to reach the server (at start and after a lost connection)")
+    fl = p.add_argument_group("federation")
+    fl.add_argument("--num-clients", type=int, default=1, help="how many shards the training set is split into")
+    fl.add_argument("--partition", choices=SCHEMES, default="iid",
+                    help="how the shards are drawn: IID, label-skewed Dirichlet(alpha), or the FedAvg "
+                         "paper's pathological split (sorted by label, two shards per client)")
+    fl.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more label skew)")
+    fl.add_argument("--quantization", action="store_true", help="send 8-bit quantized updates (about 4x fewer bytes)")
+    fl.add_argument("--stochastic-rounding", action="store_true",
+                    help="unbiased stochastic rounding for --quantization instead of nearest")
+    fl.add_argument("--limit", type=int, default=None, help="train on at most N samples of the shard (quick runs)")
+    fl.add_argument("--seed", type=int, default=0, help="seed of the data split (same on all clients) and of training")
+    run = p.add_argument_group("compute and output")
+    run.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
+    run.add_argument("--no-download", action="store_true", help="never try to download MNIST")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    run.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return {"network": net, "federation": fl, "run": run}
+
+
+def check_client_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject bad values of the shared flags with argparse's one-line error (exit 2)."""
+    if args.num_clients < 1:
+        p.error("--num-clients must be at least 1")
+    if args.alpha <= 0:
+        p.error("--alpha must be positive")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How every participant of a process talks to the server and trains; immutable, so
+    one instance is shared by all of them (``dataclasses.replace`` for a variant)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    secret: bytes | None = None
+    tls: ssl.SSLContext | None = None
+    connect_timeout: float = 120.0
+    handshake_timeout: float = 30.0
+    quantization: bool = False
+    stochastic_rounding: bool = False
+    seed: int = 0
+    device: str = "auto"  # the --device choice, as announced to the server in HELLO
+    secagg: bool = True  # announce secure-aggregation support in HELLO (secagg_client.py)
+    progress: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ClientConfig":
+        """Raises OSError or ssl.SSLError when --tls-ca cannot be loaded, CredentialError
+        when --secret-file cannot be read."""
+        return cls(host=args.host, port=args.port, secret=resolve_secret(args.secret, args.secret_file),
+                   tls=client_tls_context(args.tls_ca) if args.tls_ca else None,
+                   connect_timeout=args.connect_timeout, quantization=args.quantization,
+                   stochastic_rounding=args.stochastic_rounding, seed=args.seed, device=args.device,
+                   progress=not (args.no_progress or args.quiet))
+
+
+def pick_device(choice: str) -> torch.device:
+    """The --device choice as a torch device; ValueError for cuda without one."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)

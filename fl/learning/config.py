@@ -1,0 +1,84 @@
+"""One client's training settings for a round: the one place each setting, its default
+and its check live, on the server that sends them and on the client that trains with them.
+
+The wire form is a plain dict (``to_wire``/``from_wire``) whose keys and order are the
+protocol's: ``mu`` only when FedProx asks for its proximal term, ``dp_clip_norm`` only
+under client-side DP clipping, so a client of any age reads what it knows.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What a client trains with in one round; checked on construction (ValueError, one
+    line naming the setting), so a bad value never reaches the training loop."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    batch_size: int = 64
+    optimizer: str = "adam"  # OPTIMIZERS
+    momentum: float = 0.0  # SGD's
+    augment: bool = True
+    hflip: bool = False
+    freeze_bn: bool = False  # FixBN: BatchNorm keeps the global statistics
+    mu: float | None = None  # FedProx's proximal weight; None: not asked for (0)
+    dp_clip_norm: float | None = None  # client-side DP clipping of the delta; None: off
+
+    def __post_init__(self) -> None:
+        check(self.to_wire())
+
+    def to_wire(self) -> dict[str, Any]:
+        """The MODEL message's ``config``: the keys (and their order) servers always sent."""
+        wire = {"epochs": self.epochs, "batch_size": self.batch_size, "augment": self.augment, "hflip": self.hflip,
+                "optimizer": self.optimizer, "momentum": self.momentum, "freeze_bn": self.freeze_bn, "lr": self.lr}
+        if self.mu is not None:
+            wire["mu"] = self.mu
+        if self.dp_clip_norm is not None:
+            wire["dp_clip_norm"] = self.dp_clip_norm
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> "TrainingConfig":
+        """The config a server sent, checked before any training (ValueError, one line);
+        a key an older server does not send takes the value it meant."""
+        check(wire)
+        mu, dp = wire.get("mu"), wire.get("dp_clip_norm")
+        return cls(epochs=wire["epochs"], lr=float(wire["lr"]), batch_size=wire["batch_size"],
+                   optimizer=str(wire.get("optimizer", "adam")), momentum=float(wire.get("momentum", 0.0)),
+                   augment=bool(wire.get("augment", True)), hflip=bool(wire.get("hflip", False)),
+                   freeze_bn=bool(wire.get("freeze_bn", False)), mu=None if mu is None else float(mu),
+                   dp_clip_norm=None if dp is None else float(dp))
+
+    @property
+    def proximal_mu(self) -> float:
+        """FedProx's mu for the training loop: 0 (the plain loop) when not asked for."""
+        return 0.0 if self.mu is None else self.mu
+
+
+def check(wire: Mapping[str, Any]) -> None:
+    """Refuse a value a client cannot train with: ValueError, one line naming its key."""
+    for key in ("epochs", "batch_size"):
+        value = wire.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+    numbers = {"lr": wire.get("lr"), "momentum": wire.get("momentum", 0.0), "mu": wire.get("mu", 0.0)}
+    for key, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
+    if not numbers["lr"] > 0:
+        raise ValueError(f"lr must be > 0, got {numbers['lr']!r}")
+    if not 0 <= numbers["momentum"] < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {numbers['momentum']!r}")
+    if numbers["mu"] < 0:
+        raise ValueError(f"mu must be >= 0, got {numbers['mu']!r}")
+    if wire.get("optimizer", "adam") not in OPTIMIZERS:
+        raise ValueError(f"unknown client optimizer {wire.get('optimizer')!r}")
+    dp = wire.get("dp_clip_norm")
+    if dp is not None and (isinstance(dp, bool) or not isinstance(dp, (int, float)) or not (math.isfinite(dp) and dp > 0)):
+        raise ValueError("dp_clip_norm must be a positive number")
