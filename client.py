@@ -16,26 +16,21 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import ssl
 import sys
 
 import torch
 
-from fl.client.config import ClientConfig, add_client_arguments, check_client_arguments, pick_device
+from fl.client.config import ClientConfig, check_client_arguments, client_parser, pick_device
 from fl.client.host import Host
 from fl.client.participant import Participant
 from fl.common.logs import setup_logging
 from fl.learning.data import DataError, load_mnist, resolve_data_dir, shard, subset
-from fl.wire.credentials import CredentialError
 
 log = logging.getLogger("client")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Federated-learning client: trains on its MNIST shard, sends updates to the server.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups = add_client_arguments(p)
+    p, groups = client_parser("Federated-learning client: trains on its MNIST shard, sends updates to the server.")
     groups["federation"].add_argument("--client-id", type=int, default=0,
                                       help="this client's index, 0..num-clients-1")
     args = p.parse_args(argv)
@@ -52,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        config = ClientConfig.from_args(args)
         device = pick_device(args.device)
         images, labels = load_mnist(resolve_data_dir(args.data_dir), train=True, download=not args.no_download)
         idx = shard(labels, args.num_clients, args.client_id, args.partition, args.alpha, args.seed)
@@ -62,14 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = images[idx].to(device), labels[idx].to(device)
     torch.manual_seed(args.seed + args.client_id)
     random.seed(args.seed + args.client_id)
-    try:
-        config = ClientConfig.from_args(args)
-    except CredentialError as exc:
-        log.error("%s", exc)
-        return 2
-    except (OSError, ssl.SSLError) as exc:
-        log.error("cannot load --tls-ca %s: %s", args.tls_ca, exc)
-        return 2
     participant = Participant(args.client_id, Host(images, labels, device), config)
     log.info("client %d of %d: %d samples (%s shard) on %s", args.client_id, args.num_clients,
              len(labels), args.partition, device)

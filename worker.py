@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import logging
 import queue
-import ssl
 import sys
 import threading
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from fl.client.config import ClientConfig, add_client_arguments, check_client_arguments, pick_device
+from fl.client.config import ClientConfig, check_client_arguments, client_parser, pick_device
 from fl.client.host import Host
 from fl.client.participant import Participant
 from fl.client.trainer_pool import RayTrainers, TrainerPool
@@ -44,10 +43,7 @@ log = logging.getLogger("worker")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Host many virtual federated clients in one process (one model, one copy of the data).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    groups = add_client_arguments(p)
+    p, groups = client_parser("Host many virtual federated clients in one process (one model, one copy of the data).")
     fl = groups["federation"]
     fl.add_argument("--client-ids", required=True, help="the clients this worker hosts, e.g. 0-49 or 0-9,20-29")
     fl.add_argument("--quantize-ids", default=None,
@@ -118,7 +114,7 @@ class Worker:
 def build(args: argparse.Namespace, ray_trainers: list[Any] | None = None) -> Worker:
     """Load the data once, derive the hosted clients' shards, share one model among them
     (or train on --trainers processes, or on ``ray_trainers`` actors).
-    Raises DataError/ValueError (bad data or split), OSError/ssl.SSLError (bad --tls-ca)."""
+    Raises DataError or ValueError (bad data, split, secret or --tls-ca), one line."""
     device = pick_device(args.device)
     images, labels = load_mnist(resolve_data_dir(args.data_dir), train=True, download=not args.no_download)
     parts = partition(labels, args.num_clients, args.partition, args.alpha, args.seed)
@@ -158,9 +154,6 @@ def main(argv: list[str] | None = None, ray_trainers: list[Any] | None = None) -
         worker = build(args, ray_trainers)
     except (DataError, ValueError, RuntimeError) as exc:  # RuntimeError: a training process did not start
         log.error("%s", exc)
-        return 2
-    except (OSError, ssl.SSLError) as exc:
-        log.error("cannot load --tls-ca %s: %s", args.tls_ca, exc)
         return 2
     n = len(worker.participants)
     samples = sum(p.num_samples for p in worker.participants)

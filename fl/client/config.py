@@ -14,6 +14,12 @@ from fl.wire.credentials import resolve_secret
 from fl.wire.tls import client_tls_context
 
 
+def client_parser(description: str) -> tuple[argparse.ArgumentParser, dict[str, argparse._ArgumentGroup]]:
+    """A parser with the shared flags, and their groups for a command to add its own to."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return p, add_client_arguments(p)
+
+
 def add_client_arguments(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
     """The flags client.py and worker.py share; returns the groups so a caller can add its own."""
     net = p.add_argument_group("network")
@@ -82,10 +88,12 @@ class ClientConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ClientConfig":
-        """Raises OSError or ssl.SSLError when --tls-ca cannot be loaded, CredentialError
-        when --secret-file cannot be read."""
-        return cls(host=args.host, port=args.port, secret=resolve_secret(args.secret, args.secret_file),
-                   tls=client_tls_context(args.tls_ca) if args.tls_ca else None,
+        """ValueError, one line, when the secret or the --tls-ca file cannot be loaded."""
+        try:
+            tls = client_tls_context(args.tls_ca) if args.tls_ca else None
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load --tls-ca {args.tls_ca}: {exc}") from None
+        return cls(host=args.host, port=args.port, secret=resolve_secret(args.secret, args.secret_file), tls=tls,
                    connect_timeout=args.connect_timeout, quantization=args.quantization,
                    stochastic_rounding=args.stochastic_rounding, seed=args.seed, device=args.device,
                    progress=not (args.no_progress or args.quiet))

@@ -35,6 +35,7 @@ the server ends the round quietly; the connection stays.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -83,24 +84,25 @@ def begin(conn: Connection, settings: Settings, training: TrainingConfig, base: 
     return SESSION(conn, settings, training, base, layout, client_id=client_id, train=train, log=log)
 
 
+@dataclass(eq=False)
 class SecAggSession:
     """One client's part in one round: fresh keys, never reused. Subclasses (tests) may
     override :meth:`before_masked` and :meth:`after_masked`. ``result`` is the training's
     once the masked input went out and the round ended well."""
 
-    def __init__(self, conn: Connection, settings: Settings, training: TrainingConfig,
-                 base: dict[str, torch.Tensor], layout: Layout, *, client_id: int, train: Train,
-                 log: logging.Logger | logging.LoggerAdapter) -> None:
-        self.conn = conn
-        self.round = settings.round
-        self.settings = settings
-        self.training = training
-        self.base = base
-        self.layout = layout
-        self.client_id = client_id
-        self.train = train
-        self.log = log
-        self.result: TrainResult | None = None
+    conn: Connection
+    settings: Settings
+    training: TrainingConfig
+    base: dict[str, torch.Tensor]
+    layout: Layout
+    client_id: int
+    train: Train
+    log: logging.Logger | logging.LoggerAdapter
+    result: TrainResult | None = None
+
+    @property
+    def round(self) -> int:
+        return self.settings.round
 
     # --- hooks for tests ----------------------------------------------------------------
 
