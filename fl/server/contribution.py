@@ -6,7 +6,8 @@ from typing import Mapping
 import torch
 
 from fl.common.layout import State
-from fl.common.vectors import InvalidUpdate, _finite
+from fl.common.vectors import InvalidUpdate
+from fl.common.vectors import finite as _finite
 
 
 def validate_state(state: Mapping[str, object], reference: State) -> None:
