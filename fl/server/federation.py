@@ -191,14 +191,17 @@ class Federation:
     def contribution(self, session: Session, task: RoundTask, body: dict[str, Any], up: int) -> Contribution:
         """The update as a flat delta from the model the client was sent, fully checked
         (``contribution.py``), clipped to --clip-norm, weighted and recorded."""
-        limit = min(session.peer.num_samples, self.config.max_samples)
-        update = parse(body, self.layout, task.base, task.round, limit)
+        update = parse(body, self.layout, task.base, task.round, self.sample_limit(session))
         delta, norm = checked_delta(update, task.base_floats, self._variances)
         if self.clip_norm is not None:
             delta, _ = clip_by_norm(delta, self.clip_norm)
         weight = float(update.num_samples) if self.config.weighting == "samples" else 1.0
         record = client_record(session.client_id, update.num_samples, update.quantized, up, norm, update.metrics)
         return Contribution(session.client_id, delta, update.ints, weight, record)
+
+    def sample_limit(self, session: Session) -> int:
+        """The most samples an update may claim: what the client announced, within --max-samples."""
+        return min(session.peer.num_samples, self.config.max_samples)
 
     def _fold(self, rnd: RoundState, c: Contribution) -> None:
         try:
@@ -306,12 +309,17 @@ class Federation:
                     missing = sorted(set(rnd.participants) - rnd.reported)
                     log.warning("round %d: timed out after %.0f s waiting for %d client(s): %s",
                                 rnd.number, self.config.round_timeout, len(missing), short_ids(missing))
-                    for cid in missing:  # their handlers hang up on them at this same deadline;
-                        if self.sessions.get(cid) is rnd.participants[cid]:  # a retry must not count them
-                            del self.sessions[cid]
+                    self.forget(rnd, missing)  # their handlers hang up on them at this same deadline
                     break
                 self.lock.wait(timeout=min(remaining, 1.0))
         self.close_round(rnd)
+
+    def forget(self, rnd: RoundState, client_ids: Any) -> None:
+        """Unlist participants whose handlers are ending their sessions, so that a retry does
+        not sample them before they have unregistered (called with the lock held)."""
+        for cid in client_ids:
+            if self.sessions.get(cid) is rnd.participants.get(cid):
+                del self.sessions[cid]
 
     def close_round(self, rnd: RoundState) -> None:
         """No more updates for this round; the screen judges what it still holds."""

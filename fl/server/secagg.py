@@ -224,11 +224,7 @@ class SecAggFederation(Federation):
         assert coordinator is not None
         total = coordinator.run(self.stop)
         with self.lock:
-            # Timed out, hung up or refused: their handlers are ending these sessions (a retry
-            # must not sample one before its handler has unregistered it).
-            for cid in coordinator.dropped:
-                if self.sessions.get(cid) is rnd.participants.get(cid):
-                    del self.sessions[cid]
+            self.forget(rnd, coordinator.dropped)  # timed out, hung up or refused
             rnd.bytes_up += sum(coordinator.bytes_up.values())
             rnd.bytes_down += sum(coordinator.bytes_down.values())
         if total is None:
@@ -270,7 +266,7 @@ class SecAggFederation(Federation):
     def check_metadata(self, session: Session, meta: dict[str, Any]) -> Metadata:
         """The clear part of a masked-input message; SecAggError if it is wrong."""
         try:
-            return parse_metadata(meta, self.layout.int_numel, min(session.peer.num_samples, self.config.max_samples))
+            return parse_metadata(meta, self.layout.int_numel, self.sample_limit(session))
         except InvalidUpdate as exc:
             raise SecAggError(str(exc)) from None
 
