@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from fl.common.layout import Layout, State
-from fl.common.vectors import _FOLD_SLICE, InvalidUpdate, _fold
+from fl.common.vectors import FOLD_SLICE, InvalidUpdate, fold
 
 
 class FedAvg:
@@ -29,14 +29,14 @@ class FedAvg:
         floats, ints = self._begin(num_samples)
         for e in self.layout.entries:
             dst = floats if e.dtype.is_floating_point else ints
-            _fold(dst[e.offset:e.offset + e.numel], state[e.name].detach().to("cpu").reshape(-1), num_samples)
+            fold(dst[e.offset:e.offset + e.numel], state[e.name].detach().to("cpu").reshape(-1), num_samples)
         self._end(num_samples)
 
     def add_flat(self, floats: torch.Tensor, ints: torch.Tensor, num_samples: int) -> None:
         """Fold a (validated) update in its flat form: ``Layout.unpack``'s vectors."""
         acc_floats, acc_ints = self._begin(num_samples)
-        _fold(acc_floats, floats, num_samples)
-        _fold(acc_ints, ints, num_samples)
+        fold(acc_floats, floats, num_samples)
+        fold(acc_ints, ints, num_samples)
         self._end(num_samples)
 
     def _begin(self, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,8 +54,8 @@ class FedAvg:
             raise ValueError("no updates to average")
         wide = any(e.dtype == torch.float64 for e in self.layout.entries)  # float32 would truncate those
         floats = torch.empty(self.layout.float_numel, dtype=torch.float64 if wide else torch.float32)
-        for i in range(0, floats.numel(), _FOLD_SLICE):  # slices: no float64 model-sized temporary
-            floats[i:i + _FOLD_SLICE] = self._floats[i:i + _FOLD_SLICE] / self.total_weight
+        for i in range(0, floats.numel(), FOLD_SLICE):  # slices: no float64 model-sized temporary
+            floats[i:i + FOLD_SLICE] = self._floats[i:i + FOLD_SLICE] / self.total_weight
         ints = (self._ints / self.total_weight).round().to(torch.int64)
         return self.layout.unflatten(floats, ints)
 

@@ -32,7 +32,7 @@ from fl.secagg.wire import (
 )
 from fl.server.config import ServerConfig
 from fl.server.federation import Session
-from fl.server.secagg import SecAggFederation, fold_sum, round_settings
+from fl.server.secagg import SecAggFederation, round_settings
 from fl.strategies.base import MeanAggregator
 from fl.wire.frames import decode_payload, encode_payload
 from fl.wire.handshake import Peer
@@ -310,20 +310,20 @@ def test_round_settings():
 
 # --- folding the sum ----------------------------------------------------------------------------
 
-def test_fold_sum_gives_the_uniform_mean_and_the_dp_mean():
+def test_add_sum_gives_the_uniform_mean_and_the_dp_mean():
     total = torch.randn(100, dtype=torch.float64)
     mean = MeanAggregator(100)
-    fold_sum(mean, total, 4)
+    mean.add_sum(total, 4)
     assert torch.equal(mean.result(), total / 4)
     dp = DPMeanAggregator(100, clip_norm=1.0, sampled=5, noise_std=0.0, generator=torch.Generator(),
                           clip_at_server=False, norm_limit=1.0)
-    fold_sum(dp, total.clone(), 4)
+    dp.add_sum(total.clone(), 4)
     assert torch.allclose(dp.result(), total / 5)  # divided by the m sampled, as DP-FedAvg does
     with pytest.raises(ValueError, match="more updates"):
-        fold_sum(DPMeanAggregator(100, clip_norm=1.0, sampled=3, noise_std=0.0, generator=torch.Generator(),
-                                  clip_at_server=False, norm_limit=1.0), total, 4)
-    with pytest.raises(TypeError):
-        fold_sum(strategies.make("median").aggregator(100), total, 4)
+        DPMeanAggregator(100, clip_norm=1.0, sampled=3, noise_std=0.0, generator=torch.Generator(),
+                         clip_at_server=False, norm_limit=1.0).add_sum(total, 4)
+    with pytest.raises(TypeError, match="cannot take a secure sum"):
+        strategies.make("median").aggregator(100).add_sum(total, 4)
 
 
 def test_federation_round_folds_the_decoded_mean():

@@ -1,9 +1,13 @@
-"""transport.py's RefusalLog: a flood of refused connections is a few counted lines."""
+"""transport.py's RefusalLog: a flood of refused connections is a few counted lines; and the
+wait for a peer's next frame that reads nothing."""
 from __future__ import annotations
 
 import logging
+import socket
+import time
 
 from fl.server.transport import RefusalLog
+from fl.wire.frames import wait_readable
 
 
 def messages(caplog) -> list[str]:
@@ -31,3 +35,22 @@ def test_a_flood_of_refusals_is_one_line_per_interval(caplog):
         assert messages(caplog) == ["refused 1 connection(s): 1 failed authentication"]
         refusals.flush()
         assert messages(caplog) == []
+
+
+def test_wait_readable_returns_on_data_hang_up_or_deadline():
+    a, b = socket.socketpair()
+    try:
+        start = time.monotonic()
+        wait_readable(a, start + 0.2)  # nothing sent: the deadline ends the wait
+        assert 0.15 <= time.monotonic() - start < 2.0
+        b.sendall(b"x")
+        start = time.monotonic()
+        wait_readable(a, start + 30.0)
+        wait_readable(a)  # no deadline: returns because a byte is waiting
+        assert time.monotonic() - start < 1.0 and a.recv(1) == b"x"  # nothing was read by the waits
+        b.close()
+        wait_readable(a)  # a hang-up also ends the wait
+        assert a.recv(1) == b""
+    finally:
+        a.close()
+        b.close()

@@ -81,7 +81,7 @@ class Layout:
 
     def unpack(self, packed: object) -> tuple[torch.Tensor, torch.Tensor]:
         """The vectors of a packed state from the network, checked against this layout
-        (values are not looked at: see ``aggregation.validate_flat``)."""
+        (values are not looked at: see ``fl.server.contribution.validate_flat``)."""
         if not isinstance(packed, Mapping) or set(packed) != {"layout", "float", "int"}:
             raise LayoutError("a packed state is a dict of exactly 'layout', 'float' and 'int'")
         fingerprint, floats, ints = packed["layout"], packed["float"], packed["int"]

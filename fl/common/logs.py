@@ -36,6 +36,12 @@ def sanitize(text: object, limit: int = PEER_TEXT_LIMIT) -> str:
     return "".join(out)
 
 
+def short_ids(ids: list[int], shown: int = 10) -> str:
+    """A list of ids for a log line, shortened: 1,000 clients must not make 1,000 numbers."""
+    text = ", ".join(map(str, ids[:shown]))
+    return text + (f", ... ({len(ids) - shown} more)" if len(ids) > shown else "")
+
+
 class TqdmHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -3,6 +3,7 @@ float64 fold that the server's sums use. Pure tensor math, shared by both sides.
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import torch
 
@@ -11,21 +12,28 @@ class InvalidUpdate(ValueError):
     """An update that must not enter the average (wrong keys, shapes, dtypes or values)."""
 
 
-def _finite(value: torch.Tensor) -> bool:
+def finite(value: torch.Tensor) -> bool:
     """All values finite: min and max propagate NaN and show +-Inf, so one reduction
     without a bool tensor the size of the input (which ``isfinite().all()`` builds)."""
     lo, hi = torch.aminmax(value)
     return bool(lo.isfinite() & hi.isfinite())
 
 
-_FOLD_SLICE = 1 << 17  # elements: a 1 MiB float64 temporary at most
+FOLD_SLICE = 1 << 17  # elements: a 1 MiB float64 temporary at most
 
 
-def _fold(dst: torch.Tensor, src: torch.Tensor, weight: int) -> None:
+def slices(numel: int) -> Iterator[slice]:
+    """Consecutive spans of ``FOLD_SLICE`` elements covering ``numel``: float64 work on a
+    float32 vector one span at a time never needs a model-sized float64 copy."""
+    for i in range(0, numel, FOLD_SLICE):
+        yield slice(i, i + FOLD_SLICE)
+
+
+def fold(dst: torch.Tensor, src: torch.Tensor, weight: float) -> None:
     """dst += weight * src in slices: torch casts a float32 operand of a float64 add to a
     float64 temporary of its full size, so whole-vector adds would allocate one per update."""
-    for i in range(0, src.numel(), _FOLD_SLICE):
-        dst[i:i + _FOLD_SLICE].add_(src[i:i + _FOLD_SLICE], alpha=weight)
+    for span in slices(src.numel()):
+        dst[span].add_(src[span], alpha=weight)
 
 
 def l2_norm(t: torch.Tensor) -> float:
@@ -33,8 +41,8 @@ def l2_norm(t: torch.Tensor) -> float:
     input is never copied whole to float64). NaN or Inf anywhere gives a non-finite result."""
     flat = t.detach().reshape(-1)
     total = 0.0
-    for i in range(0, flat.numel(), _FOLD_SLICE):
-        part = flat[i:i + _FOLD_SLICE].to(torch.float64)
+    for span in slices(flat.numel()):
+        part = flat[span].to(torch.float64)
         total += float(torch.dot(part, part))
     return math.sqrt(total)
 

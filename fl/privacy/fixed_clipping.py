@@ -42,17 +42,14 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
-from fl.common.vectors import InvalidUpdate, l2_norm
+from fl.common.vectors import InvalidUpdate, fold, l2_norm
 from fl.privacy.noise import add_gaussian_noise_
-from fl.strategies.base import Aggregator, Strategy, StrategyError
+from fl.strategies.base import Aggregator, Strategy, StrategyError, check_sum
 
 WEIGHTING_MESSAGE = ("--dp-noise-multiplier needs --weighting uniform: "
                      "a sample-count weight breaks the sensitivity bound")
 
 CLIPPING_MODES = ("server", "client")
-
-_SLICE = 1 << 17  # elements per step: a float64 temporary of 1 MiB at most
-
 
 def check_weighting(weighting: str) -> None:
     """Refuse any weighting but uniform under DP (a client's sample count would scale its
@@ -100,11 +97,19 @@ class DPMeanAggregator:
                                 "(client-side clipping: the client must clip its delta)")
         else:
             factor = 1.0
-        flat = delta.reshape(-1)
-        for i in range(0, flat.numel(), _SLICE):
-            self.sum[i:i + _SLICE].add_(flat[i:i + _SLICE], alpha=factor)
+        fold(self.sum, delta.reshape(-1), factor)
         self.unclipped += int(norm <= self.clip_norm)
         self.count += 1
+
+    def add_sum(self, total: torch.Tensor, count: int) -> None:
+        """A secure sum of ``count`` deltas the clients clipped themselves; each counts 1/m."""
+        if self._result is not None:
+            raise RuntimeError("the round's noised average was already released")
+        check_sum(total, self.sum.numel(), count)
+        if self.count + count > self.sampled:
+            raise ValueError(f"more updates than the {self.sampled} clients sampled this round")
+        self.sum.add_(total)
+        self.count += count
 
     def result(self) -> torch.Tensor:
         """The noised average (float64). Noise is drawn on the first call only: a second call

@@ -17,7 +17,7 @@ import secrets
 
 import torch
 
-_SLICE = 1 << 17  # elements per draw: a float64 temporary of 1 MiB at most
+from fl.common.vectors import slices
 
 
 def make_generator(seed: int | None) -> tuple[torch.Generator, str]:
@@ -43,7 +43,7 @@ def add_gaussian_noise_(x: torch.Tensor, std: float, generator: torch.Generator)
     if std == 0:
         return x
     flat = x.view(-1)
-    for i in range(0, flat.numel(), _SLICE):
-        part = flat[i:i + _SLICE]
+    for span in slices(flat.numel()):
+        part = flat[span]
         part.add_(torch.randn(part.numel(), generator=generator, dtype=x.dtype), alpha=std)
     return x

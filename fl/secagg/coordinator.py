@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from fl.common.logs import short_ids
 from fl.secagg import SecAggAbort, SecAggConfig, SecAggError, SecAggServer
 
 log = logging.getLogger("server")
@@ -168,7 +169,7 @@ class SecAggRound:
                     for cid in pending:
                         self.dropped.setdefault(cid, f"timed out at stage {STAGES[stage]}")
                     log.warning("round %d: secure aggregation stage %s closed at its deadline without %d "
-                                "client(s): %s", self.round, STAGES[stage], len(pending), _ids(sorted(pending)))
+                                "client(s): %s", self.round, STAGES[stage], len(pending), short_ids(sorted(pending)))
                 log.debug("round %d: stage %s closed after %.3f s with %d answers", self.round, STAGES[stage],
                           self.clock() - opened, len(self.answered[stage]))
                 opened = self.clock()
@@ -211,7 +212,3 @@ class SecAggRound:
             self.failure = reason
             self.cond.notify_all()
 
-
-def _ids(ids: list[int], shown: int = 10) -> str:
-    text = ", ".join(map(str, ids[:shown]))
-    return text + (f", ... ({len(ids) - shown} more)" if len(ids) > shown else "")

@@ -8,7 +8,7 @@ queues it the rounds it is sampled for, and hands every decoded UPDATE to
 
 - the strategy (``strategies/``) decides the training config, the fold and the server step;
 - :meth:`Federation.contribution` turns a decoded UPDATE into a validated flat delta
-  (override it to accept another update format);
+  (``contribution.py`` parses and checks it; override it to accept another update format);
 - ``screening.NormScreen`` judges each delta's pull on the mean (its weight x its norm)
   against the round's others, so neither a huge delta nor a huge sample claim gets through.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import queue
 import threading
 import time
@@ -29,19 +28,19 @@ from typing import Any, Callable
 
 import torch
 
-from fl.common.layout import Layout, LayoutError
-from fl.common.logs import sanitize
-from fl.common.vectors import InvalidUpdate, clip_by_norm, l2_norm
+from fl.common.layout import Layout
+from fl.common.logs import sanitize, short_ids
+from fl.common.vectors import InvalidUpdate, clip_by_norm
 from fl.learning.model import ImprovedCNN
 from fl.learning.quantization import QuantizationError, apply_delta, dequantize_state, quantize_state, state_delta
 from fl.learning.training import round_lr
 from fl.server.config import ServerConfig
-from fl.server.contribution import validate_flat, validate_num_samples, validate_state
+from fl.server.contribution import checked_delta, client_record, parse
 from fl.server.sampling import sample_clients
 from fl.server.screening import NormScreen
 from fl.strategies.base import Aggregator, Strategy
 from fl.wire.errors import ProtocolError
-from fl.wire.frames import encode_payload, field
+from fl.wire.frames import encode_payload
 from fl.wire.handshake import Peer
 
 log = logging.getLogger("server")
@@ -171,7 +170,7 @@ class Federation:
         cid = session.client_id
         try:
             contribution = self.contribution(session, task, body, up)
-        except (InvalidUpdate, ProtocolError, QuantizationError, LayoutError, ValueError, TypeError) as exc:
+        except (InvalidUpdate, ProtocolError, ValueError, TypeError) as exc:
             with self.lock:
                 if rnd is not None and rnd is self.round and rnd.number == task.round:
                     rnd.bytes_up += up
@@ -191,43 +190,19 @@ class Federation:
             self._report(session, task.round)
 
     def contribution(self, session: Session, task: RoundTask, body: dict[str, Any], up: int) -> Contribution:
-        """The update as a flat delta from the model the client was sent, fully checked:
-        layout, shapes, dtypes, finite values, non-negative variances, sample count."""
-        if field(body, "round", int) != task.round:
-            raise InvalidUpdate(f"update for round {body['round']}, expected {task.round}")
-        num_samples = validate_num_samples(body.get("num_samples"),
-                                           min(session.peer.num_samples, self.config.max_samples))
-        metrics = field(body, "metrics", dict)
-        quantized = field(body, "quantized", bool)
-        if quantized:
-            state = dequantize_state(field(body, "delta", dict), like=task.base)
-            validate_state(state, task.base)
-            delta, ints = self.layout.flatten(state)  # floating entries are deltas already
-        elif "flat" in body:  # what client.py sends: the cheap form to decode, check and fold
-            floats, ints = self.layout.unpack(body["flat"])
-            validate_flat(floats)
-            delta = floats - task.base_floats
-        else:  # a plain state_dict, for other clients
-            state = field(body, "state", dict)
-            validate_state(state, task.base)
-            floats, ints = self.layout.flatten(state)
-            delta = floats - task.base_floats
-        self._check_variances(task.base_floats, delta)
-        norm = l2_norm(delta)
-        if not math.isfinite(norm):
-            raise InvalidUpdate("update norm is not finite")
+        """The update as a flat delta from the model the client was sent, fully checked
+        (``contribution.py``), clipped to --clip-norm, weighted and recorded."""
+        update = parse(body, self.layout, task.base, task.round, self.sample_limit(session))
+        delta, norm = checked_delta(update, task.base_floats, self._variances)
         if self.clip_norm is not None:
             delta, _ = clip_by_norm(delta, self.clip_norm)
-        weight = float(num_samples) if self.config.weighting == "samples" else 1.0
-        record = {"client_id": session.client_id, "samples": num_samples, "quantized": quantized, "bytes_up": up,
-                  "norm": norm, "train_s": _num(metrics.get("train_s")), "loss": _num(metrics.get("loss")),
-                  "accuracy": _num(metrics.get("accuracy"))}
-        return Contribution(session.client_id, delta, ints, weight, record)
+        weight = float(update.num_samples) if self.config.weighting == "samples" else 1.0
+        record = client_record(session.client_id, update.num_samples, update.quantized, up, norm, update.metrics)
+        return Contribution(session.client_id, delta, update.ints, weight, record)
 
-    def _check_variances(self, base: torch.Tensor, delta: torch.Tensor) -> None:
-        for e in self._variances:
-            if bool(((base[e.offset:e.offset + e.numel] + delta[e.offset:e.offset + e.numel]) < 0).any()):
-                raise InvalidUpdate(f"{e.name} holds negative variances")
+    def sample_limit(self, session: Session) -> int:
+        """The most samples an update may claim: what the client announced, within --max-samples."""
+        return min(session.peer.num_samples, self.config.max_samples)
 
     def _fold(self, rnd: RoundState, c: Contribution) -> None:
         try:
@@ -335,13 +310,18 @@ class Federation:
                 if remaining <= 0:
                     missing = sorted(set(rnd.participants) - rnd.reported)
                     log.warning("round %d: timed out after %.0f s waiting for %d client(s): %s",
-                                rnd.number, self.config.round_timeout, len(missing), _ids(missing))
-                    for cid in missing:  # their handlers hang up on them at this same deadline;
-                        if self.sessions.get(cid) is rnd.participants[cid]:  # a retry must not count them
-                            del self.sessions[cid]
+                                rnd.number, self.config.round_timeout, len(missing), short_ids(missing))
+                    self.forget(rnd, missing)  # their handlers hang up on them at this same deadline
                     break
                 self.lock.wait(timeout=min(remaining, 1.0))
         self.close_round(rnd)
+
+    def forget(self, rnd: RoundState, client_ids: Any) -> None:
+        """Unlist participants whose handlers are ending their sessions, so that a retry does
+        not sample them before they have unregistered (called with the lock held)."""
+        for cid in client_ids:
+            if self.sessions.get(cid) is rnd.participants.get(cid):
+                del self.sessions[cid]
 
     def close_round(self, rnd: RoundState) -> None:
         """No more updates for this round; the screen judges what it still holds."""
@@ -419,15 +399,3 @@ class Federation:
                 self.lock.wait(timeout=min(left, 0.2))
             return len(self.sessions)
 
-
-def _num(value: Any) -> float | None:
-    """A client-reported figure, kept only if it is a finite, non-negative number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) and value >= 0 else None
-
-
-def _ids(ids: list[int], shown: int = 10) -> str:
-    """A list of ids for a log line, shortened: 1,000 clients must not make 1,000 numbers."""
-    text = ", ".join(map(str, ids[:shown]))
-    return text + (f", ... ({len(ids) - shown} more)" if len(ids) > shown else "")

@@ -51,13 +51,12 @@ from fl.secagg.wire import (
     group_size,
 )
 from fl.server.config import ServerConfig
-from fl.server.contribution import validate_num_samples
+from fl.server.contribution import Metadata, client_record, parse_metadata
 from fl.server.federation import Federation, RoundState, RoundTask, Session
 from fl.server.sampling import sample_size
-from fl.server.transport import INGEST_WAIT_S, ClientHandler, FLServer, _wait_readable
-from fl.strategies.base import MeanAggregator
+from fl.server.transport import INGEST_WAIT_S, ClientHandler, FLServer, send_model
 from fl.wire.errors import ProtocolError
-from fl.wire.frames import Connection, MsgType, decode_payload
+from fl.wire.frames import Connection, MsgType, decode_payload, wait_readable
 
 log = logging.getLogger("server")
 
@@ -190,36 +189,6 @@ class Unrunnable:
 
 # --- the round logic -------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Metadata:
-    """What a client sends in clear beside its masked input, validated."""
-
-    num_samples: int
-    ints: torch.Tensor
-    record: dict[str, Any]
-
-
-def fold_sum(aggregator: Any, total: torch.Tensor, count: int) -> None:
-    """Fold the float64 sum of ``count`` deltas into a round's aggregator as if each had been
-    added with weight 1: the mean strategies' ``MeanAggregator`` (result: total / count) and
-    DP's ``DPMeanAggregator`` (result: total / m + noise)."""
-    from fl.privacy.fixed_clipping import DPMeanAggregator  # noqa: PLC0415 - only under DP
-
-    if not isinstance(aggregator, (DPMeanAggregator, MeanAggregator)):
-        raise TypeError(f"{type(aggregator).__name__} cannot take a secure sum (it needs each update)")
-    if total.dtype != torch.float64 or total.shape != aggregator.sum.shape:
-        raise ValueError(f"a secure sum is float64[{aggregator.sum.numel()}], got {total.dtype}{list(total.shape)}")
-    if isinstance(aggregator, DPMeanAggregator):
-        if aggregator.count + count > aggregator.sampled:
-            raise ValueError(f"more updates than the {aggregator.sampled} clients sampled this round")
-        aggregator.sum.add_(total)
-        aggregator.count += count
-    else:
-        aggregator.sum.add_(total)
-        aggregator.total_weight += float(count)
-        aggregator.count += count
-
-
 class SecAggFederation(Federation):
     """A ``Federation`` whose rounds run secure aggregation (see the module docstring)."""
 
@@ -255,11 +224,7 @@ class SecAggFederation(Federation):
         assert coordinator is not None
         total = coordinator.run(self.stop)
         with self.lock:
-            # Timed out, hung up or refused: their handlers are ending these sessions (a retry
-            # must not sample one before its handler has unregistered it).
-            for cid in coordinator.dropped:
-                if self.sessions.get(cid) is rnd.participants.get(cid):
-                    del self.sessions[cid]
+            self.forget(rnd, coordinator.dropped)  # timed out, hung up or refused
             rnd.bytes_up += sum(coordinator.bytes_up.values())
             rnd.bytes_down += sum(coordinator.bytes_down.values())
         if total is None:
@@ -281,7 +246,7 @@ class SecAggFederation(Federation):
         decoded = self.settings.fixed_point().decode(total, len(survivors))  # float64, exact
         with self.lock:
             try:
-                fold_sum(rnd.aggregator, decoded, len(survivors))
+                rnd.aggregator.add_sum(decoded, len(survivors))
             except (ValueError, TypeError) as exc:
                 log.error("round %d: cannot fold the secure sum (%s)", rnd.number, exc)
                 return
@@ -289,7 +254,8 @@ class SecAggFederation(Federation):
                 meta: Metadata = coordinator.metadata[cid]
                 rnd.int_sum.add_(meta.ints.to(torch.float64))
                 rnd.int_weight += 1.0
-                rnd.clients.append({**meta.record, "bytes_up": coordinator.bytes_up.get(cid, 0)})
+                rnd.clients.append(client_record(cid, meta.num_samples, False, coordinator.bytes_up.get(cid, 0),
+                                                 None, meta.metrics))
         dropped = [u for u in server.sharing if u not in survivors]
         silent = [u for u in survivors if u not in server.responders]
         log.info("round %d: secure sum of %d masked updates (threshold %d)%s%s", rnd.number, len(survivors),
@@ -300,21 +266,9 @@ class SecAggFederation(Federation):
     def check_metadata(self, session: Session, meta: dict[str, Any]) -> Metadata:
         """The clear part of a masked-input message; SecAggError if it is wrong."""
         try:
-            num_samples = validate_num_samples(meta["num_samples"],
-                                               min(session.peer.num_samples, self.config.max_samples))
+            return parse_metadata(meta, self.layout.int_numel, self.sample_limit(session))
         except InvalidUpdate as exc:
             raise SecAggError(str(exc)) from None
-        metrics, ints = meta["metrics"], meta["ints"]
-        if not isinstance(metrics, dict):
-            raise SecAggError("metrics must be a dict")
-        n = self.layout.int_numel
-        if not isinstance(ints, list) or len(ints) != n or \
-                not all(type(i) is int and -(1 << 63) <= i < (1 << 63) for i in ints):
-            raise SecAggError(f"ints must be a list of {n} 64-bit ints")
-        record = {"client_id": session.client_id, "samples": num_samples, "quantized": False, "norm": None,
-                  "train_s": _num(metrics.get("train_s")), "loss": _num(metrics.get("loss")),
-                  "accuracy": _num(metrics.get("accuracy"))}
-        return Metadata(num_samples, torch.tensor(ints, dtype=torch.int64), record)
 
     def reject(self, session: Session, round_num: int, reason: str) -> None:
         log.warning("round %d: refused secure-aggregation message from client %d: %s", round_num,
@@ -322,12 +276,6 @@ class SecAggFederation(Federation):
         with self.lock:
             if self.round is not None and self.round.number == round_num:
                 self.round.rejected.append({"client_id": session.client_id, "reason": sanitize(reason)})
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) and value >= 0 else None
 
 
 # --- the transport ---------------------------------------------------------------------------
@@ -376,10 +324,7 @@ class _Service:
         conn, task, coord, cid = self.conn, self.task, self.coord, self.cid
         stage = 0
         try:
-            delta_ok = task.compact is not None and self.session.view_id == task.view_id - 1
-            conn.send_payload(MsgType.MODEL, task.compact if delta_ok else task.payload,
-                              timeout=max(1.0, coord.deadline(0) - time.monotonic()))
-            self.session.view_id = task.view_id
+            send_model(conn, self.session, task, coord.deadline(0))
             for stage in range(UNMASKING + 1):
                 msg, meta = decode_client(self.receive(stage, coord.deadline(stage)), stage)
                 if stage == MASKED_INPUT:
@@ -421,7 +366,7 @@ class _Service:
     def receive(self, stage: int, deadline: float) -> dict[str, Any]:
         """One SECAGG body; the masked input (model-sized) into one of the ingest buffers."""
         conn = self.conn
-        _wait_readable(conn.sock, deadline)  # the client trains before its masked input: no slot held
+        wait_readable(conn.sock, deadline)  # the client trains before its masked input: no slot held
         timeout = max(0.1, deadline - time.monotonic())
         if stage != MASKED_INPUT:
             return conn.recv(MsgType.SECAGG, timeout=timeout).body

@@ -17,7 +17,6 @@ import collections
 import ctypes
 import logging
 import queue
-import select
 import socket
 import socketserver
 import ssl
@@ -31,7 +30,7 @@ from fl.server.federation import Federation, RoundTask, Session, Stop
 from fl.server.ingest import Ingest
 from fl.wire.credentials import KeyRing
 from fl.wire.errors import ProtocolError
-from fl.wire.frames import MIB, Connection, MsgType
+from fl.wire.frames import MIB, Connection, MsgType, readable, wait_readable
 from fl.wire.handshake import AuthError, server_handshake
 
 log = logging.getLogger("server")
@@ -172,11 +171,8 @@ class ClientHandler(socketserver.BaseRequestHandler):
         fed, ingest = self.server.federation, self.server.ingest
         sent0, recv0 = conn.bytes_sent, conn.bytes_received
         try:
-            delta_ok = task.compact is not None and session.view_id == task.view_id - 1
-            conn.send_payload(MsgType.MODEL, task.compact if delta_ok else task.payload,
-                              timeout=max(1.0, task.deadline - time.monotonic()))
-            session.view_id = task.view_id
-            _wait_readable(conn.sock, task.deadline)  # the client trains meanwhile: no slot held
+            send_model(conn, session, task, task.deadline)
+            wait_readable(conn.sock, task.deadline)  # the client trains meanwhile: no slot held
             # At most INGEST_SLOTS updates in memory, so N clients cost a few models, not N;
             # a peer that uploads slowly holds the others up for at most INGEST_WAIT_S.
             buffer = ingest.buffer(timeout=INGEST_WAIT_S)
@@ -192,6 +188,15 @@ class ClientHandler(socketserver.BaseRequestHandler):
             fed.fail(session, task.round, conn.bytes_sent - sent0, f"{type(exc).__name__}: {exc}")
             return False
         return True
+
+
+def send_model(conn: Connection, session: Session, task: RoundTask, deadline: float) -> None:
+    """The round's MODEL: the 8-bit delta when the client holds the broadcast it is measured
+    from (--quantize-broadcast), else the full state; the client then holds this one."""
+    delta_ok = task.compact is not None and session.view_id == task.view_id - 1
+    conn.send_payload(MsgType.MODEL, task.compact if delta_ok else task.payload,
+                      timeout=max(1.0, deadline - time.monotonic()))
+    session.view_id = task.view_id
 
 
 class FLServer(socketserver.ThreadingTCPServer):
@@ -273,26 +278,11 @@ def _malloc_trim() -> None:
         pass
 
 
-def _wait_readable(sock: socket.socket, deadline: float) -> None:
-    """Block until the peer has sent something, hung up, or the deadline passed, without
-    reading anything (the read that follows reports which)."""
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return
-    _readable(sock, max(0.0, deadline - time.monotonic()))
-
-
-def _readable(sock: socket.socket, timeout: float) -> bool:
-    """poll(), not select(): a thousand sessions put descriptors past select's limit of 1024."""
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
-    return bool(poller.poll(timeout * 1000))
-
-
 def _hung_up(sock: socket.socket) -> bool:
     """Whether an idle peer has closed its end. Peeks at the raw socket, so nothing is
     consumed (under TLS too: ``socket.socket.recv`` bypasses the SSL layer)."""
     try:
-        if not _readable(sock, 0.0):
+        if not readable(sock, 0.0):
             return False
         return socket.socket.recv(sock, 1, socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)) == b""
     except (BlockingIOError, InterruptedError):

@@ -28,6 +28,8 @@ from typing import Any, ClassVar, Mapping, Protocol
 
 import torch
 
+from fl.common.vectors import fold
+
 
 class StrategyError(ValueError):
     """A bad strategy name or parameter; ``str(e)`` is one line for the command line."""
@@ -51,11 +53,13 @@ class Aggregator(Protocol):
     def add(self, delta: torch.Tensor, weight: float) -> None:
         """Fold one (validated, float32, flat) delta; ``weight`` > 0."""
 
+    def add_sum(self, total: torch.Tensor, count: int) -> None:
+        """Fold the float64 sum of ``count`` deltas of weight 1 each, as if each had been
+        added (secure aggregation: the server never sees them apart). TypeError from a rule
+        that needs each delta."""
+
     def result(self) -> torch.Tensor:
         """The aggregate delta, float64, same length as the deltas."""
-
-
-_SLICE = 1 << 17  # elements per step: a float64 temporary of 1 MiB at most
 
 
 def check_delta(delta: torch.Tensor, numel: int, weight: float) -> None:
@@ -65,6 +69,14 @@ def check_delta(delta: torch.Tensor, numel: int, weight: float) -> None:
         raise ValueError(f"delta has shape {list(delta.shape)}, expected [{numel}]")
     if not (isinstance(weight, (int, float)) and 0 < weight < math.inf):
         raise ValueError(f"weight must be positive and finite, got {weight!r}")
+
+
+def check_sum(total: torch.Tensor, numel: int, count: int) -> None:
+    """What every ``add_sum`` asks: a float64 vector of the model's size, and a count >= 1."""
+    if total.dtype != torch.float64 or total.shape != (numel,):
+        raise ValueError(f"a secure sum is float64[{numel}], got {total.dtype}{list(total.shape)}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"a sum counts at least one update, got {count!r}")
 
 
 class MeanAggregator:
@@ -78,11 +90,15 @@ class MeanAggregator:
 
     def add(self, delta: torch.Tensor, weight: float) -> None:
         check_delta(delta, self.sum.numel(), weight)
-        # In slices: a float32 operand of a float64 add is cast whole otherwise.
-        for i in range(0, delta.numel(), _SLICE):
-            self.sum[i:i + _SLICE].add_(delta[i:i + _SLICE], alpha=weight)
+        fold(self.sum, delta, weight)
         self.total_weight += weight
         self.count += 1
+
+    def add_sum(self, total: torch.Tensor, count: int) -> None:
+        check_sum(total, self.sum.numel(), count)
+        self.sum.add_(total)
+        self.total_weight += float(count)
+        self.count += count
 
     def result(self) -> torch.Tensor:
         if self.count == 0:

@@ -59,6 +59,9 @@ class HeldDeltas:
         self.rows.append(delta.detach().to("cpu", torch.float32, copy=True))
         self.count += 1
 
+    def add_sum(self, total: torch.Tensor, count: int) -> None:
+        raise TypeError(f"{type(self).__name__} cannot take a secure sum (it needs each update)")
+
     def result(self) -> torch.Tensor:
         if not self.rows:
             raise ValueError("no updates to aggregate")

@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import select
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Mapping
@@ -348,3 +350,23 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any
     if not isinstance(value, kinds):
         raise ProtocolError(f"field {name!r} has type {type(value).__name__}")
     return value
+
+
+def wait_readable(sock: socket.socket, deadline: float | None = None) -> None:
+    """Block until the peer has sent something, hung up, or ``deadline`` (``time.monotonic()``;
+    None: no limit) passed, without reading anything (the read that follows reports which):
+    an idle peer costs no CPU and holds no receive buffer."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return
+    if deadline is not None:
+        readable(sock, max(0.0, deadline - time.monotonic()))
+        return
+    while not readable(sock, None):
+        pass
+
+
+def readable(sock: socket.socket, timeout: float | None) -> bool:
+    """poll(), not select(): a thousand sessions put descriptors past select's limit of 1024."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
