@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import select
 import socket
 import ssl
 import time
@@ -33,7 +32,7 @@ from fl.client.local import Fitted, log_round, train_metrics
 from fl.learning.config import TrainingConfig
 from fl.learning.quantization import QuantizationError, apply_delta, dequantize_state
 from fl.wire.errors import ConnectionClosed, ProtocolError, RemoteError
-from fl.wire.frames import Connection, MsgType, field
+from fl.wire.frames import Connection, MsgType, field, wait_readable
 from fl.wire.handshake import AuthError, client_handshake
 
 log = logging.getLogger("client")
@@ -100,7 +99,7 @@ class Participant:
     def serve(self, conn: Connection) -> str:
         """Answer MODEL messages with updates until the server says DONE; returns its reason."""
         while True:
-            _wait_readable(conn.sock)  # idle: blocked in poll(), no CPU
+            wait_readable(conn.sock)  # idle: blocked in poll(), no CPU
             with self.host.lock:  # one client of this process at a time reads, trains, encodes
                 msg = conn.recv({MsgType.MODEL, MsgType.DONE})
                 if msg.type == MsgType.DONE:
@@ -225,14 +224,3 @@ def _encode(round_num: int, base: dict[str, torch.Tensor], fitted: Fitted,
     update = steps.Update(round_num, local, base, num_samples, train_metrics(result), generator)
     del fitted, local
     return steps.run_steps(chain, update), result
-
-
-def _wait_readable(sock: socket.socket) -> None:
-    """Block until the server has sent something or hung up, reading nothing. poll(), not
-    select(): a worker's descriptors may be numbered past select's limit of 1024."""
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return
-    poller = select.poll()
-    poller.register(sock, select.POLLIN | select.POLLPRI)
-    while not poller.poll():
-        pass

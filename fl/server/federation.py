@@ -44,7 +44,6 @@ from fl.wire.frames import encode_payload
 from fl.wire.handshake import Peer
 
 log = logging.getLogger("server")
-CLIENT_ID_LIMIT = 1_000_000
 
 
 @dataclass

@@ -14,7 +14,6 @@ interval, not a line each.
 from __future__ import annotations
 
 import collections
-import ctypes
 import logging
 import queue
 import socket
@@ -24,6 +23,7 @@ import threading
 import time
 from typing import Any
 
+from fl.common.limits import malloc_trim
 from fl.common.logs import sanitize
 from fl.server.config import ServerConfig
 from fl.server.federation import Federation, RoundTask, Session, Stop
@@ -261,21 +261,10 @@ class FLServer(socketserver.ThreadingTCPServer):
         if self.trim_due and time.monotonic() - self.trimmed_at >= TRIM_INTERVAL_S:
             self.trim_due = False
             self.trimmed_at = time.monotonic()
-            _malloc_trim()
+            malloc_trim()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.exception("unexpected error serving %s", client_address)
-
-
-def _malloc_trim() -> None:
-    """glibc returns a freed large block to the kernel only if it was mmap-ed, and raises its
-    mmap threshold to the size of each such block freed: after one 16 MB frame, the next
-    are carved from the heap and their pages stay in RSS once freed. ``malloc_trim(0)``
-    gives every free page of every arena back (a few ms; a no-op elsewhere than glibc)."""
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (AttributeError, OSError, TypeError):
-        pass
 
 
 def _hung_up(sock: socket.socket) -> bool:
