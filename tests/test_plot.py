@@ -111,7 +111,8 @@ def test_metrics_round_trip_keeps_keys_and_types(tmp_path: Path) -> None:
 def test_schema_matches_server_record() -> None:
     """The record above must keep the keys the server actually writes, or these tests prove nothing."""
     root = Path(__file__).resolve().parent.parent
-    tree = ast.parse((root / "fl/server/evaluator.py").read_text() + "\n" + (root / "fl/server/federation.py").read_text())
+    sources = ("fl/server/evaluator.py", "fl/server/federation.py", "fl/server/contribution.py")
+    tree = ast.parse("\n".join((root / name).read_text() for name in sources))
     key_sets = [{k.value for k in node.keys} for node in ast.walk(tree) if isinstance(node, ast.Dict)
                 and node.keys and all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys)]
     assert set(record(1)) in key_sets
