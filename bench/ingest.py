@@ -56,6 +56,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # updates.py: an UPDATE body as client.py sends it
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
 TARGET_RATIO = 0.5
@@ -172,8 +173,8 @@ def run_raw(clients: int, rounds: int, model_bytes: int, update_bytes: int) -> l
 def make_payloads(rounds: int) -> tuple[list[bytes], int]:
     """One UPDATE payload per round (index = round number) and the MODEL payload's length."""
     import torch
+    from updates import update_message
 
-    from fl.client.steps import update_message
     from fl.learning.model import ImprovedCNN
     from fl.wire.frames import encode_payload
 

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from updates import update_message
 
-from fl.client.steps import update_message
 from fl.server.ingest import Ingest
 from fl.wire.errors import ProtocolError
 from fl.wire.frames import encode_payload

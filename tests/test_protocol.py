@@ -928,7 +928,7 @@ def test_key_property_sets_both_directions(pair):
 # --- honest messages over a socket --------------------------------------------------------
 
 def test_honest_update_and_done_over_a_socket(pair):
-    from fl.client.steps import update_message
+    from updates import update_message
 
     a, b = pair
     torch.manual_seed(0)

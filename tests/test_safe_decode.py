@@ -14,8 +14,8 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from updates import update_message
 
-from fl.client.steps import update_message
 from fl.common.layout import Layout
 from fl.learning.model import ImprovedCNN
 from fl.learning.quantization import quantize_state, state_delta

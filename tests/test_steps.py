@@ -8,11 +8,12 @@ import dataclasses
 import pytest
 import torch
 from test_worker import model_msg, serve_one, small_data
+from updates import update_message
 
-from fl.client import participant, steps
+from fl.client import participant
 from fl.client.config import ClientConfig
 from fl.client.host import Host
-from fl.client.steps import Clip, Pack, Quantize, Update, plain_steps, run_steps, update_message
+from fl.client.steps import Clip, Pack, Quantize, Update, plain_steps, run_steps
 from fl.common.layout import Layout
 from fl.learning.model import ImprovedCNN
 from fl.learning.quantization import dequantize_state
@@ -98,4 +99,3 @@ def test_a_custom_step_inserted_by_a_participant_changes_the_update(monkeypatch)
 def test_the_steps_package_holds_one_step_per_file():
     assert {type(s).__module__ for s in (Clip(1.0), Quantize(), Pack())} == {
         "fl.client.steps.clip", "fl.client.steps.quantize", "fl.client.steps.pack"}
-    assert steps.update_message is update_message

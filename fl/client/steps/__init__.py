@@ -7,16 +7,12 @@ A new client-side step is one new file with a class whose ``apply(Update) -> Upd
 returns the update changed; ``Participant.update_steps`` says where it goes."""
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
 from fl.client.steps.base import Step, Update, run_steps
 from fl.client.steps.clip import Clip
 from fl.client.steps.pack import Pack
 from fl.client.steps.quantize import Quantize
 
-__all__ = ["Clip", "Pack", "Quantize", "Step", "Update", "plain_steps", "run_steps", "update_message"]
+__all__ = ["Clip", "Pack", "Quantize", "Step", "Update", "plain_steps", "run_steps"]
 
 
 def plain_steps(quantization: bool, stochastic: bool, dp_clip_norm: float | None) -> list[Step]:
@@ -26,11 +22,3 @@ def plain_steps(quantization: bool, stochastic: bool, dp_clip_norm: float | None
         steps.append(Quantize(stochastic))
     steps.append(Pack())
     return steps
-
-
-def update_message(local: dict[str, torch.Tensor], base: dict[str, torch.Tensor], round_num: int,
-                   num_samples: int, metrics: dict[str, Any], *, quantization: bool = False,
-                   stochastic: bool = False, generator: torch.Generator | None = None) -> dict[str, Any]:
-    """The UPDATE body of an unclipped update (tests and benches build one directly)."""
-    update = Update(round_num, local, base, num_samples, metrics, generator)
-    return run_steps(plain_steps(quantization, stochastic, None), update)
