@@ -43,10 +43,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def setting(group: argparse._ArgumentGroup, d: ServerConfig, name: str, help: str) -> None:
+    """The flag of a ServerConfig field (``max_frame_mb`` -> ``--max-frame-mb``), with the
+    field's default and type."""
+    value = getattr(d, name)
+    group.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=help)
+
+
 def add_network_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     net = p.add_argument_group("network")
-    net.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 for all interfaces)")
-    net.add_argument("--port", type=int, default=d.port, help="TCP port (0 picks a free one)")
+    setting(net, d, "host", "address to listen on (0.0.0.0 for all interfaces)")
+    setting(net, d, "port", "TCP port (0 picks a free one)")
     net.add_argument("--secret-file", default=None, metavar="PATH",
                      help="file holding the shared secret clients must prove (or set $FL_SECRET); "
                           "without either, the server is open to anyone who can reach it")
@@ -58,30 +65,23 @@ def add_network_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
                           "or $FL_SECRET")
     net.add_argument("--tls-cert", default=None, help="PEM certificate: serve over TLS")
     net.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    net.add_argument("--max-connections", type=int, default=d.max_connections, help="authenticated clients at once")
-    net.add_argument("--max-pending", type=int, default=d.max_pending,
-                     help="connections still in their handshake, all addresses together")
-    net.add_argument("--max-pending-per-address", type=int, default=d.max_pending_per_address,
-                     help="connections still in their handshake from one address")
-    net.add_argument("--max-frame-mb", type=int, default=d.max_frame_mb,
-                     help="largest frame accepted, MiB (the float32 model is 1.7 MB)")
-    net.add_argument("--handshake-timeout", type=float, default=d.handshake_timeout,
-                     help="seconds a new connection has to authenticate")
+    setting(net, d, "max_connections", "authenticated clients at once")
+    setting(net, d, "max_pending", "connections still in their handshake, all addresses together")
+    setting(net, d, "max_pending_per_address", "connections still in their handshake from one address")
+    setting(net, d, "max_frame_mb", "largest frame accepted, MiB (the float32 model is 1.7 MB)")
+    setting(net, d, "handshake_timeout", "seconds a new connection has to authenticate")
 
 
 def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     fl = p.add_argument_group("federation")
-    fl.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds to run")
+    setting(fl, d, "rounds", "federated rounds to run")
     fl.add_argument("--target-accuracy", type=float, default=None, metavar="A",
                     help="stop once a round's test accuracy reaches A (0-1); evaluation runs beside the next "
                          "round, so that round still completes")
-    fl.add_argument("--min-clients", type=int, default=d.min_clients,
-                    help="clients that must be connected before a round starts")
-    fl.add_argument("--fraction", type=float, default=d.fraction,
-                    help="fraction of the connected clients sampled each round: max(--min-fit, ceil(F x connected))")
-    fl.add_argument("--min-fit", type=int, default=d.min_fit,
-                    help="fewest clients sampled, and updates a round needs to be aggregated (else retried)")
-    fl.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds to wait for the updates of a round")
+    setting(fl, d, "min_clients", "clients that must be connected before a round starts")
+    setting(fl, d, "fraction", "fraction of the connected clients sampled each round: max(--min-fit, ceil(F x connected))")
+    setting(fl, d, "min_fit", "fewest clients sampled, and updates a round needs to be aggregated (else retried)")
+    setting(fl, d, "round_timeout", "seconds to wait for the updates of a round")
     fl.add_argument("--quantize-broadcast", action="store_true",
                     help="send the global model as an 8-bit delta to clients that hold the previous one")
     fl.add_argument("--local-epochs", type=int, default=d.training.epochs, help="local epochs per round (sent to clients)")
@@ -100,7 +100,7 @@ def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> Non
     fl.add_argument("--batch-size", type=int, default=d.training.batch_size, help="clients' batch size")
     fl.add_argument("--no-augment", action="store_true", help="tell clients to train without augmentation")
     fl.add_argument("--hflip", action="store_true", help="add random horizontal flips to augmentation (hurts digits)")
-    fl.add_argument("--seed", type=int, default=d.seed, help="seed of the initial global model and of client sampling")
+    setting(fl, d, "seed", "seed of the initial global model and of client sampling")
 
 
 def add_output_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
