@@ -79,12 +79,14 @@ def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> Non
                     help="stop once a round's test accuracy reaches A (0-1); evaluation runs beside the next "
                          "round, so that round still completes")
     setting(fl, d, "min_clients", "clients that must be connected before a round starts")
-    setting(fl, d, "fraction", "fraction of the connected clients sampled each round: max(--min-fit, ceil(F x connected))")
+    setting(fl, d, "fraction",
+            "fraction of the connected clients sampled each round: max(--min-fit, ceil(F x connected))")
     setting(fl, d, "min_fit", "fewest clients sampled, and updates a round needs to be aggregated (else retried)")
     setting(fl, d, "round_timeout", "seconds to wait for the updates of a round")
     fl.add_argument("--quantize-broadcast", action="store_true",
                     help="send the global model as an 8-bit delta to clients that hold the previous one")
-    fl.add_argument("--local-epochs", type=int, default=d.training.epochs, help="local epochs per round (sent to clients)")
+    fl.add_argument("--local-epochs", type=int, default=d.training.epochs,
+                    help="local epochs per round (sent to clients)")
     fl.add_argument("--lr", type=float, default=d.training.lr, help="clients' learning rate in round 1")
     fl.add_argument("--client-optimizer", choices=OPTIMIZERS, default=d.training.optimizer,
                     help="clients' optimizer, fresh each round (sgd: the FedAvg paper's; try it on "

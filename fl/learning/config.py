@@ -80,5 +80,6 @@ def check(wire: Mapping[str, Any]) -> None:
     if wire.get("optimizer", "adam") not in OPTIMIZERS:
         raise ValueError(f"unknown client optimizer {wire.get('optimizer')!r}")
     dp = wire.get("dp_clip_norm")
-    if dp is not None and (isinstance(dp, bool) or not isinstance(dp, (int, float)) or not (math.isfinite(dp) and dp > 0)):
+    if dp is not None and (isinstance(dp, bool) or not isinstance(dp, (int, float))
+                           or not (math.isfinite(dp) and dp > 0)):
         raise ValueError("dp_clip_norm must be a positive number")

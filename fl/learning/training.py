@@ -46,7 +46,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: 
     parameters (not buffers) at the start of this call. The term's gradient,
     mu * (w - w_global), is added to the gradients after ``backward()`` (two fused calls
     per step) rather than built into the autograd graph: the same update, without the
-    graph's cost. The reported loss stays the cross-entropy, comparable across strategies. mu = 0 runs the plain loop (no copy, no extra work).
+    graph's cost. The reported loss stays the cross-entropy, comparable across strategies.
+    mu = 0 runs the plain loop (no copy, no extra work).
 
     ``freeze_bn`` is FixBN's calibration phase (Zhong, Chen & Chao, ICML 2024): BatchNorm
     normalises with the global running statistics the model arrived with, and leaves them

@@ -88,7 +88,8 @@ def validate_state(state: Mapping[str, object], reference: State) -> None:
     missing = reference.keys() - state.keys()
     extra = state.keys() - reference.keys()
     if missing or extra:
-        raise InvalidUpdate(f"keys differ from the model: missing {sorted(missing)[:3]}, extra {sorted(map(str, extra))[:3]}")
+        raise InvalidUpdate(f"keys differ from the model: missing {sorted(missing)[:3]}, "
+                            f"extra {sorted(map(str, extra))[:3]}")
     for name, ref in reference.items():
         value = state[name]
         if not isinstance(value, torch.Tensor):
