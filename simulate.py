@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fl.common.ids import format_ids as id_spec  # worker.py's --client-ids form
+from fl.learning.config import TrainingConfig
+from fl.server.config import ServerConfig
+
+TRAINING, SERVER = TrainingConfig(), ServerConfig()  # the defaults the server's flags have too (no torch import)
 
 HERE = Path(__file__).resolve().parent
 SCHEMES = ("iid", "dirichlet", "shards")  # data.SCHEMES; not imported, so the launcher never loads torch
@@ -110,10 +114,11 @@ def add_federation_flags(fl: argparse._ArgumentGroup) -> None:
     fl.add_argument("--partition", choices=SCHEMES, default="iid",
                     help="how the shards are drawn (shards: sorted by label, two per client, as in FedAvg's paper)")
     fl.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration for --partition dirichlet")
-    fl.add_argument("--local-epochs", type=int, default=1, help="local epochs per round")
-    fl.add_argument("--lr", type=float, default=1e-3, help="learning rate in round 1")
-    fl.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine", help="learning rate over rounds")
-    fl.add_argument("--batch-size", type=int, default=64, help="clients' batch size")
+    fl.add_argument("--local-epochs", type=int, default=TRAINING.epochs, help="local epochs per round")
+    fl.add_argument("--lr", type=float, default=TRAINING.lr, help="learning rate in round 1")
+    fl.add_argument("--lr-schedule", choices=("cosine", "constant"), default=SERVER.lr_schedule,
+                    help="learning rate over rounds")
+    fl.add_argument("--batch-size", type=int, default=TRAINING.batch_size, help="clients' batch size")
     fl.add_argument("--no-augment", action="store_true", help="train without augmentation")
     fl.add_argument("--limit", type=int, default=None, help="each client trains on at most N samples (quick runs)")
     fl.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images (quick runs)")

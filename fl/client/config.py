@@ -22,9 +22,10 @@ def client_parser(description: str) -> tuple[argparse.ArgumentParser, dict[str, 
 
 def add_client_arguments(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
     """The flags client.py and worker.py share; returns the groups so a caller can add its own."""
+    d = ClientConfig()
     net = p.add_argument_group("network")
-    net.add_argument("--host", default="127.0.0.1", help="server address")
-    net.add_argument("--port", type=int, default=8080, help="server port")
+    net.add_argument("--host", default=d.host, help="server address")
+    net.add_argument("--port", type=int, default=d.port, help="server port")
     secret = net.add_mutually_exclusive_group()
     secret.add_argument("--secret-file", default=None, metavar="PATH",
                         help="file holding this client's secret on one line (default: $FL_SECRET)")
@@ -32,7 +33,7 @@ def add_client_arguments(p: argparse.ArgumentParser) -> dict[str, argparse._Argu
                         help="the secret itself: visible to other users in the process list, "
                              "prefer --secret-file or $FL_SECRET")
     net.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS server; enables TLS")
-    net.add_argument("--connect-timeout", type=float, default=120.0,
+    net.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
                      help="seconds to keep retrying to reach the server (at start and after a lost connection)")
     fl = p.add_argument_group("federation")
     fl.add_argument("--num-clients", type=int, default=1, help="how many shards the training set is split into")
@@ -44,11 +45,11 @@ def add_client_arguments(p: argparse.ArgumentParser) -> dict[str, argparse._Argu
     fl.add_argument("--stochastic-rounding", action="store_true",
                     help="unbiased stochastic rounding for --quantization instead of nearest")
     fl.add_argument("--limit", type=int, default=None, help="train on at most N samples of the shard (quick runs)")
-    fl.add_argument("--seed", type=int, default=0, help="seed of the data split (same on all clients) and of training")
+    fl.add_argument("--seed", type=int, default=d.seed, help="seed of the data split (same on all clients) and of training")
     run = p.add_argument_group("compute and output")
     run.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
     run.add_argument("--no-download", action="store_true", help="never try to download MNIST")
-    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to train")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="where to train")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     run.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
