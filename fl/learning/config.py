@@ -7,11 +7,14 @@ under client-side DP clipping, so a client of any age reads what it knows.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 OPTIMIZERS = ("adam", "sgd")
+_AS = {"lr": float, "momentum": float, "mu": float, "dp_clip_norm": float, "optimizer": str,
+       "augment": bool, "hflip": bool, "freeze_bn": bool}  # what from_wire makes of a sent value
 
 
 @dataclass(frozen=True)
@@ -48,12 +51,8 @@ class TrainingConfig:
         """The config a server sent, checked before any training (ValueError, one line);
         a key an older server does not send takes the value it meant."""
         check(wire)
-        mu, dp = wire.get("mu"), wire.get("dp_clip_norm")
-        return cls(epochs=wire["epochs"], lr=float(wire["lr"]), batch_size=wire["batch_size"],
-                   optimizer=str(wire.get("optimizer", "adam")), momentum=float(wire.get("momentum", 0.0)),
-                   augment=bool(wire.get("augment", True)), hflip=bool(wire.get("hflip", False)),
-                   freeze_bn=bool(wire.get("freeze_bn", False)), mu=None if mu is None else float(mu),
-                   dp_clip_norm=None if dp is None else float(dp))
+        given = {f.name: wire[f.name] for f in dataclasses.fields(cls) if f.name in wire}
+        return cls(**{k: v if v is None or k not in _AS else _AS[k](v) for k, v in given.items()})
 
     @property
     def proximal_mu(self) -> float:
@@ -67,7 +66,8 @@ def check(wire: Mapping[str, Any]) -> None:
         value = wire.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
-    numbers = {"lr": wire.get("lr"), "momentum": wire.get("momentum", 0.0), "mu": wire.get("mu", 0.0)}
+    numbers = {"lr": wire.get("lr"), "momentum": wire.get("momentum", TrainingConfig.momentum),
+               "mu": wire.get("mu", 0.0)}
     for key, value in numbers.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{key} must be a finite number, got {value!r}")
@@ -77,7 +77,7 @@ def check(wire: Mapping[str, Any]) -> None:
         raise ValueError(f"momentum must be in [0, 1), got {numbers['momentum']!r}")
     if numbers["mu"] < 0:
         raise ValueError(f"mu must be >= 0, got {numbers['mu']!r}")
-    if wire.get("optimizer", "adam") not in OPTIMIZERS:
+    if wire.get("optimizer", TrainingConfig.optimizer) not in OPTIMIZERS:
         raise ValueError(f"unknown client optimizer {wire.get('optimizer')!r}")
     dp = wire.get("dp_clip_norm")
     if dp is not None and (isinstance(dp, bool) or not isinstance(dp, (int, float))
