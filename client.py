@@ -9,7 +9,7 @@ reconnects by itself if the server restarts.
     python client.py --client-id 0 --num-clients 3 [--quantization]
 
 One process is one client; ``worker.py`` hosts many in one process. Both run the same
-``participant.Participant``.
+``fl.client.participant.Participant``.
 """
 from __future__ import annotations
 

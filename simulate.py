@@ -76,7 +76,7 @@ def hosting(clients: int, workers: int) -> tuple[list[list[int]], int]:
 
     When a worker would host more than one client, ONE worker holds every connection and
     trains on ``workers`` processes (or Ray actors), each sampled client on whichever is free
-    (``trainer_pool.py``). Split into fixed halves instead, 10 sampled clients of 100 fall 6
+    (``fl/client/trainer_pool.py``). Split into fixed halves instead, 10 sampled clients of 100 fall 6
     and 4 (or worse) more often than 5 and 5, and the round waits for the busier half."""
     if workers < clients:
         return [list(range(clients))], workers

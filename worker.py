@@ -8,7 +8,7 @@ authenticated handshake, the same MODEL/UPDATE messages (and 8-bit option) as
 once is what makes a client process cost ~0.9 GB: torch, the MNIST training set (each
 client keeps only its shard's indices into it) and ONE model. The clients the server
 samples in a round train one after another under a lock, or with ``--trainers N`` on N
-training processes, each client on whichever is free (``trainer_pool.py``); the others
+training processes, each client on whichever is free (``fl/client/trainer_pool.py``); the others
 block in poll() on their sockets. Each client's training is seeded from (seed, client id,
 round), so a virtual client trains exactly as the same client in a process of its own would.
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="only these hosted clients send 8-bit updates (default: all with --quantization, else none)")
     groups["run"].add_argument("--trainers", type=int, default=1,
                                help="train the sampled clients on this many processes, each client on whichever "
-                                    "is free (trainer_pool.py); 1: on this process, one after another")
+                                    "is free (fl/client/trainer_pool.py); 1: on this process, one after another")
     groups["run"].add_argument("--log-file", default=None, help="also write the log to this file")
     p.set_defaults(threads=1, device="cpu")
     args = p.parse_args(argv)

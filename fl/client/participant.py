@@ -2,7 +2,7 @@
 process) and ``worker.py`` (many virtual clients in one process).
 
 A ``Participant`` connects with retry and backoff, authenticates with
-``security.client_handshake``, answers every MODEL with an UPDATE (float or 8-bit) and
+``fl.wire.handshake.client_handshake``, answers every MODEL with an UPDATE (float or 8-bit) and
 reconnects after a lost connection. What the clients of one process share is a ``Host``
 (``host.py``); its local training is ``local.fit`` and the UPDATE body is made by a chain
 of ``steps``. Each participant owns only its connection, its shard's indices and a

@@ -3,7 +3,7 @@ training config, the model received, a ``train`` callback, the client id and a l
 and reaches into nothing else: like Flower's ``secaggplus_mod``, it trains through the
 callback, with a ``steps.mask.Mask`` as the update chain.
 
-When a MODEL message carries ``secagg`` settings (``secagg_wire.Settings``) the client runs
+When a MODEL message carries ``secagg`` settings (``fl.secagg.wire.Settings``) the client runs
 the four stages of ``secagg.SecAggClient`` on its connection instead of sending an UPDATE:
 
   MODEL(secagg) ─▶ 0: advertise two public keys ─▶ key list ─▶ 1: shares of its secrets,

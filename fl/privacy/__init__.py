@@ -1,6 +1,6 @@
 """Client-level differential privacy for the federation (DP-FedAvg), in pure parts.
 
-- clipping itself is ``aggregation.clip_by_norm`` (also what a client calls on its own delta).
+- clipping itself is ``fl.common.vectors.clip_by_norm`` (also what a client calls on its own delta).
 - ``noise``: the noise generator, seeded from the OS CSPRNG unless a seed is given.
 - ``fixed_clipping``: ``DPFixedClipping``, a wrapper around any averaging strategy
   (McMahan et al. 2018), with server-side or client-side clipping.

@@ -24,7 +24,7 @@ Trust, by mode:
   adds the noise. Clients trust the server with their raw updates and to add the noise
   honestly; the guarantee covers everything released after aggregation (the global
   models sent to clients, checkpoints, metrics), not the server itself.
-- ``clipping="client"``: each client clips its own delta (:func:`aggregation.clip_by_norm`,
+- ``clipping="client"``: each client clips its own delta (:func:`fl.common.vectors.clip_by_norm`,
   at the ``dp_clip_norm`` it receives in its training config) before sending; the server
   does not clip, refuses any delta longer than C (1 + ``norm_tolerance``) and adds the
   noise. The server still sees each clipped delta and must still be trusted to add the

@@ -57,7 +57,7 @@ class RoundTask:
     deadline: float  # time.monotonic() by which the update must have arrived
     view_id: int = 0  # which broadcast this is (--quantize-broadcast)
     compact: bytes | None = None  # the same model as an 8-bit delta to broadcast view_id - 1
-    secagg: Any = None  # the round's secure-aggregation coordinator (secagg_round.py), if any
+    secagg: Any = None  # the round's secure-aggregation coordinator (fl/secagg/coordinator.py), if any
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ only the sum of the sampled clients' updates, and a round survives clients that 
 Three pieces plug into the ordinary server, which is otherwise unchanged:
 
 - :class:`SecAggFederation` (a ``Federation``): every round's MODEL carries the round's
-  ``secagg`` settings (``secagg_wire.Settings``) and its task a :class:`secagg_round.SecAggRound`
+  ``secagg`` settings (``fl.secagg.wire.Settings``) and its task a :class:`fl.secagg.coordinator.SecAggRound`
   coordinator; the main thread drives that coordinator's stages (``collect``), then folds
   the decoded sum into the strategy's aggregator like any aggregate. A round whose
   coordinator aborts (fewer than the threshold of clients left) has no updates, so

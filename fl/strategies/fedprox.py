@@ -4,7 +4,7 @@ Client k minimises its loss plus a proximal term that keeps it near the model it
 
     h_k(w) = F_k(w) + mu/2 * ||w - w_t||^2
 
-(``training.train(..., mu=mu)``; the server sends ``mu`` in the training config). The
+(``fl.learning.training.train`` with ``TrainingConfig.mu``; the server sends ``mu`` in the training config). The
 server side is FedAvg's: x_{t+1} = x_t + weighted mean of the deltas. mu = 0 is FedAvg.
 
 Default mu = 0.01: Li et al. pick mu per task from {0.001, 0.01, 0.1, 1} (Flower has no

@@ -117,7 +117,7 @@ class Obj(Spec):
         return {k: self.fields[k].check(v, f"{where}.{k}") for k, v in value.items()}
 
 
-# "secagg": the client can run secure aggregation (secagg_wire.py); absent means it cannot.
+# "secagg": the client can run secure aggregation (fl/secagg/wire.py); absent means it cannot.
 OPTIONS = Obj({"quantization": Bool(), "device": Choice(DEVICES), "secagg": Bool()},
               frozenset({"quantization", "device", "secagg"}))
 _REASON = Obj({"reason": Text(REASON_LIMIT)}, frozenset({"reason"}))

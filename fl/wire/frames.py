@@ -62,7 +62,7 @@ class MsgType(IntEnum):
     UPDATE = 6  # client -> server: new state or quantized delta, samples, metrics
     DONE = 7  # server -> client: federation finished (or server stopping)
     ERROR = 8  # either way: a one-line reason, then the sender closes
-    SECAGG = 9  # either way: one stage of secure aggregation (secagg_wire.py), when the server requires it
+    SECAGG = 9  # either way: one stage of secure aggregation (fl/secagg/wire.py), when the server requires it
 
 
 # These are bounded JSON (control.py); the rest are torch.save payloads (safe_decode.py).
