@@ -30,7 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from fl.common.ids import format_ids as id_spec  # worker.py's --client-ids form
+from fl.common.ids import format_ids  # worker.py's --client-ids form
 from fl.learning.config import TrainingConfig
 from fl.server.config import ServerConfig
 
@@ -202,7 +202,7 @@ def build_commands(args: argparse.Namespace, server_extra: list[str], port: int,
     groups, trainers = hosting(args.clients, workers)
     worker_args = []
     for ids in groups:
-        cmd = ["--client-ids", id_spec(ids), "--num-clients", str(args.clients),
+        cmd = ["--client-ids", format_ids(ids), "--num-clients", str(args.clients),
                "--port", str(port), "--partition", args.partition, "--alpha", str(args.alpha),
                "--seed", str(args.seed), "--threads", str(threads), "--device", args.device, "--no-progress"] + data
         if trainers > 1:
@@ -211,7 +211,7 @@ def build_commands(args: argparse.Namespace, server_extra: list[str], port: int,
             cmd += ["--host", args.connect_host]
         q = [i for i in ids if i < quantized]
         if q:
-            cmd += ["--quantize-ids", id_spec(q)]
+            cmd += ["--quantize-ids", format_ids(q)]
             if args.stochastic_rounding:
                 cmd.append("--stochastic-rounding")
         if args.limit:

@@ -27,7 +27,7 @@ def test_default_workers_and_split():
     assert simulate.default_workers(100, 2) == 2  # one per core
     assert [len(s) for s in simulate.split_clients(10, 3)] == [4, 3, 3]
     assert sum(simulate.split_clients(100, 7), []) == list(range(100))
-    assert simulate.id_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert simulate.format_ids([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
     assert simulate.threads_per_worker(2, 2) == 1 and simulate.threads_per_worker(3, 2) == 1
     assert simulate.threads_per_worker(1, 4) == 4
 

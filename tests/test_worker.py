@@ -18,10 +18,11 @@ from procs import server_args, start, stop
 from fl.client import local, participant
 from fl.client.config import ClientConfig
 from fl.client.host import Host
+from fl.common.ids import format_ids, parse_ids
 from fl.common.layout import Layout
 from fl.learning.model import ImprovedCNN
 from fl.wire.frames import Connection, MsgType
-from worker import format_ids, parse_args, parse_ids
+from worker import parse_args
 
 CONFIG = {"epochs": 1, "lr": 1e-3, "batch_size": 16, "augment": True, "hflip": False}
 

@@ -57,4 +57,3 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-

@@ -51,6 +51,7 @@ WEIGHTING_MESSAGE = ("--dp-noise-multiplier needs --weighting uniform: "
 
 CLIPPING_MODES = ("server", "client")
 
+
 def check_weighting(weighting: str) -> None:
     """Refuse any weighting but uniform under DP (a client's sample count would scale its
     influence past C); raises StrategyError with the one line for the command line."""

@@ -211,4 +211,3 @@ class SecAggRound:
         with self.cond:  # reentrant: also called with the lock held
             self.failure = reason
             self.cond.notify_all()
-

@@ -17,12 +17,11 @@ round's ``rejected``) or that round (the previous model kept), never the process
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from dataclasses import field as dc_field
 from typing import Any, Callable
 
@@ -273,7 +272,7 @@ class Federation:
         sampled = sample_clients(connected, cfg.fraction, cfg.min_fit, cfg.seed, number, attempt)
         participants = {cid: connected[cid] for cid in sampled}
         lr = round_lr(cfg.training.lr, number, cfg.rounds, cfg.lr_schedule)
-        training = dataclasses.replace(cfg.training_config(number), lr=lr, **self.strategy.fit_config(number))
+        training = replace(cfg.training_config(number), lr=lr, **self.strategy.fit_config(number))
         config = training.to_wire()
         header = {"round": number, "rounds": cfg.rounds, "config": config,
                   **self.round_extras(number, participants)}
@@ -397,4 +396,3 @@ class Federation:
             while self.sessions and (left := end - time.monotonic()) > 0:
                 self.lock.wait(timeout=min(left, 0.2))
             return len(self.sessions)
-
