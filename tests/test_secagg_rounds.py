@@ -7,8 +7,18 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from fl.secagg import FixedPoint, SecAggAbort, SecAggClient, SecAggConfig, SecAggError, SecAggServer, Stage
-from fl.secagg.messages import SEALED_BYTES
+from fl.secagg import (
+    FixedPoint,
+    SecAggAbort,
+    SecAggCheat,
+    SecAggClient,
+    SecAggConfig,
+    SecAggError,
+    SecAggServer,
+    Stage,
+)
+from fl.secagg import rounds as rounds_module
+from fl.secagg.messages import DIGEST_PAIR, SEALED_BYTES
 from fl.secagg.wire import CLIENT_FIELDS, SERVER_FIELDS, decode, encode
 from fl.wire.frames import decode_payload, encode_payload
 
@@ -39,6 +49,7 @@ class Run:
     drop: dict[Stage, set[int]] = field(default_factory=dict)
     hook: dict[str, Callable[[int, Any], Any]] = field(default_factory=dict)
     seen: list[Any] = field(default_factory=list)  # every message, both ways
+    refused: dict[int, SecAggError] = field(default_factory=dict)  # unmasking answers the server refused
 
     def __post_init__(self) -> None:
         self.server = SecAggServer(self.config, self.round_id)
@@ -69,7 +80,11 @@ class Run:
         request = s.request_unmask()
         for u in self._active(Stage.UNMASKING):
             if u in s.survivors:
-                s.receive_unmask(u, self._send("unmask", u, self.clients[u].unmask(self._send("survivors", u, request))))
+                answer = self._send("unmask", u, self.clients[u].unmask(self._send("survivors", u, request)))
+                try:
+                    s.receive_unmask(u, answer)
+                except SecAggError as exc:  # the transport drops that client; the round goes on
+                    self.refused[u] = exc
         return s.finish()
 
 
@@ -244,17 +259,116 @@ def test_share_replayed_from_another_round_is_refused() -> None:
         new.clients[0].masked_input(old_routed[0], new.xs[0])
 
 
-def test_wrong_share_from_a_holder_aborts_instead_of_corrupting_the_sum() -> None:
-    def corrupt(u: int, msg: dict) -> dict:
-        if u != 0:
+def _corrupt_unmask(cheater: int, field_name: str, index: int) -> Callable[[int, Any], Any]:
+    """The ``index``-th share of ``field_name`` in ``cheater``'s unmasking answer, one bit flipped."""
+    def hook(u: int, msg: dict) -> dict:
+        if u != cheater:
             return msg
-        shares = msg["b_shares"].clone()
-        shares[0] ^= 1
-        return {**msg, "b_shares": shares}
+        shares = msg[field_name].clone()
+        shares[32 * index] ^= 1
+        return {**msg, field_name: shares}
+    return hook
 
-    r = Run(SecAggConfig(length=20, threshold=5), _inputs([0, 1, 2, 3, 4], 20), hook={"unmask": corrupt})
-    with pytest.raises(SecAggAbort, match="does not match its commitment"):
+
+def test_a_holder_revealing_a_wrong_share_is_named_and_the_round_goes_on() -> None:
+    """Client 0 reveals a wrong share of client 1's self-mask seed: the server checks it
+    against the digest client 1 dealt it with, refuses client 0's answer naming client 0
+    (SecAggCheat), and rebuilds every secret from the others' shares: the sum is exact. The
+    old server aborted the round, unattributed, at the commitment check."""
+    xs = _inputs([0, 1, 2, 3, 4], 20)
+    r = Run(SecAggConfig(length=20, threshold=3), xs, hook={"unmask": _corrupt_unmask(0, "b_shares", 1)})
+    total = r.run()
+    assert set(r.refused) == {0}
+    exc = r.refused[0]
+    assert isinstance(exc, SecAggCheat) and exc.client == 0
+    assert str(exc) == "client 0 revealed a share of client 1's self-mask seed that is not the one dealt to it"
+    assert r.server.responders == (1, 2, 3, 4)
+    assert torch.equal(total, _ring_sum(xs, (0, 1, 2, 3, 4)))  # client 0's input still counts
+
+
+def test_a_wrong_share_of_a_dropped_clients_key_is_named_too() -> None:
+    xs = _inputs([0, 1, 2, 3, 4], 20)
+    r = Run(SecAggConfig(length=20, threshold=3), xs, drop={Stage.MASKED_INPUT: {4}},
+            hook={"unmask": _corrupt_unmask(2, "sk_shares", 0)})
+    total = r.run()
+    assert isinstance(r.refused[2], SecAggCheat) and r.refused[2].client == 2
+    assert "client 4's mask key" in str(r.refused[2])
+    assert torch.equal(total, _ring_sum(xs, (0, 1, 2, 3)))
+
+
+def test_a_client_lying_about_its_own_share_aborts_naming_it() -> None:
+    """Its own share carries no digest (it dealt it to itself): the rebuilt seed fails its
+    commitment, and the abort names the client as its culprit."""
+    r = Run(SecAggConfig(length=20, threshold=5), _inputs([0, 1, 2, 3, 4], 20),
+            hook={"unmask": _corrupt_unmask(0, "b_shares", 0)})
+    with pytest.raises(SecAggAbort, match="client 0's verified shares do not rebuild") as exc:
         r.run()
+    assert exc.value.culprits == (0,)
+
+
+def test_a_dealer_of_inconsistent_shares_aborts_naming_it(monkeypatch) -> None:
+    """Client 2 deals a share off its polynomial (and digests what it dealt, so every holder
+    and every check of a revealed share passes): the rebuilt secret fails client 2's
+    commitment, and only client 2 can have caused that."""
+    real_share = rounds_module.shamir.share
+    dealer = {"calls": 0}
+
+    def share(secret: bytes, t: int, n: int):
+        out = real_share(secret, t, n)
+        dealer["calls"] += 1
+        if dealer["calls"] == 5:  # client 2's first sharing (b): clients deal b, then s^SK, in id order
+            x, y = out[1]
+            out[1] = (x, bytes([y[0] ^ 1]) + y[1:])
+        return out
+
+    monkeypatch.setattr(rounds_module.shamir, "share", share)
+    r = Run(SecAggConfig(length=20, threshold=5), _inputs([0, 1, 2, 3, 4], 20))
+    with pytest.raises(SecAggAbort, match="client 2's verified shares do not rebuild the self-mask seed") as exc:
+        r.run()
+    assert exc.value.culprits == (2,) and not r.refused
+
+
+def test_a_share_that_does_not_match_its_digest_is_refused_by_its_holder() -> None:
+    """A dealer's digest that does not match what it sealed: the holder refuses, naming the
+    dealer, before it could ever reveal that share (and be blamed for it)."""
+    def bad_digest(u: int, msg: dict) -> dict:
+        if u != 1:
+            return msg
+        digests = msg["digests"].clone()
+        digests[0] ^= 1  # the digest of the share for its first receiver, client 0
+        return {**msg, "digests": digests}
+
+    r = Run(SecAggConfig(length=20, threshold=3), _inputs([0, 1, 2, 3], 20))
+    s = r.server
+    for u, c in r.clients.items():
+        s.receive_keys(u, c.advertise_keys())
+    keys = s.broadcast_keys()
+    for u, c in r.clients.items():
+        s.receive_shares(u, bad_digest(u, c.share_keys(keys)))
+    routed = s.route_shares()
+    assert routed[0]["digests"].numel() == 3 * DIGEST_PAIR
+    with pytest.raises(SecAggError, match="^share from client 1 does not match the digest it committed to$"):
+        r.clients[0].masked_input(routed[0], r.xs[0])
+    assert r.clients[0].stage == Stage.MASKED_INPUT
+
+
+SMALL_ORDER = [bytes(32), (1).to_bytes(32, "little"),
+               bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800")]
+
+
+@pytest.mark.parametrize("point", SMALL_ORDER)
+@pytest.mark.parametrize("name", ["c_pk", "s_pk"])
+def test_a_small_order_public_key_is_refused_at_stage_0(point: bytes, name: str) -> None:
+    """With such a key every key agreement gives the all-zero secret: the old server took
+    it, every honest neighbour then failed at stage 2 and the round never completed."""
+    s = SecAggServer(SecAggConfig(length=10, threshold=2), 1)
+    msg = {**SecAggClient(3, s.config, 1).advertise_keys(), name: point}
+    with pytest.raises(SecAggCheat, match="^client 3 advertised a public key of small order") as exc:
+        s.receive_keys(3, msg)
+    assert exc.value.client == 3 and s.waiting_for is None and not s._c_pk
+    for u in (0, 1):
+        s.receive_keys(u, SecAggClient(u, s.config, 1).advertise_keys())
+    assert s.broadcast_keys()["ids"].tolist() == [0, 1]
 
 
 def test_secagg_plus_groups() -> None:

@@ -17,18 +17,20 @@ module             concern
 ``graph``          who shares with whom: everyone, or a SecAgg+ Harary graph
 ``messages``       wire schema and validation of every field
 ``rounds``         the state machines ``SecAggClient`` and ``SecAggServer``
-``errors``         ``SecAggError`` (a bad message) and ``SecAggAbort`` (no round)
+``errors``         ``SecAggError`` (a bad message), ``SecAggCheat`` (one that proves its
+                   sender cheated) and ``SecAggAbort`` (no round)
 =================  ============================================================
 """
 from __future__ import annotations
 
-from fl.secagg.errors import SecAggAbort, SecAggError
+from fl.secagg.errors import SecAggAbort, SecAggCheat, SecAggError
 from fl.secagg.fixedpoint import FixedPoint
 from fl.secagg.rounds import SecAggClient, SecAggConfig, SecAggServer, Stage
 
 __all__ = [
     "FixedPoint",
     "SecAggAbort",
+    "SecAggCheat",
     "SecAggClient",
     "SecAggConfig",
     "SecAggError",

@@ -8,8 +8,11 @@ driver thread (the server's main thread, :meth:`SecAggRound.run`) closes each st
 every live client it waits for has answered, or at the stage's deadline, whichever is
 first; a handler whose connection died calls :meth:`SecAggRound.drop`, so nobody waits for
 a client that is gone. A stage that closes with too few clients aborts the round
-(``SecAggAbort``): every waiting handler gets a :class:`Left` with the reason, and
-:meth:`run` returns None. Otherwise :meth:`run` returns the ring sum of the survivors'
+(``SecAggAbort``), and so does any other error of the core while the driver closes a stage
+(a ``SecAggError`` or ``ValueError`` there must never end the server): every waiting
+handler gets a :class:`Left` with the reason, and :meth:`run` returns None. A message that
+proves its sender cheated (``SecAggCheat``), and an abort that names its culprits, put
+them in :attr:`cheaters` for the caller to exclude. Otherwise :meth:`run` returns the ring sum of the survivors'
 inputs, and :attr:`metadata` holds what each survivor sent in clear beside its masked input.
 
 Deadlines: stages 0 and 1 (keys and shares, small messages, no training) and stage 3
@@ -28,7 +31,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from fl.common.logs import short_ids
-from fl.secagg import SecAggAbort, SecAggConfig, SecAggError, SecAggServer
+from fl.secagg import SecAggAbort, SecAggCheat, SecAggConfig, SecAggError, SecAggServer
 
 log = logging.getLogger("server")
 STAGES = ("AdvertiseKeys", "ShareKeys", "MaskedInput", "Unmasking")
@@ -70,6 +73,7 @@ class SecAggRound:
         self.bytes_up: dict[int, int] = {}
         self.bytes_down: dict[int, int] = {}
         self.failure: str | None = None
+        self.cheaters: dict[int, str] = {}  # client -> what it did (proven by its own messages)
 
     # --- handler threads ----------------------------------------------------------------
 
@@ -83,19 +87,27 @@ class SecAggRound:
         refused and nothing changed (the caller drops the client); RoundClosed: too late."""
         with self.cond:
             self._check_open(client_id, stage)
-            if stage == 0:
-                if client_id not in self.participants:
-                    raise SecAggError(f"client {client_id} was not sampled for this round")
-                self.server.receive_keys(client_id, msg)
-            elif stage == 1:
-                self.server.receive_shares(client_id, msg)
-            elif stage == 2:
-                self.server.receive_masked(client_id, msg)
-                self.metadata[client_id] = metadata
-            else:
-                self.server.receive_unmask(client_id, msg)
+            if stage == 0 and client_id not in self.participants:
+                raise SecAggError(f"client {client_id} was not sampled for this round")
+            try:
+                self._receive(client_id, stage, msg, metadata)
+            except SecAggCheat as exc:
+                self.cheaters.setdefault(exc.client, str(exc))
+                raise
             self.answered[stage].add(client_id)
             self.cond.notify_all()
+
+    def _receive(self, client_id: int, stage: int, msg: Any, metadata: Any) -> None:
+        s = self.server
+        if stage == 0:
+            s.receive_keys(client_id, msg)
+        elif stage == 1:
+            s.receive_shares(client_id, msg)
+        elif stage == 2:
+            s.receive_masked(client_id, msg)
+            self.metadata[client_id] = metadata
+        else:
+            s.receive_unmask(client_id, msg)
 
     def _check_open(self, client_id: int, stage: int) -> None:
         if self.failure is not None:
@@ -157,7 +169,7 @@ class SecAggRound:
             with self.cond:
                 while True:
                     if stop is not None and stop.is_set():
-                        self._fail("the server is stopping")
+                        self._fail(RuntimeError("the server is stopping"))
                         return None
                     pending = self.pending(stage)
                     left = self.deadlines[stage] - self.clock()
@@ -179,8 +191,8 @@ class SecAggRound:
                     break
                 try:
                     self._close(stage)
-                except SecAggAbort as exc:
-                    self._fail(str(exc))
+                except (SecAggAbort, ValueError) as exc:  # ValueError: SecAggError, or the core's own checks
+                    self._fail(exc)
                     return None
                 self.stage = stage + 1
                 start = self.clock()
@@ -190,8 +202,8 @@ class SecAggRound:
                 self.cond.notify_all()
         try:
             total = self.server.finish()
-        except SecAggAbort as exc:
-            self._fail(str(exc))
+        except (SecAggAbort, ValueError) as exc:  # never out of the driver: the server goes on
+            self._fail(exc)
             return None
         log.debug("round %d: unmasked the sum in %.3f s", self.round, self.clock() - opened)
         return total
@@ -207,7 +219,9 @@ class SecAggRound:
             request = s.request_unmask()
             self.replies[2] = {u: request for u in s.survivors}
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, exc: Exception) -> None:
         with self.cond:  # reentrant: also called with the lock held
-            self.failure = reason
+            self.failure = str(exc) if isinstance(exc, SecAggAbort) else f"round {self.round}: {exc}"
+            for cid in getattr(exc, "culprits", ()):
+                self.cheaters.setdefault(cid, self.failure)
             self.cond.notify_all()

@@ -12,7 +12,10 @@
   the sender and the receiver: a share replayed from another round, or re-addressed to
   or from another client, fails authentication, as does any flipped bit.
 - **SHA-256** commits each client to its self-mask seed, so a wrong share is caught when
-  the seed is reconstructed.
+  the seed is reconstructed, and each dealer to every share it deals (:func:`share_digest`),
+  so a holder that reveals another share than it was dealt is caught, and named.
+- Public keys of small order are refused (:func:`check_public`): with one, every key
+  agreement gives the all-zero secret, which ``cryptography`` refuses to return.
 """
 from __future__ import annotations
 
@@ -62,6 +65,16 @@ def private_key(raw: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(raw)
 
 
+def check_public(public: bytes) -> bool:
+    """Whether a raw X25519 public key is usable: an exchange with a fresh key does not give
+    the all-zero secret (the mark of a small-order point, whatever the private key)."""
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        return False
+    return True
+
+
 def derive(secret: bytes, info: bytes) -> bytes:
     """A 32-byte key for ``info`` from high-entropy ``secret`` (HKDF-SHA256, no salt)."""
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
@@ -100,3 +113,11 @@ def commit(seed: bytes, round_id: int, client: int) -> bytes:
     against it, so a wrong share aborts the round instead of corrupting the sum. (The seed
     has 256 bits of entropy, so its hash reveals nothing usable about it.)"""
     return hashlib.sha256(context(b"commit", round_id, client, client) + seed).digest()
+
+
+def share_digest(kind: bytes, round_id: int, dealer: int, holder: int, share: bytes) -> bytes:
+    """The dealer's commitment to the share of its secret ``kind`` (b"b" or b"sk") it deals to
+    ``holder``. It hides the share as well as ``commit`` and the public key hide the secrets
+    themselves: with fewer than t other shares a share is a one-to-one function of a 256-bit
+    secret."""
+    return hashlib.sha256(context(b"share-digest/" + kind, round_id, dealer, holder) + share).digest()

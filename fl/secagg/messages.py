@@ -13,8 +13,9 @@ stage                 dir   fields
   (key broadcast)     s→c   round, ids: int64[n], c_pks: uint8[32n], s_pks: uint8[32n],
                             graph_seed: bytes[32]
 1 ShareKeys           c→s   round, receivers: int64[m], ciphertexts: uint8[92m],
-                            b_commit: bytes[32]
-  (routed shares)     s→c   round, senders: int64[m'], ciphertexts: uint8[92m']
+                            digests: uint8[64m], b_commit: bytes[32]
+  (routed shares)     s→c   round, senders: int64[m'], ciphertexts: uint8[92m'],
+                            digests: uint8[64m']
 2 MaskedInput         c→s   round, masked: uint32[L] (bits <= 32) or int64[L]
   (survivor list)     s→c   round, survivors: int64[n3]
 3 Unmasking           c→s   round, b_owners: int64[p], b_shares: uint8[32p],
@@ -22,7 +23,9 @@ stage                 dir   fields
 ====================  ====  =========================================================
 
 A sealed share (92 bytes) is AES-GCM's nonce, the 64-byte plaintext ``share of b_u |
-share of s_u^SK`` and the tag. Every check raises SecAggError with one line.
+share of s_u^SK`` and the tag. A digest pair (64 bytes) is the dealer's commitment to the two
+shares inside (``crypto.share_digest``): the holder checks what it opens against it, the
+server what the holder reveals at stage 3. Every check raises SecAggError with one line.
 """
 from __future__ import annotations
 
@@ -36,12 +39,13 @@ from fl.secagg.errors import SecAggError
 SHARE_BYTES = KEY_BYTES  # a share of a 32-byte secret is 32 bytes
 PLAIN_BYTES = 2 * SHARE_BYTES  # share of b_u, then share of s_u^SK
 SEALED_BYTES = PLAIN_BYTES + SEAL_OVERHEAD
+DIGEST_PAIR = 2 * KEY_BYTES  # SHA-256 of the share of b_u, then of the share of s_u^SK
 MAX_ID = (1 << 63) - 1
 
 ADVERTISE = ("round", "c_pk", "s_pk")
 KEYS = ("round", "ids", "c_pks", "s_pks", "graph_seed")
-SHARES = ("round", "receivers", "ciphertexts", "b_commit")
-ROUTED = ("round", "senders", "ciphertexts")
+SHARES = ("round", "receivers", "ciphertexts", "digests", "b_commit")
+ROUTED = ("round", "senders", "ciphertexts", "digests")
 MASKED = ("round", "masked")
 SURVIVORS = ("round", "survivors")
 UNMASK = ("round", "b_owners", "b_shares", "sk_owners", "sk_shares")

@@ -7,7 +7,8 @@ consistency-check stage), with SecAgg+ groups as an option (``SecAggConfig.num_s
   0 AdvertiseKeys   advertise_keys() -> c_pk, s_pk  ──▶  receive_keys(u, msg)   (U1)
                     share_keys(msg) ◀── all keys, graph seed ── broadcast_keys()
   1 ShareKeys       t-of-group shares of b_u and s_u^SK,
-                    sealed to each neighbour        ──▶  receive_shares(u, msg)  (U2)
+                    sealed to each neighbour, with
+                    a digest of each share          ──▶  receive_shares(u, msg)  (U2)
                     masked_input(msg, x) ◀── shares sealed to u ── route_shares()[u]
   2 MaskedInput     y_u = x_u + masks               ──▶  receive_masked(u, msg)  (U3: sum y)
                     unmask(msg) ◀── survivors U3 ── request_unmask()
@@ -31,6 +32,14 @@ colluding share holders per group. A server that sends different survivor lists 
 different clients gets ``b_u`` shares from some and ``s_u^SK`` shares from the others: with
 ``threshold`` above half the group it cannot collect ``threshold`` of both. A server that
 substitutes public keys is not stopped: that needs signed keys (a PKI), not done here.
+
+What a cheating participant is caught at (``SecAggCheat`` names it, and the caller excludes
+it): a public key of small order, at stage 0 (it would make every key agreement with it
+fail); an unmasking share that is not the one its dealer committed to, at stage 3 (its
+shares are refused and the round goes on with the others'). A dealer whose committed shares
+do not rebuild its committed secret aborts the round with ``SecAggAbort.culprits`` naming
+it. A holder checks each share it opens against the dealer's digest, so an honest holder
+never reveals a share that fails it.
 """
 from __future__ import annotations
 
@@ -45,6 +54,7 @@ from fl.secagg import shamir
 from fl.secagg.crypto import (
     KEY_BYTES,
     agree,
+    check_public,
     commit,
     context,
     generate_keypair,
@@ -53,12 +63,14 @@ from fl.secagg.crypto import (
     private_key,
     public_bytes,
     seal,
+    share_digest,
 )
-from fl.secagg.errors import SecAggAbort, SecAggError
+from fl.secagg.errors import SecAggAbort, SecAggCheat, SecAggError
 from fl.secagg.graph import group, neighbours
 from fl.secagg.masking import mask_input, pair_key, remove_masks, ring_mask, self_key
 from fl.secagg.messages import (
     ADVERTISE,
+    DIGEST_PAIR,
     KEYS,
     MASKED,
     ROUTED,
@@ -127,6 +139,12 @@ def _chunks(blob: bytes, size: int) -> list[bytes]:
     return [blob[i:i + size] for i in range(0, len(blob), size)]
 
 
+def _digests(plain: bytes, round_id: int, dealer: int, holder: int) -> bytes:
+    """The digest pair of a sealed share's plaintext (share of b_u | share of s_u^SK)."""
+    return (share_digest(b"b", round_id, dealer, holder, plain[:KEY_BYTES])
+            + share_digest(b"sk", round_id, dealer, holder, plain[KEY_BYTES:]))
+
+
 class _Machine:
     stage: Stage
     round: int
@@ -136,9 +154,9 @@ class _Machine:
         if self.stage != stage:
             raise SecAggError(f"{what} is not expected at stage {self.stage.name}")
 
-    def _abort(self, reason: str) -> SecAggAbort:
+    def _abort(self, reason: str, culprits: tuple[int, ...] = ()) -> SecAggAbort:
         self.stage = Stage.DONE
-        return SecAggAbort(f"round {self.round}: {reason}")
+        return SecAggAbort(f"round {self.round}: {reason}", culprits)
 
 
 class SecAggClient(_Machine):
@@ -190,7 +208,7 @@ class SecAggClient(_Machine):
         self._links = links[self.id]
         self._s_pk_of = {v: s_pk[v] for v in self._links}
         self._enc_key = {}
-        receivers, sealed = [], []
+        receivers, sealed, digests = [], [], []
         for (_, b_share), (_, sk_share), v in zip(b_shares, sk_shares, members):
             plain = b_share + sk_share
             if v == self.id:
@@ -199,12 +217,14 @@ class SecAggClient(_Machine):
             key = agree(self._c_sk, c_pk[v], context(b"share-key", self.round, min(self.id, v), max(self.id, v)))
             self._enc_key[v] = key
             sealed.append(seal(key, plain, context(b"share", self.round, self.id, v)))
+            digests.append(_digests(plain, self.round, self.id, v))
             receivers.append(v)
         self.stage = Stage.MASKED_INPUT
         return {
             "round": self.round,
             "receivers": ids_tensor(receivers),
             "ciphertexts": blob_tensor(b"".join(sealed)),
+            "digests": blob_tensor(b"".join(digests)),
             "b_commit": commit(self._b, self.round, self.id),
         }
 
@@ -222,17 +242,20 @@ class SecAggClient(_Machine):
         if not set(senders) <= set(self._links):
             raise SecAggError("routed shares from a client outside this client's group")
         sealed = _chunks(get_blob(m, "ciphertexts", SEALED_BYTES, len(senders)), SEALED_BYTES)
+        digests = _chunks(get_blob(m, "digests", DIGEST_PAIR, len(senders)), DIGEST_PAIR)
         bits = self.config.bits
         if not isinstance(x, torch.Tensor) or x.dtype != torch.int64 or x.shape != (self.config.length,):
             raise SecAggError(f"input must be int64[{self.config.length}] ring elements")
         if int(x.min()) < 0 or int(x.max()) >> bits:
             raise SecAggError(f"input values must lie in [0, 2^{bits})")
         held = {}
-        for v, blob in zip(senders, sealed):
+        for v, blob, digest in zip(senders, sealed, digests):
             try:
                 held[v] = open_sealed(self._enc_key[v], blob, context(b"share", self.round, v, self.id))
             except SecAggError as e:
                 raise SecAggError(f"share from client {v}: {e}") from None
+            if _digests(held[v], self.round, v, self.id) != digest:
+                raise SecAggError(f"share from client {v} does not match the digest it committed to")
         # The group is everyone in SecAgg: then the senders are all of U2, held to min_clients.
         needed = self.config.minimum if len(self._links) + 1 == len(self._ids) else self.config.threshold
         if len(senders) + 1 < needed:
@@ -291,6 +314,7 @@ class SecAggServer(_Machine):
         self._s_pk: dict[int, bytes] = {}
         self._sealed: dict[int, dict[int, bytes]] = {}  # sender -> receiver -> sealed share
         self._commit: dict[int, bytes] = {}
+        self._digests: dict[int, dict[int, bytes]] = {}  # dealer -> holder -> digest pair
         self._routed: dict[int, list[int]] = {}  # receiver -> senders whose shares it got
         self._masked: set[int] = set()
         self._answers: dict[int, tuple[dict[int, bytes], dict[int, bytes]]] = {}
@@ -331,6 +355,9 @@ class SecAggServer(_Machine):
         used = set(self._c_pk.values()) | set(self._s_pk.values())
         if c_pk == s_pk or c_pk in used or s_pk in used:
             raise SecAggError(f"client {cid} advertised a public key already in use")
+        if not (check_public(c_pk) and check_public(s_pk)):
+            raise SecAggCheat(cid, f"client {cid} advertised a public key of small order (every key agreement "
+                                   "with it would fail)")
         self._c_pk[cid], self._s_pk[cid] = c_pk, s_pk
 
     def broadcast_keys(self) -> Message:
@@ -362,10 +389,12 @@ class SecAggServer(_Machine):
         if tuple(receivers) != links:
             raise SecAggError(f"client {cid} must send one share to each of its {len(links)} neighbours")
         sealed = _chunks(get_blob(m, "ciphertexts", SEALED_BYTES, len(receivers)), SEALED_BYTES)
+        digests = _chunks(get_blob(m, "digests", DIGEST_PAIR, len(receivers)), DIGEST_PAIR)
         b_commit = get_bytes(m, "b_commit", KEY_BYTES)
         if cid in self._sealed:
             raise SecAggError(f"client {cid} already sent its shares")
         self._sealed[cid] = dict(zip(receivers, sealed))
+        self._digests[cid] = dict(zip(receivers, digests))
         self._commit[cid] = b_commit
 
     def route_shares(self) -> dict[int, Message]:
@@ -391,6 +420,7 @@ class SecAggServer(_Machine):
                 "round": self.round,
                 "senders": ids_tensor(senders),
                 "ciphertexts": blob_tensor(b"".join(self._sealed[u][v] for u in senders)),
+                "digests": blob_tensor(b"".join(self._digests[u][v] for u in senders)),
             }
         self._sealed = {u: {} for u in self._sealed}  # routed: keep only who sent
         self._total = torch.zeros(self.config.length, dtype=torch.int64)
@@ -448,7 +478,22 @@ class SecAggServer(_Machine):
         sk_shares = _chunks(get_blob(m, "sk_shares", SHARE_BYTES, len(sk_owners)), SHARE_BYTES)
         if cid in self._answers:
             raise SecAggError(f"client {cid} already sent its unmasking shares")
+        for which, owners_, shares_ in ((0, b_owners, b_shares), (1, sk_owners, sk_shares)):
+            for u, share in zip(owners_, shares_):
+                self._verify(cid, u, which, share)
         self._answers[cid] = (dict(zip(b_owners, b_shares)), dict(zip(sk_owners, sk_shares)))
+
+    def _verify(self, holder: int, owner: int, which: int, share: bytes) -> None:
+        """A revealed share against the digest its dealer sent with it (a holder's own share
+        has none: a wrong one is the dealer's own fault, caught in ``finish``)."""
+        if owner == holder:
+            return
+        digest = self._digests[owner][holder][which * KEY_BYTES:(which + 1) * KEY_BYTES]
+        kind = (b"b", b"sk")[which]
+        if share_digest(kind, self.round, owner, holder, share) != digest:
+            what = ("self-mask seed", "mask key")[which]
+            raise SecAggCheat(holder, f"client {holder} revealed a share of client {owner}'s {what} that is not "
+                                      "the one dealt to it")
 
     def _reconstruct(self, owner: int, which: int, what: str) -> bytes:
         members = group(self._links, owner)
@@ -474,12 +519,14 @@ class SecAggServer(_Machine):
             if u in u3:
                 b = self._reconstruct(u, 0, "self-mask seed")
                 if commit(b, self.round, u) != self._commit[u]:
-                    raise self._abort(f"client {u}'s self-mask seed does not match its commitment (a wrong share)")
+                    raise self._abort(f"client {u}'s verified shares do not rebuild the self-mask seed it "
+                                      "committed to (it dealt inconsistent shares)", (u,))
                 self_keys.append(self_key(b, self.round, u))
             else:
                 sk = private_key(self._reconstruct(u, 1, "mask key"))
                 if public_bytes(sk) != self._s_pk[u]:
-                    raise self._abort(f"client {u}'s mask key does not match its public key (a wrong share)")
+                    raise self._abort(f"client {u}'s verified shares do not rebuild the mask key of its public key "
+                                      "(it dealt inconsistent shares)", (u,))
                 pairs += [(pair_key(sk, self._s_pk[v], self.round, u, v), v, u) for v in self._links[u] if v in u3]
         assert self._total is not None
         total = remove_masks(self._total, self.config.bits, self_keys, pairs)
