@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fl.secagg.fixedpoint import FixedPoint
+from fl.secagg.fixedpoint import HEADROOM_BITS, FixedPoint
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -15,15 +15,15 @@ def _gen(seed: int = 0) -> torch.Generator:
 @pytest.mark.parametrize("bits, clip, max_clients", [(32, 8.0, 256), (32, 1.0, 1000), (16, 0.5, 10), (62, 8.0, 1 << 20)])
 def test_frac_bits_is_the_largest_that_cannot_overflow(bits: int, clip: float, max_clients: int) -> None:
     fp = FixedPoint(bits, clip, max_clients)
-    limit = (1 << (bits - 1)) - 1
+    limit = (1 << (bits - 1 - HEADROOM_BITS)) - 1
     assert max_clients * math.ceil(clip * 2.0**fp.frac_bits) <= limit
     assert max_clients * math.ceil(clip * 2.0 ** (fp.frac_bits + 1)) > limit
 
 
 def test_defaults() -> None:
     fp = FixedPoint()
-    assert (fp.bits, fp.clip, fp.max_clients, fp.frac_bits) == (32, 8.0, 256, 19)
-    assert fp.step == 2.0**-19
+    assert (fp.bits, fp.clip, fp.max_clients, fp.frac_bits) == (32, 8.0, 256, 15)
+    assert fp.step == 2.0**-15
 
 
 @pytest.mark.parametrize("bits", [16, 32, 40, 62])
@@ -92,3 +92,49 @@ def test_refuses_bad_input() -> None:
 def test_refuses_bad_parameters(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         FixedPoint(**kwargs)
+
+
+def test_honest_sums_stay_within_reach_and_reach_leaves_headroom() -> None:
+    """Clients at the clip bound reach exactly ``reach(n)``, which uses at most a 2^-h part
+    of the signed range: the rest of the ring is what only a bad input can reach."""
+    fp = FixedPoint(bits=32, clip=1.0, max_clients=10)
+    assert HEADROOM_BITS >= 2 and fp.reach(10) < 1 << (31 - HEADROOM_BITS)
+    for n in (1, 3, 10):
+        for value in (1.0, -1.0, 5.0, -5.0):  # beyond the clip: encoding clamps it
+            total = (fp.encode(torch.full((4,), value)) * n) & 0xFFFFFFFF
+            assert fp.excess(total, n) == 0
+            assert int(fp._signed(total, n).abs().max()) == fp.reach(n)
+
+
+def test_an_unclipped_input_is_out_of_reach() -> None:
+    """Nine clipped inputs plus one that skipped the coordinate clip (a client's own ring
+    element of 100 at clip 1): the coordinates it pushed beyond what ten clipped inputs can
+    reach are counted; the clipped ones are not."""
+    fp = FixedPoint(bits=32, clip=1.0, max_clients=10)
+    honest = [fp.encode(torch.rand(1000, generator=_gen(i)) * 2 - 1) for i in range(9)]
+    cheat = torch.zeros(1000, dtype=torch.int64)
+    cheat[:10] = int(100 * 2**fp.frac_bits)  # 100 * 2^f < 2^31: no wrap of its own
+    total = torch.zeros(1000, dtype=torch.int64)
+    for x in [*honest, cheat]:
+        total = (total + x) & 0xFFFFFFFF
+    assert fp.excess(total, 10) == 10
+    assert fp.excess((total - cheat) & 0xFFFFFFFF, 9) == 0
+
+
+def test_a_wrapped_or_garbage_sum_is_out_of_reach() -> None:
+    """A uniform ring vector (a wrong mask, a sum that wrapped) lies beyond reach in all but
+    about 2^-h of its coordinates."""
+    fp = FixedPoint(bits=32, clip=8.0, max_clients=256)
+    garbage = torch.randint(0, 1 << 32, (100_000,), generator=_gen(3), dtype=torch.int64)
+    share = fp.excess(garbage, 256) / garbage.numel()
+    inside = 2 * fp.reach(256) / 2**32
+    assert inside <= 2.0**-HEADROOM_BITS
+    assert abs(share - (1 - inside)) < 0.01
+
+
+def test_excess_refuses_what_decode_refuses() -> None:
+    fp = FixedPoint(bits=16, clip=1.0, max_clients=4)
+    with pytest.raises(ValueError, match="count"):
+        fp.excess(torch.zeros(3, dtype=torch.int64), 5)
+    with pytest.raises(ValueError, match="ring values"):
+        fp.excess(torch.tensor([1 << 16]), 2)
