@@ -289,7 +289,7 @@ def test_settings_round_trip_and_refusals():
     assert Settings.from_dict(wire({"s": s.to_dict()})["s"]) == s
     assert s.fixed_point().frac_bits == FixedPoint(32, 8.0, 5).frac_bits
     from fl.wire.errors import ProtocolError
-    for change, match in [({"version": 2}, "version"), ({"threshold": 1}, "threshold"), ({"clip": 8}, "float"),
+    for change, match in [({"version": 1}, "version"), ({"attempt": -1}, "attempt"), ({"threshold": 1}, "threshold"), ({"clip": 8}, "float"),
                           ({"bits": 70}, "bits"), ({"extra": 1}, "exactly"), ({"num_shares": 4}, "num_shares")]:
         with pytest.raises(ProtocolError, match=match):
             Settings.from_dict({**s.to_dict(), **change})
@@ -397,3 +397,128 @@ def test_cli_defaults_and_flags_without_secure_aggregation(capsys):
     with pytest.raises(SystemExit):
         server.parse_args(["--secagg-threshold", "3"])
     assert "needs --secure-aggregation" in capsys.readouterr().err
+
+
+# --- what a participant can do -------------------------------------------------------------------
+
+@pytest.mark.parametrize("error", [SecAggError("key agreement failed: Error computing shared key."),
+                                   ValueError("shares must all be the same size")])
+def test_no_error_of_the_core_leaves_the_coordinator(monkeypatch, error):
+    """The old coordinator caught only SecAggAbort: a SecAggError from finish() (rebuilding
+    a dropped client's key against a small-order key) ended server.py with a traceback."""
+    ids = [0, 1, 2]
+    coord, xs = coordinator(ids, length=50), inputs(ids, 50)
+
+    def finish():
+        raise error
+    monkeypatch.setattr(coord.server, "finish", finish)
+    clients = Clients(coord, xs)
+    assert coord.run() is None
+    clients.join()
+    assert coord.failure == f"round 7: {error}"
+
+
+def test_a_cheat_is_recorded_and_an_abort_names_its_culprits():
+    ids = [0, 1, 2]
+    coord = coordinator(ids)
+    with pytest.raises(SecAggError, match="small order"):
+        coord.submit(1, 0, {**SecAggClient(1, coord.config, coord.round).advertise_keys(), "s_pk": bytes(32)})
+    assert set(coord.cheaters) == {1} and "small order" in coord.cheaters[1]
+    from fl.secagg import SecAggAbort
+    coord._fail(SecAggAbort("round 7: client 2's verified shares do not rebuild ...", (2,)))
+    assert set(coord.cheaters) == {1, 2}
+
+
+def federation(clip_norm=None, n=4, **kw):
+    cfg = ServerConfig(secure_aggregation=True, min_clients=n, min_fit=2, round_timeout=30, weighting="uniform",
+                       clip_norm=clip_norm, **kw)
+    fed = SecAggFederation(cfg, strategies.make("fedavg"))
+    sessions = {u: Session(Peer(u, 100, {"secagg": True}), f"test:{u}") for u in range(n)}
+    fed.sessions.update(sessions)
+    return fed, sessions
+
+
+def run_round(fed, sessions, xs, attempt=0, **kw):
+    rnd, task = fed.open_round(1, attempt, dict(sessions))
+    def metadata(u):
+        return fed.check_metadata(sessions[u], {"num_samples": 100, "metrics": {"loss": 1.0},
+                                                "ints": [5] * fed.layout.int_numel})
+    clients = Clients(task.secagg, {u: xs[u] for u in rnd.participants}, config=fed.settings.config(),
+                      metadata=metadata, **kw)
+    fed.collect(rnd, task.deadline)
+    clients.join()
+    return rnd, task, fed.finish_round(rnd)
+
+
+@pytest.mark.parametrize("case", ["unclipped-coordinates", "unclipped-norm", "wrapped"])
+def test_an_out_of_bounds_sum_is_refused_and_nothing_is_committed(case, caplog):
+    """One of four clients skips its clip: coordinates far beyond --secagg-clip (its own ring
+    elements), or within it but with an L2 norm far beyond --clip-norm, or a ring element
+    that wraps the sum around. The old server committed such sums (max |coordinate| 10.7,
+    L2 6,929 with --clip-norm 1); here the attempt is refused in one line."""
+    fed, sessions = federation(clip_norm=1.0)
+    fp = round_settings(fed.config, 4, fed.layout.float_numel, 1)[0].fixed_point()
+    g = torch.Generator().manual_seed(1)
+    deltas = {u: torch.randn(fed.layout.float_numel, generator=g) * 1e-4 for u in range(4)}
+    xs = {u: fp.encode(d) for u, d in deltas.items()}
+    big = {"unclipped-coordinates": 2**fp.frac_bits * 40.0, "unclipped-norm": 2**fp.frac_bits * 0.5,
+           "wrapped": 2.0**31}[case]
+    xs[3] = (torch.full_like(xs[3], int(big)) * (1 - 2 * (torch.arange(xs[3].numel()) % 2))) & MASK32
+    with caplog.at_level("ERROR", logger="server"):
+        rnd, _, state = run_round(fed, sessions, xs)
+    assert state is None and rnd.clients == []
+    lines = [r.getMessage() for r in caplog.records if "refused the secure sum" in r.getMessage()]
+    assert len(lines) == 1 and "unclipped or malformed input" in lines[0]
+    assert ("L2 norm" in lines[0]) == (case == "unclipped-norm")
+
+
+def test_an_honest_sum_at_the_bounds_is_committed():
+    """Four clients at exactly --clip-norm (after the rounding margin), coordinates near
+    --secagg-clip: within both bounds, committed."""
+    fed, sessions = federation(clip_norm=2.0, secagg_clip=0.01)
+    settings = round_settings(fed.config, 4, fed.layout.float_numel, 1)[0]
+    fp = settings.fixed_point()
+    g = torch.Generator().manual_seed(2)
+    xs = {}
+    for u in range(4):
+        d = torch.randn(fed.layout.float_numel, generator=g)
+        d = d / d.norm() * settings.l2_target(2.0)
+        assert float(fp.decode(fp.encode(d), 1).norm()) <= 2.0
+        xs[u] = fp.encode(d)
+    rnd, _, state = run_round(fed, sessions, xs)
+    assert state is not None and len(rnd.clients) == 4
+
+
+def test_a_retry_keeps_the_sample_less_the_excluded_and_tells_its_attempt(caplog):
+    """Attempt 1 of a round samples 4 of 8; one advertises a small-order key (excluded for
+    the run), another hangs up at stage 1: the attempt aborts (threshold 3). The retry
+    samples the same clients less the cheater, with 'attempt' 1 in its settings, though the
+    seeded draw of attempt 1 would be another sample."""
+    from fl.server.sampling import sample_clients
+    fed, sessions = federation(n=8, fraction=0.5, secagg_threshold=3)
+    xs = inputs(range(8), fed.layout.float_numel)
+    first = fed.sample(1, 0, dict(sessions))
+    assert sample_clients(sessions, 0.5, 2, fed.config.seed, 1, 1) != first  # a redraw would differ
+    fed.kept = (0, [])
+    rnd, task = fed.open_round(1, 0, dict(sessions))
+    assert sorted(rnd.participants) == first and fed.settings.attempt == 0
+    cheat, gone = first[0], first[1]
+    try:
+        task.secagg.submit(cheat, 0, {**SecAggClient(cheat, fed.settings.config(), 1).advertise_keys(),
+                                      "c_pk": bytes(32)})
+    except SecAggError:
+        task.secagg.drop(cheat, "caught cheating")
+    clients = Clients(task.secagg, {u: xs[u] for u in first if u != cheat}, config=fed.settings.config(),
+                      drop={gone: 1})
+    with caplog.at_level("INFO", logger="server"):
+        fed.collect(rnd, task.deadline)
+        clients.join()
+        assert fed.finish_round(rnd) is None  # 2 left of threshold 3
+        assert set(fed.excluded) == {cheat}
+        fed.sessions.update(sessions)  # everyone reconnected, the cheater too
+        rnd2, _ = fed.open_round(1, 1, dict(sessions))
+    assert sorted(rnd2.participants) == [u for u in first if u != cheat]
+    assert fed.settings.attempt == 1 and fed.settings.round == 1
+    text = caplog.text
+    assert f"client {cheat} is excluded for the rest of the run" in text
+    assert "the same sample as the last attempt, 3 of its 4 clients (1 gone or excluded)" in text

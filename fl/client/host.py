@@ -81,11 +81,12 @@ class Host:
         self._jobs.put((future, fn, args))
         return future.result()
 
-    def fit(self, client: Shard, round_num: int, config: TrainingConfig, base: dict[str, torch.Tensor]) -> Fitted:
+    def fit(self, client: Shard, round_num: int, config: TrainingConfig, base: dict[str, torch.Tensor],
+            attempt: int = 0) -> Fitted:
         """Train ``client`` from ``base``; called by a participant holding a slot of
         ``lock``. The extension point: ``trainer_pool.TrainerPool`` trains in other processes."""
         return self.compute(fit, self.model, self.images, self.labels, client.indices, client.client_id,
-                            client.config.seed, round_num, config, base, client.config.progress)
+                            client.config.seed, round_num, config, base, client.config.progress, attempt)
 
     def _train_loop(self) -> None:
         while True:

@@ -1,8 +1,10 @@
 """One client's local training in a round, wherever it runs (the host's training thread,
 a ``TrainerPool`` process, a Ray actor): seeded from (seed, client id, round) alone, so
-the same client trains identically in any process and in any order."""
+the same client trains identically in any process and in any order; and, when a secure
+aggregation round is retried, from the attempt too (see :func:`round_seed`)."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any
 
@@ -14,20 +16,28 @@ from fl.learning.training import TrainResult, train
 Fitted = tuple[dict[str, torch.Tensor], Any, torch.Generator, int]  # local state, TrainResult, generator, samples
 
 
-def round_seed(seed: int, client_id: int, round_num: int) -> int:
+def round_seed(seed: int, client_id: int, round_num: int, attempt: int = 0) -> int:
     """Seed of one client's training in one round: the same whether the client is a
-    process of its own or one of many in a worker, and whatever order a worker trains in."""
-    return seed * 100_003 + client_id * 1009 + round_num
+    process of its own or one of many in a worker, and whatever order a worker trains in.
+
+    A retried attempt of a secure-aggregation round (``attempt`` > 0) trains from another
+    seed: with the same model and seed a retry would send the same update again, and the
+    server, which may learn the sums of two attempts over different survivors, would learn
+    their difference, a single client's update. Attempt 0 keeps the historical seed."""
+    if attempt == 0:
+        return seed * 100_003 + client_id * 1009 + round_num
+    digest = hashlib.sha256(f"fl-train/{seed}/{client_id}/{round_num}/{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1  # manual_seed takes a non-negative int64
 
 
 def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None,
         client_id: int, seed: int, round_num: int, config: TrainingConfig, base: dict[str, torch.Tensor],
-        progress: bool = False) -> Fitted:
+        progress: bool = False, attempt: int = 0) -> Fitted:
     """One client's local training from ``base``: (a copy of the local state, the training
     result, the round's generator, the sample count). The generator goes on to the update
     steps: stochastic rounding draws from it."""
     model.load_state_dict(base)
-    rs = round_seed(seed, client_id, round_num)
+    rs = round_seed(seed, client_id, round_num, attempt)
     generator = torch.Generator().manual_seed(rs)
     torch.manual_seed(rs + 1_000_000_007)  # dropout draws from the global generator
     if indices is not None:

@@ -140,7 +140,7 @@ class Participant:
         if self.config.quantization and not self._secagg_warned:
             self._secagg_warned = True
             self.log.warning("%s", secagg_client.QUANTIZATION_WARNING)
-        train = functools.partial(self._update_locked, round_num, training, base)
+        train = functools.partial(self._update_locked, round_num, training, base, attempt=settings.attempt)
         return secagg_client.begin(conn, settings, training, base, client_id=self.client_id, train=train,
                                    log=self.log)
 
@@ -159,18 +159,18 @@ class Participant:
             raise ProtocolError(f"unusable training config: {exc}") from None
 
     def _update(self, round_num: int, training: TrainingConfig, base: dict[str, torch.Tensor],
-                chain: Sequence[steps.Step]) -> tuple[dict[str, Any], Any]:
+                chain: Sequence[steps.Step], attempt: int = 0) -> tuple[dict[str, Any], Any]:
         """Train, then run ``chain`` on the training thread: (UPDATE body, training result).
-        The caller holds a slot of the host's lock."""
-        fitted = self.host.fit(self, round_num, training, base)
+        The caller holds a slot of the host's lock; ``attempt``: a retried secure round's."""
+        fitted = self.host.fit(self, round_num, training, base, attempt)
         return self.host.compute(_encode, round_num, base, fitted, chain)
 
     def _update_locked(self, round_num: int, training: TrainingConfig, base: dict[str, torch.Tensor],
-                       chain: Sequence[steps.Step]) -> tuple[dict[str, Any], Any]:
+                       chain: Sequence[steps.Step], attempt: int = 0) -> tuple[dict[str, Any], Any]:
         """``_update`` taking a slot of the host's lock: as many clients of this process
         train at once as it has models (secure aggregation's callback)."""
         with self.host.lock:
-            return self._update(round_num, training, base, chain)
+            return self._update(round_num, training, base, chain, attempt)
 
     def _base(self, model_msg: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The model the server sent (rebuilt from an 8-bit delta to our last one), shared

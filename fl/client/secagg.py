@@ -112,6 +112,10 @@ class SecAggSession:
     def after_masked(self) -> None:
         """Called once the masked input is sent."""
 
+    def mask_step(self, client: SecAggClient, routed: dict[str, Any]) -> Mask:
+        """The step that clips, encodes and masks this client's delta."""
+        return Mask(client, routed, self.settings, self.layout, self.l2_bound(), self.log)
+
     # --- the round ------------------------------------------------------------------------
 
     def run(self) -> str | None:
@@ -126,7 +130,7 @@ class SecAggSession:
             routed = self.receive(SHARE_KEYS)
             if isinstance(routed, str):
                 return self.left(routed)
-            mask = Mask(client, routed, self.settings, self.layout, self.l2_bound(), self.log)
+            mask = self.mask_step(client, routed)
             body, result = self.train([mask])
             self.before_masked(mask.encoded, body)
             del mask

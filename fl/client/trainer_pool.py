@@ -55,9 +55,9 @@ class TrainerPool(Host):
             raise RuntimeError("a training process failed to start (its error is above)") from None
 
     def fit(self, client: Shard, round_num: int, config: TrainingConfig,
-            base: dict[str, torch.Tensor]) -> Fitted:
+            base: dict[str, torch.Tensor], attempt: int = 0) -> Fitted:
         future = self.executor.submit(fit_job, client.indices, client.client_id, client.config.seed,
-                                      round_num, config, base)
+                                      round_num, config, base, attempt)
         return _fitted(*future.result())
 
     def close(self) -> None:
@@ -82,11 +82,11 @@ class RayTrainers(Host):
             raise RuntimeError(f"a Ray training actor failed to start: {str(exc).strip().splitlines()[0]}") from None
 
     def fit(self, client: Shard, round_num: int, config: TrainingConfig,
-            base: dict[str, torch.Tensor]) -> Fitted:
+            base: dict[str, torch.Tensor], attempt: int = 0) -> Fitted:
         actor = self.idle.get()
         try:
             job = actor.fit.remote(client.indices, client.client_id, client.config.seed,
-                                   round_num, config, base)
+                                   round_num, config, base, attempt)
             return _fitted(*self.ray.get(job))
         finally:
             self.idle.put(actor)
@@ -109,8 +109,8 @@ def start_trainer(data_dir: str, download: bool, device: str, threads: int) -> N
 
 
 def fit_job(indices: torch.Tensor, client_id: int, seed: int, round_num: int, config: TrainingConfig,
-            base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor, int]:
+            base: dict[str, torch.Tensor], attempt: int = 0) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor, int]:
     """One client's training in a training process; the generator travels as its state."""
     local, result, generator, samples = fit(_trainer["model"], _trainer["images"], _trainer["labels"], indices,
-                                            client_id, seed, round_num, config, base)
+                                            client_id, seed, round_num, config, base, attempt=attempt)
     return local, result, generator.get_state(), samples

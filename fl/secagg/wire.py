@@ -17,8 +17,8 @@ stage  dir   body (besides ``stage``)
 =====  ====  =================================================================
 0      c→s   round, c_pk: u8[32], s_pk: u8[32]
 0      s→c   round, ids: i64[n], c_pks: u8[32n], s_pks: u8[32n], graph_seed: u8[32]
-1      c→s   round, receivers: i64[m], ciphertexts: u8[92m], b_commit: u8[32]
-1      s→c   round, senders: i64[m'], ciphertexts: u8[92m']
+1      c→s   round, receivers: i64[m], ciphertexts: u8[92m], digests: u8[64m], b_commit: u8[32]
+1      s→c   round, senders: i64[m'], ciphertexts: u8[92m'], digests: u8[64m']
 2      c→s   round, masked: i32[L] (the uint32 ring; int64 above 32 bits), and in clear:
              num_samples: int, metrics: {loss, accuracy, train_s}, ints: i64[K]
              (BatchNorm's integer counters, which are not averaged in the ring)
@@ -30,7 +30,7 @@ stage  dir   body (besides ``stage``)
 
 Versioning: the frame header's protocol version is unchanged (an older peer refuses the
 unknown message type 9 in one line); ``Settings.version`` versions this schema, and a
-client refuses a version it does not know.
+client refuses a version it does not know (2: share digests, the attempt, the headroom).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from fl.secagg.messages import ADVERTISE, KEYS, MASKED, ROUTED, SHARES, SURVIVOR
 from fl.wire.control import REASON_LIMIT
 from fl.wire.errors import ProtocolError
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 ADVERTISE_KEYS, SHARE_KEYS, MASKED_INPUT, UNMASKING, ABORT = 0, 1, 2, 3, 4
 STAGE_NAMES = {0: "AdvertiseKeys", 1: "ShareKeys", 2: "MaskedInput", 3: "Unmasking", 4: "Abort"}
 CLIENT_FIELDS = {0: ADVERTISE, 1: SHARES, 2: MASKED, 3: UNMASK}
@@ -83,6 +83,23 @@ class Settings:
     num_shares: int | None  # SecAgg+ group size; None: everyone
     length: int  # coordinates: the model's floating entries, flattened
     l2_clip: float | None = None  # clients clip their delta to this L2 norm first (--clip-norm)
+    attempt: int = 0  # which try of the round this is: it enters the clients' training seed
+
+    def rounding_margin(self) -> float:
+        """How far rounding to the grid may move an encoded vector in L2: sqrt(L) 2^-(f+1)."""
+        return math.sqrt(self.length) * self.fixed_point().step / 2
+
+    def l2_target(self, bound: float) -> float:
+        """What a client clips its delta to so that its encoding stays within :meth:`l2_limit`."""
+        margin = self.rounding_margin()
+        return bound - margin if bound > 2 * margin else bound
+
+    def l2_limit(self) -> float | None:
+        """The L2 norm no honest client's encoded delta exceeds: ``l2_clip`` (plus the rounding
+        margin when ``l2_clip`` is too small to leave it out); None without ``l2_clip``."""
+        if self.l2_clip is None:
+            return None
+        return self.l2_clip if self.l2_clip > 2 * self.rounding_margin() else self.l2_clip + self.rounding_margin()
 
     def config(self) -> SecAggConfig:
         return SecAggConfig(length=self.length, threshold=self.threshold, bits=self.bits,
@@ -95,7 +112,7 @@ class Settings:
         return {"version": WIRE_VERSION, "round": self.round, "threshold": self.threshold,
                 "min_clients": self.min_clients, "bits": self.bits, "clip": float(self.clip),
                 "max_clients": self.max_clients, "num_shares": self.num_shares or 0, "length": self.length,
-                "l2_clip": float(self.l2_clip or 0.0)}
+                "l2_clip": float(self.l2_clip or 0.0), "attempt": self.attempt}
 
     @classmethod
     def from_dict(cls, value: object) -> "Settings":
@@ -103,13 +120,13 @@ class Settings:
         if not isinstance(value, Mapping):
             raise ProtocolError("secagg settings must be a dict")
         names = ("version", "round", "threshold", "min_clients", "bits", "clip", "max_clients", "num_shares",
-                 "length", "l2_clip")
+                 "length", "l2_clip", "attempt")
         if set(value) != set(names):
             raise ProtocolError(f"secagg settings must have exactly the fields {', '.join(names)}")
         if value["version"] != WIRE_VERSION or type(value["version"]) is not int:
             raise ProtocolError(f"secagg version {sanitize(value['version'], 20)} not supported (this client "
                                 f"speaks {WIRE_VERSION})")
-        for name in ("round", "threshold", "min_clients", "bits", "max_clients", "num_shares", "length"):
+        for name in ("round", "threshold", "min_clients", "bits", "max_clients", "num_shares", "length", "attempt"):
             if type(value[name]) is not int or value[name] < 0:
                 raise ProtocolError(f"secagg setting {name!r} must be a non-negative int")
         for name in ("clip", "l2_clip"):
@@ -118,7 +135,7 @@ class Settings:
         settings = cls(round=value["round"], threshold=value["threshold"], min_clients=value["min_clients"],
                        bits=value["bits"], clip=value["clip"], max_clients=value["max_clients"],
                        num_shares=value["num_shares"] or None, length=value["length"],
-                       l2_clip=value["l2_clip"] or None)
+                       l2_clip=value["l2_clip"] or None, attempt=value["attempt"])
         try:
             settings.config()
             settings.fixed_point()

@@ -269,7 +269,7 @@ class Federation:
     def open_round(self, number: int, attempt: int, connected: dict[int, Session]) -> tuple[RoundState, RoundTask]:
         """Sample the round's clients and make its broadcast; updates are accepted from now on."""
         cfg = self.config
-        sampled = sample_clients(connected, cfg.fraction, cfg.min_fit, cfg.seed, number, attempt)
+        sampled = self.sample(number, attempt, connected)
         participants = {cid: connected[cid] for cid in sampled}
         lr = round_lr(cfg.training.lr, number, cfg.rounds, cfg.lr_schedule)
         training = replace(cfg.training_config(number), lr=lr, **self.strategy.fit_config(number))
@@ -295,6 +295,12 @@ class Federation:
                     rnd.reported.add(cid)
         task = RoundTask(number, payload, base, base_floats, rnd.started + cfg.round_timeout, self.view_id, compact)
         return rnd, task
+
+    def sample(self, number: int, attempt: int, connected: dict[int, Session]) -> list[int]:
+        """The ids that train this attempt of the round (secure aggregation keeps one sample
+        across a round's attempts)."""
+        cfg = self.config
+        return sample_clients(connected, cfg.fraction, cfg.min_fit, cfg.seed, number, attempt)
 
     def round_extras(self, number: int, participants: dict[int, Session]) -> dict[str, Any]:
         """More keys for this round's MODEL message (a subclass's settings); none here."""

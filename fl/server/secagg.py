@@ -9,6 +9,17 @@ Three pieces plug into the ordinary server, which is otherwise unchanged:
   the decoded sum into the strategy's aggregator like any aggregate. A round whose
   coordinator aborts (fewer than the threshold of clients left) has no updates, so
   ``finish_round`` keeps the model and the round is retried, as under ``--min-fit``.
+  A retry keeps the round's sample (less the clients gone or excluded) and tells the
+  clients its attempt number, which enters their training seed: the server never gets
+  two sums of the same inputs over different sets of clients.
+- **What a participant can do, bounded**: a client whose own messages prove it cheated (a
+  small-order key, an unmasking share that is not the one dealt to it, shares that do not
+  rebuild its committed secret) is named in one line and excluded for the rest of the run.
+  The decoded sum must be one that |survivors| clipped inputs can make: every coordinate
+  within |survivors| x ``--secagg-clip`` (the encoding keeps headroom bits, so a wrapped or
+  unclipped sum shows), and, with ``--clip-norm`` C, an L2 norm within |survivors| x C.
+  Otherwise the attempt is refused (one line) and retried, never committed. Without
+  ``--clip-norm`` only the coordinate bound holds (the start-up line says so).
 - :class:`SecAggHandler` (a ``ClientHandler``): refuses clients that did not announce
   ``"secagg": true`` in HELLO, and serves each round as MODEL, then the four stages
   (receive, hand to the coordinator, wait for the stage to close, send the answer).
@@ -37,7 +48,7 @@ import torch
 from fl import strategies
 from fl.common.logs import sanitize
 from fl.common.vectors import InvalidUpdate
-from fl.secagg import FixedPoint, SecAggError
+from fl.secagg import FixedPoint, SecAggCheat, SecAggError
 from fl.secagg.coordinator import Left, RoundClosed, SecAggRound
 from fl.secagg.wire import (
     MASKED_INPUT,
@@ -146,7 +157,10 @@ def describe(config: ServerConfig) -> str:
     t = config.secagg_threshold
     threshold = f"threshold {t}" if t else "threshold max(2, ceil(2g/3))"
     groups = f"SecAgg+ groups of {config.secagg_neighbours}" if config.secagg_neighbours else "groups: all sampled"
-    clip = f"; clients clip deltas to L2 {config.clip_norm:g}" if config.clip_norm else ""
+    clip = (f"; clients clip deltas to L2 {config.clip_norm:g} and a sum above |survivors| x {config.clip_norm:g} "
+            "is refused" if config.clip_norm else
+            "; no --clip-norm: the server bounds only each coordinate of the sum, so one client may move every "
+            f"coordinate of the mean by up to {2 * config.secagg_clip:g}")
     return (f"secure aggregation: {threshold}, {groups}, ring 2^{config.secagg_bits}, coordinates clipped to "
             f"+-{config.secagg_clip:g} (step 2^-{fp.frac_bits} at {max(2, config.min_clients)} clients){clip}; "
             "the server sees only the sum: norm screening and server-side clipping are off, the mean is uniform")
@@ -154,7 +168,8 @@ def describe(config: ServerConfig) -> str:
 
 # --- the round's settings ------------------------------------------------------------------
 
-def round_settings(config: ServerConfig, sampled: int, length: int, number: int) -> tuple[Settings | None, str]:
+def round_settings(config: ServerConfig, sampled: int, length: int, number: int,
+                   attempt: int = 0) -> tuple[Settings | None, str]:
     """The settings of a round of ``sampled`` clients, or (None, why it cannot run)."""
     if sampled < 2:
         return None, f"{sampled} client(s) sampled: secure aggregation needs at least 2"
@@ -164,7 +179,8 @@ def round_settings(config: ServerConfig, sampled: int, length: int, number: int)
         return None, f"threshold {t} exceeds the groups of {g} clients ({sampled} sampled)"
     settings = Settings(round=number, threshold=t, min_clients=max(t, min(config.min_fit, sampled)),
                         bits=config.secagg_bits, clip=config.secagg_clip, max_clients=sampled,
-                        num_shares=None if g == sampled else g, length=length, l2_clip=config.clip_norm)
+                        num_shares=None if g == sampled else g, length=length, l2_clip=config.clip_norm,
+                        attempt=attempt)
     try:
         settings.config()
         settings.fixed_point()
@@ -199,12 +215,37 @@ class SecAggFederation(Federation):
         self.settings: Settings | None = None
         self.problem = ""
         self.coordinator: SecAggRound | Unrunnable | None = None
+        self.attempt = 0
+        self.excluded: dict[int, str] = {}  # client -> the cheat it was caught at; never sampled again
+        self.kept: tuple[int, list[int]] = (0, [])  # (round, sample) of the last attempt
 
     def round_extras(self, number: int, participants: dict[int, Session]) -> dict[str, Any]:
-        self.settings, self.problem = round_settings(self.config, len(participants), self.layout.float_numel, number)
+        self.settings, self.problem = round_settings(self.config, len(participants), self.layout.float_numel, number,
+                                                     self.attempt)
         return {"secagg": self.settings.to_dict() if self.settings else None}
 
+    def sample(self, number: int, attempt: int, connected: dict[int, Session]) -> list[int]:
+        """A retry's sample is the last attempt's, less the clients gone or excluded, while
+        at least --min-fit of them are connected; else (and for a round's first attempt) a
+        draw among the clients not excluded."""
+        with self.lock:
+            eligible = {cid: s for cid, s in connected.items() if cid not in self.excluded}
+        last_round, last = self.kept
+        kept = [cid for cid in last if cid in eligible]
+        if attempt > 0 and last_round == number and len(kept) >= max(2, self.config.min_fit):
+            log.info("round %d, attempt %d: the same sample as the last attempt, %d of its %d clients (%d gone or "
+                     "excluded)", number, attempt + 1, len(kept), len(last), len(last) - len(kept))
+            sampled = kept
+        else:
+            sampled = super().sample(number, attempt, eligible)
+            if attempt > 0:
+                log.info("round %d, attempt %d: too few of the last attempt's sample left; a new sample of %d",
+                         number, attempt + 1, len(sampled))
+        self.kept = (number, sampled)
+        return sampled
+
     def open_round(self, number: int, attempt: int, connected: dict[int, Session]) -> tuple[RoundState, RoundTask]:
+        self.attempt = attempt
         rnd, task = super().open_round(number, attempt, connected)
         cfg = self.config
         if self.settings is None:
@@ -223,6 +264,8 @@ class SecAggFederation(Federation):
         coordinator = self.coordinator
         assert coordinator is not None
         total = coordinator.run(self.stop)
+        for cid, reason in getattr(coordinator, "cheaters", {}).items():
+            self.exclude(rnd.number, cid, reason)
         with self.lock:
             self.forget(rnd, coordinator.dropped)  # timed out, hung up or refused
             rnd.bytes_up += sum(coordinator.bytes_up.values())
@@ -238,12 +281,45 @@ class SecAggFederation(Federation):
             self.fold_secure(rnd, coordinator, total)
         self.close_round(rnd)
 
+    def exclude(self, number: int, cid: int, reason: str) -> None:
+        """Never sample ``cid`` again in this run: its own messages proved it cheated (one line)."""
+        with self.lock:
+            if cid in self.excluded:
+                return
+            self.excluded[cid] = reason
+            if self.round is not None and self.round.number == number:
+                self.round.rejected.append({"client_id": cid, "reason": sanitize(reason)})
+        log.warning("round %d: client %d is excluded for the rest of the run (caught cheating at secure "
+                    "aggregation): %s", number, cid, sanitize(reason))
+
+    def out_of_bounds(self, total: torch.Tensor, count: int) -> tuple[torch.Tensor | None, str]:
+        """The decoded sum of ``count`` inputs, or (None, why no ``count`` clipped inputs can
+        have made it): a coordinate beyond count x --secagg-clip, or an L2 norm beyond count x
+        --clip-norm."""
+        assert self.settings is not None
+        fp = self.settings.fixed_point()
+        beyond = fp.excess(total, count)
+        if beyond:
+            return None, (f"{beyond} coordinate(s) beyond {count} x {fp.clip:g}, the most {count} clipped "
+                          "updates can reach")
+        decoded = fp.decode(total, count)  # float64, exact
+        limit = self.settings.l2_limit()
+        if limit is not None:
+            norm = float(decoded.norm())
+            if norm > count * limit * (1 + 1e-9):  # the float64 norm's own rounding, no more
+                return None, f"L2 norm {norm:.4g} beyond {count} x {limit:.4g} (--clip-norm)"
+        return decoded, ""
+
     def fold_secure(self, rnd: RoundState, coordinator: SecAggRound, total: torch.Tensor) -> None:
-        """The survivors' ring sum, decoded and folded; their clear metadata, uniformly."""
+        """The survivors' ring sum, decoded, bounded and folded; their clear metadata, uniformly."""
         assert self.settings is not None
         server = coordinator.server
         survivors = server.survivors
-        decoded = self.settings.fixed_point().decode(total, len(survivors))  # float64, exact
+        decoded, why = self.out_of_bounds(total, len(survivors))
+        if decoded is None:
+            log.error("round %d: refused the secure sum of %d updates: %s; a participant sent an unclipped or "
+                      "malformed input; nothing of this attempt is used", rnd.number, len(survivors), why)
+            return
         with self.lock:
             try:
                 rnd.aggregator.add_sum(decoded, len(survivors))
@@ -352,8 +428,12 @@ class _Service:
             return True
         except SecAggError as exc:  # a malformed or inconsistent message: refuse it and the client
             reason = f"secure aggregation, stage {STAGE_NAMES[stage]}: {exc}"
-            coord.drop(cid, "refused message")
-            self.fed.reject(self.session, task.round, reason)
+            if isinstance(exc, SecAggCheat):
+                coord.drop(cid, "caught cheating")
+                self.fed.exclude(task.round, cid, reason)
+            else:
+                coord.drop(cid, "refused message")
+                self.fed.reject(self.session, task.round, reason)
             conn.send_error(reason)
             return False
         except (ProtocolError, OSError, ssl.SSLError) as exc:

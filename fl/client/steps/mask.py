@@ -1,10 +1,13 @@
 """Secure aggregation's encoding: clip, fixed-point encode and mask the float delta, so
-the server learns only the sum of the updates (``fl.client.secagg`` runs the stages)."""
+the server learns only the sum of the updates (``fl.client.secagg`` runs the stages).
+
+The L2 clip leaves room for rounding (``Settings.l2_target``), so the encoded vector stays
+within ``Settings.l2_limit``: the bound the server holds the decoded sum to, |survivors|
+times it, refusing the round otherwise. An honest client never trips it."""
 from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from typing import Any
 
 import torch
@@ -36,8 +39,7 @@ class Mask:
         fp = s.fixed_point()
         norm = self.l2_bound
         if norm is not None:
-            margin = math.sqrt(s.length) * fp.step / 2  # rounding to the grid may add this much
-            delta, before = clip_by_norm(delta, norm - margin if norm > 2 * margin else norm)
+            delta, before = clip_by_norm(delta, s.l2_target(norm))
             if before > norm:
                 self.log.debug("round %d: delta norm %.4g clipped to %.4g", update.round, before, norm)
         clipped = fp.clipped(delta)
