@@ -263,3 +263,57 @@ def compressed_record_payload(size: int = 1_000_000) -> bytes:
         z.writestr(zipfile.ZipInfo("archive/data/0"), torch.randn(size // 4).numpy().tobytes(),
                    compress_type=zipfile.ZIP_STORED)
     return buf.getvalue()
+
+
+# --- issue 21: what a secure-aggregation participant sends ---------------------------------------
+
+SMALL_ORDER_KEY = bytes(32)  # X25519's point of order 1 (0, encoded): every key agreement with it gives 0
+
+
+def small_order_participant(port: int, client_id: int, secret: bytes | None, stop: Any,
+                            source: str = ATTACKER, joins: int = 20) -> list[str]:
+    """A participant of a ``--secure-aggregation`` server that answers every MODEL with a
+    small-order mask key (stage 0, AdvertiseKeys; its other key is a fresh one) and then
+    says nothing more; it rejoins
+    whenever the server hangs up, at most ``joins`` times, until ``stop`` is set or the
+    server says DONE. What it saw, one line per event (the server's refusals among them)."""
+    from fl.secagg.crypto import generate_keypair  # noqa: PLC0415
+    from fl.secagg.wire import ADVERTISE_KEYS, encode  # noqa: PLC0415
+    from fl.wire.errors import ConnectionClosed, RemoteError  # noqa: PLC0415
+    from fl.wire.frames import readable  # noqa: PLC0415
+
+    seen: list[str] = []
+    for _ in range(joins):
+        if stop.is_set():
+            break
+        try:
+            conn = join(port, client_id, secret, options={"quantization": False, "secagg": True}, source=source)
+        except (OSError, RemoteError, ConnectionClosed) as exc:
+            seen.append(f"join failed: {exc}")
+            time.sleep(0.5)
+            continue
+        try:
+            while not stop.is_set():
+                if not readable(conn.sock, 1.0):
+                    continue
+                msg = conn.recv(timeout=30.0)
+                if msg.type == MsgType.DONE:
+                    seen.append("done")
+                    return seen
+                if msg.type == MsgType.ERROR:
+                    seen.append(f"refused: {msg.body.get('reason')}")
+                    break
+                if msg.type == MsgType.MODEL and msg.body.get("secagg"):
+                    round_num = msg.body["round"]
+                    keys = {"round": round_num, "c_pk": generate_keypair()[1], "s_pk": SMALL_ORDER_KEY}
+                    conn.send(MsgType.SECAGG, encode(ADVERTISE_KEYS, keys))
+                    seen.append(f"sent a small-order key in round {round_num}")
+                else:
+                    seen.append(f"got {msg.type.name}")
+        except RemoteError as exc:
+            seen.append(f"refused: {exc}")
+        except (OSError, ConnectionClosed) as exc:
+            seen.append(f"closed: {type(exc).__name__}")
+        finally:
+            conn.close()
+    return seen

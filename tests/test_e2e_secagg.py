@@ -5,18 +5,23 @@ with test hooks that record what each client encoded and sent, or make it drop o
 What each test shows: the aggregate the server applies is exactly the decoded sum of the
 clients' fixed-point updates, and what it received from any one client is not that
 client's update; clients killed after sending their masked input still count and the
-round completes; below the threshold the round is retried and nothing of it is used; a
-client that does not support secure aggregation is refused with one clear line.
+round completes; below the threshold the round is retried and nothing of it is used, with
+the same sample and fresh training randomness; a client that does not support secure
+aggregation is refused with one clear line. And what one participant can do (issue 21): a
+small-order public key, a skipped clip, a wrong unmasking share are each caught, the server
+keeps running, and nothing beyond the bound is ever committed.
 """
 from __future__ import annotations
 
 import json
 import socket
+import threading
 from pathlib import Path
 
+import attacks
 import pytest
 import torch
-from procs import expect_exit, log_of, server_args, start, stop, wait_for_line
+from procs import Worker, expect_exit, log_of, server_args, start, stop, wait_for_line
 
 from fl.common.layout import Layout
 from fl.secagg import FixedPoint
@@ -178,6 +183,14 @@ def test_below_threshold_the_round_is_retried_and_nothing_is_used(tmp_path, synt
     stext = log_of(slog)
     assert stext.count("secure aggregation failed") == 1, stext[-3000:]
     assert "2 clients sent masked inputs, 3 needed" in stext and "retrying the round" in stext
+    assert "round 1, attempt 2: the same sample as the last attempt, 4 of its 4 clients" in stext
+    for u in (0, 1):  # sent a masked input in both attempts: from the same model, trained afresh
+        first, retry = (torch.load(rec / f"client{u}-r1-a{a}.pt", weights_only=True) for a in (0, 1))
+        assert (first["attempt"], retry["attempt"]) == (0, 1) and torch.equal(first["base"], retry["base"])
+        fp = FixedPoint(32, 8.0, first["max_clients"])
+        update, change = fp.decode(first["x"], 1), fp.decode((retry["x"] - first["x"]) & MASK32, 1)
+        assert (first["x"] != retry["x"]).double().mean() > 0.25, u  # one Adam step: +-lr, signs redrawn
+        assert change.norm() > 0.5 * update.norm(), u  # two attempts' sums never differ by one update
     assert log_of(wlog).count("ended this client's part in the round: round aborted") == 2
     assert log_of(flog).count("test: hanging up") == 2 and "reconnecting" in log_of(flog)
     m = metrics(tmp_path)
@@ -202,3 +215,94 @@ def test_a_client_without_secure_aggregation_is_refused(tmp_path, synthetic_mnis
         assert "does not support secure aggregation" in log_of(slog)
     finally:
         stop(server)
+
+
+# --- issue 21: what one participant can do ---------------------------------------------------------
+
+def test_a_small_order_key_is_refused_and_the_rounds_complete_without_it(tmp_path, synthetic_mnist_dir, free_port):
+    """An attacker (127.0.0.2, the real protocol) answers every MODEL with the all-zero
+    X25519 key. The old server took it: every honest neighbour failed key agreement and left,
+    and no round completed (or server.py died with 'key agreement failed'). Now it is
+    refused at stage 0 in one line, excluded for the run, and both rounds complete with the
+    two honest clients; server and clients exit 0."""
+    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 2, 3)
+    done = threading.Event()
+    attacker = Worker(attacks.small_order_participant, free_port, 9, None, done)
+    honest, wlog = start_worker(tmp_path, free_port, "0-1", 3, synthetic_mnist_dir, helper=False)
+    try:
+        expect_exit(server, slog)
+        expect_exit(honest, wlog)
+    finally:
+        done.set()
+        stop(server, honest)
+    seen = attacker.get(timeout=40)
+    stext = log_of(slog)
+    assert stext.count("client 9 is excluded for the rest of the run") == 1, stext[-3000:]
+    assert "client 9 advertised a public key of small order" in stext
+    assert "secure aggregation failed" not in stext and "Traceback" not in stext
+    assert [(r["round"], r["clients"]) for r in metrics(tmp_path)] == [(1, 2), (2, 2)]
+    assert any(line.startswith("refused:") and "small order" in line for line in seen), seen
+    assert sum(line.startswith("sent a small-order key") for line in seen) == 1, seen  # never sampled again
+
+
+def test_a_participant_that_skips_its_clip_never_moves_the_model_beyond_the_bound(tmp_path, synthetic_mnist_dir,
+                                                                                 free_port):
+    """Client 2 skips its clip in its first masked input (its encoded delta x 1000, in ring
+    arithmetic). The old server folded that sum and committed it; now the sum is refused
+    (beyond 3 x --clip-norm 1, or beyond 3 x --secagg-clip in some coordinate), the round is
+    retried with the same sample and fresh training, and the committed model is the honest
+    retry's: within --clip-norm of the model the clients trained from."""
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 1, 3, "--clip-norm", 1)
+    honest, wlog = start_worker(tmp_path, free_port, "0-1", 3, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
+    cheat, clog = start_worker(tmp_path, free_port, "2", 3, synthetic_mnist_dir, name="cheat",
+                               FL_TEST_SECAGG_RECORD=str(rec), FL_TEST_SECAGG_FAULT="boost-once")
+    try:
+        expect_exit(server, slog)
+        expect_exit(honest, wlog)
+        expect_exit(cheat, clog)
+    finally:
+        stop(server, honest, cheat)
+    stext = log_of(slog)
+    assert stext.count("refused the secure sum of 3 updates") == 1, stext[-3000:]
+    assert "round 1, attempt 2: the same sample as the last attempt, 3 of its 3 clients" in stext
+    assert log_of(clog).count("test: skipping the clip") == 1
+    boosted = torch.load(rec / "client2-r1-a0.pt", weights_only=True)
+    fp = FixedPoint(32, 8.0, boosted["max_clients"])
+    assert fp.decode(boosted["x"], 1).norm() > 100  # what it sent: far beyond the bound
+    recs = records(rec, range(3))
+    assert {r["attempt"] for r in recs.values()} == {1}
+    floats, ints, state = committed(tmp_path)
+    want_floats, want_ints = expected_model(recs, state)
+    assert torch.equal(floats, want_floats) and torch.equal(ints, want_ints)
+    assert float((floats.double() - boosted["base"].double()).norm()) <= 1.0
+
+
+def test_a_share_cheater_is_named_and_excluded_and_the_round_completes(tmp_path, synthetic_mnist_dir, free_port):
+    """Client 3 reveals a wrong share of another client's self-mask seed in every unmasking
+    answer. The old server aborted every attempt it was in, unattributed, after it held the
+    honest shares. Now its answer is refused by id (the share is not the one its dealer
+    committed to), the secrets are rebuilt from the honest shares and round 1 completes with
+    all four inputs; client 3 is never sampled again, and round 2 runs with the three others."""
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 2, 4, "--round-timeout", 20)
+    honest, wlog = start_worker(tmp_path, free_port, "0-2", 4, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
+    cheat, clog = start_worker(tmp_path, free_port, "3", 4, synthetic_mnist_dir, name="cheat",
+                               FL_TEST_SECAGG_RECORD=str(rec), FL_TEST_SECAGG_FAULT="bad-shares")
+    try:
+        expect_exit(server, slog)
+        expect_exit(honest, wlog)
+    finally:
+        stop(server, honest, cheat)
+    stext = log_of(slog)
+    assert stext.count("client 3 is excluded for the rest of the run") == 1, stext[-3000:]
+    assert "client 3 revealed a share of client 0's self-mask seed that is not the one dealt to it" in stext
+    assert "secure aggregation failed" not in stext
+    assert "round 1: secure sum of 4 masked updates" in stext and "round 2: secure sum of 3 masked updates" in stext
+    assert [(r["round"], r["clients"]) for r in metrics(tmp_path)] == [(1, 4), (2, 3)]
+    assert torch.load(rec / "client3.pt", weights_only=True)["round"] == 1
+    floats, ints, state = committed(tmp_path)
+    want_floats, want_ints = expected_model(records(rec, range(3)), state)
+    assert torch.equal(floats, want_floats) and torch.equal(ints, want_ints)

@@ -352,12 +352,12 @@ class SecAggServer(_Machine):
         c_pk, s_pk = get_bytes(m, "c_pk", KEY_BYTES), get_bytes(m, "s_pk", KEY_BYTES)
         if cid in self._c_pk:
             raise SecAggError(f"client {cid} already advertised keys")
-        used = set(self._c_pk.values()) | set(self._s_pk.values())
-        if c_pk == s_pk or c_pk in used or s_pk in used:
-            raise SecAggError(f"client {cid} advertised a public key already in use")
         if not (check_public(c_pk) and check_public(s_pk)):
             raise SecAggCheat(cid, f"client {cid} advertised a public key of small order (every key agreement "
                                    "with it would fail)")
+        used = set(self._c_pk.values()) | set(self._s_pk.values())
+        if c_pk == s_pk or c_pk in used or s_pk in used:  # not proof of cheating: another may have copied it
+            raise SecAggError(f"client {cid} advertised a public key already in use")
         self._c_pk[cid], self._s_pk[cid] = c_pk, s_pk
 
     def broadcast_keys(self) -> Message:
