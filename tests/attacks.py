@@ -272,13 +272,13 @@ SMALL_ORDER_KEY = bytes(32)  # X25519's point of order 1 (0, encoded): every key
 
 def small_order_participant(port: int, client_id: int, secret: bytes | None, stop: Any,
                             source: str = ATTACKER, joins: int = 20) -> list[str]:
-    """A participant of a ``--secure-aggregation`` server that answers every MODEL with a
-    small-order mask key (stage 0, AdvertiseKeys; its other key is a fresh one) and then
-    says nothing more; it rejoins
-    whenever the server hangs up, at most ``joins`` times, until ``stop`` is set or the
-    server says DONE. What it saw, one line per event (the server's refusals among them)."""
-    from fl.secagg.crypto import generate_keypair  # noqa: PLC0415
-    from fl.secagg.wire import ADVERTISE_KEYS, encode  # noqa: PLC0415
+    """A participant of a ``--secure-aggregation`` server whose mask key is the small-order
+    point: it runs the real client's stages 0 and 1 (so it is a key holder every honest
+    neighbour must agree a pairwise mask with, at stage 2), then says nothing more. It
+    rejoins whenever the server hangs up, at most ``joins`` times, until ``stop`` is set or
+    the server says DONE. What it saw, one line per event (the server's refusals among them)."""
+    from fl.secagg import SecAggClient  # noqa: PLC0415
+    from fl.secagg.wire import ADVERTISE_KEYS, SHARE_KEYS, Settings, decode_server, encode  # noqa: PLC0415
     from fl.wire.errors import ConnectionClosed, RemoteError  # noqa: PLC0415
     from fl.wire.frames import readable  # noqa: PLC0415
 
@@ -292,6 +292,7 @@ def small_order_participant(port: int, client_id: int, secret: bytes | None, sto
             seen.append(f"join failed: {exc}")
             time.sleep(0.5)
             continue
+        client = None
         try:
             while not stop.is_set():
                 if not readable(conn.sock, 1.0):
@@ -304,10 +305,18 @@ def small_order_participant(port: int, client_id: int, secret: bytes | None, sto
                     seen.append(f"refused: {msg.body.get('reason')}")
                     break
                 if msg.type == MsgType.MODEL and msg.body.get("secagg"):
-                    round_num = msg.body["round"]
-                    keys = {"round": round_num, "c_pk": generate_keypair()[1], "s_pk": SMALL_ORDER_KEY}
-                    conn.send(MsgType.SECAGG, encode(ADVERTISE_KEYS, keys))
-                    seen.append(f"sent a small-order key in round {round_num}")
+                    settings = Settings.from_dict(msg.body["secagg"])
+                    client = SecAggClient(client_id, settings.config(), settings.round)
+                    client._s_pk = SMALL_ORDER_KEY  # the real client, its mask key replaced
+                    conn.send(MsgType.SECAGG, encode(ADVERTISE_KEYS, client.advertise_keys()))
+                    seen.append(f"sent a small-order key in round {settings.round}")
+                elif msg.type == MsgType.SECAGG and client is not None and client.stage == 1:
+                    keys = decode_server(msg.body, ADVERTISE_KEYS)
+                    if isinstance(keys, str):
+                        seen.append(f"aborted: {keys}")
+                        continue
+                    conn.send(MsgType.SECAGG, encode(SHARE_KEYS, client.share_keys(keys)))
+                    seen.append("shared keys")
                 else:
                     seen.append(f"got {msg.type.name}")
         except RemoteError as exc:

@@ -280,16 +280,17 @@ def test_a_participant_that_skips_its_clip_never_moves_the_model_beyond_the_boun
 
 
 def test_a_share_cheater_is_named_and_excluded_and_the_round_completes(tmp_path, synthetic_mnist_dir, free_port):
-    """Client 3 reveals a wrong share of another client's self-mask seed in every unmasking
-    answer. The old server aborted every attempt it was in, unattributed, after it held the
-    honest shares. Now its answer is refused by id (the share is not the one its dealer
-    committed to), the secrets are rebuilt from the honest shares and round 1 completes with
-    all four inputs; client 3 is never sampled again, and round 2 runs with the three others."""
+    """Client 0 reveals a wrong share of client 1's self-mask seed in every unmasking answer
+    (its share is among the first t the server combines). The old server aborted every
+    attempt it was in, unattributed, after it held the honest shares. Now its answer is
+    refused by id (the share is not the one client 1 committed to), the secrets are rebuilt
+    from the honest shares and round 1 completes with all four inputs; client 0 is never
+    sampled again, and round 2 runs with the three others."""
     rec = tmp_path / "rec"
     rec.mkdir()
     server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 2, 4, "--round-timeout", 20)
-    honest, wlog = start_worker(tmp_path, free_port, "0-2", 4, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
-    cheat, clog = start_worker(tmp_path, free_port, "3", 4, synthetic_mnist_dir, name="cheat",
+    honest, wlog = start_worker(tmp_path, free_port, "1-3", 4, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
+    cheat, clog = start_worker(tmp_path, free_port, "0", 4, synthetic_mnist_dir, name="cheat",
                                FL_TEST_SECAGG_RECORD=str(rec), FL_TEST_SECAGG_FAULT="bad-shares")
     try:
         expect_exit(server, slog)
@@ -297,12 +298,12 @@ def test_a_share_cheater_is_named_and_excluded_and_the_round_completes(tmp_path,
     finally:
         stop(server, honest, cheat)
     stext = log_of(slog)
-    assert stext.count("client 3 is excluded for the rest of the run") == 1, stext[-3000:]
-    assert "client 3 revealed a share of client 0's self-mask seed that is not the one dealt to it" in stext
+    assert stext.count("client 0 is excluded for the rest of the run") == 1, stext[-3000:]
+    assert "client 0 revealed a share of client 1's self-mask seed that is not the one dealt to it" in stext
     assert "secure aggregation failed" not in stext
     assert "round 1: secure sum of 4 masked updates" in stext and "round 2: secure sum of 3 masked updates" in stext
     assert [(r["round"], r["clients"]) for r in metrics(tmp_path)] == [(1, 4), (2, 3)]
-    assert torch.load(rec / "client3.pt", weights_only=True)["round"] == 1
+    assert torch.load(rec / "client0.pt", weights_only=True)["round"] == 1
     floats, ints, state = committed(tmp_path)
-    want_floats, want_ints = expected_model(records(rec, range(3)), state)
+    want_floats, want_ints = expected_model(records(rec, range(1, 4)), state)
     assert torch.equal(floats, want_floats) and torch.equal(ints, want_ints)

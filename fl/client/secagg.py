@@ -27,8 +27,12 @@ each coordinate to ``[-clip, clip]`` (counted, and logged when it bites) and rou
 nearest step. 8-bit ``--quantization`` does not apply: masks live in the ring, so a masked
 update is 32 bits per coordinate; the client says so once and sends the masked vector.
 
-A message the core refuses (a share that fails authentication, a survivor list that
-omits this client...) or an abort the client decides itself makes it leave the round: it
+**Retries**: the settings carry the round's attempt, and the ``train`` callback seeds the
+training with it (``local.round_seed``): a retried round gets a freshly trained update, never
+the same one again, so the sums of two attempts never differ by exactly one update.
+
+A message the core refuses (a share that fails authentication or its dealer's digest, a
+survivor list that omits this client...) or an abort the client decides itself makes it leave the round: it
 tells the server why (ERROR), hangs up and reconnects for the next round. An ABORT from
 the server ends the round quietly; the connection stays.
 """
@@ -87,7 +91,7 @@ def begin(conn: Connection, settings: Settings, training: TrainingConfig, base: 
 @dataclass(eq=False)
 class SecAggSession:
     """One client's part in one round: fresh keys, never reused. Subclasses (tests) may
-    override :meth:`before_masked` and :meth:`after_masked`. ``result`` is the training's
+    override :meth:`before_masked`, :meth:`after_masked` and :meth:`mask_step`. ``result`` is the training's
     once the masked input went out and the round ended well."""
 
     conn: Connection
