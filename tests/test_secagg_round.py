@@ -522,3 +522,26 @@ def test_a_retry_keeps_the_sample_less_the_excluded_and_tells_its_attempt(caplog
     text = caplog.text
     assert f"client {cheat} is excluded for the rest of the run" in text
     assert "the same sample as the last attempt, 3 of its 4 clients (1 gone or excluded)" in text
+
+
+def test_a_retried_attempt_trains_from_another_seed_and_attempt_0_from_the_old_one():
+    """Attempt 0 keeps the historical seed (plain runs stay bit-identical); attempt 1 trains
+    afresh, reproducibly: the same inputs twice would let the server difference two sums."""
+    from fl.client import local
+    from fl.learning.config import TrainingConfig
+    assert local.round_seed(7, 3, 5) == local.round_seed(7, 3, 5, 0) == 7 * 100_003 + 3 * 1009 + 5
+    seeds = {local.round_seed(7, 3, 5, a) for a in range(50)}
+    assert len(seeds) == 50 and all(0 <= s < 1 << 63 for s in seeds)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(64) % 10
+    config = TrainingConfig(epochs=1, lr=0.1, batch_size=8, optimizer="sgd")
+
+    def trained(attempt: int) -> torch.Tensor:
+        state = local.fit(model, images, labels, None, 3, 7, 5, config, base, attempt=attempt)[0]
+        return state["1.weight"]
+
+    first, again, retry = trained(0), trained(0), trained(1)
+    assert torch.equal(first, again) and torch.equal(retry, trained(1))
+    assert not torch.equal(first, retry)

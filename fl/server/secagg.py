@@ -292,7 +292,7 @@ class SecAggFederation(Federation):
         log.warning("round %d: client %d is excluded for the rest of the run (caught cheating at secure "
                     "aggregation): %s", number, cid, sanitize(reason))
 
-    def out_of_bounds(self, total: torch.Tensor, count: int) -> tuple[torch.Tensor | None, str]:
+    def bounded_sum(self, total: torch.Tensor, count: int) -> tuple[torch.Tensor | None, str]:
         """The decoded sum of ``count`` inputs, or (None, why no ``count`` clipped inputs can
         have made it): a coordinate beyond count x --secagg-clip, or an L2 norm beyond count x
         --clip-norm."""
@@ -315,7 +315,7 @@ class SecAggFederation(Federation):
         assert self.settings is not None
         server = coordinator.server
         survivors = server.survivors
-        decoded, why = self.out_of_bounds(total, len(survivors))
+        decoded, why = self.bounded_sum(total, len(survivors))
         if decoded is None:
             log.error("round %d: refused the secure sum of %d updates: %s; a participant sent an unclipped or "
                       "malformed input; nothing of this attempt is used", rnd.number, len(survivors), why)
