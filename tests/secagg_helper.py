@@ -92,7 +92,8 @@ class TestSession(secagg_client.SecAggSession):
                 self.conn.close()
                 raise ConnectionClosed("test: hung up before the masked input")
         fp = self.settings.fixed_point()
-        self._record = {"round": self.round, "attempt": self.settings.attempt, "x": x.clone(), "y": body["masked"].view(torch.uint32).to(torch.int64),
+        self._record = {"round": self.round, "attempt": self.settings.attempt, "x": x.clone(),
+                        "y": body["masked"].view(torch.uint32).to(torch.int64),
                         "ints": list(body["ints"]), "base": self.layout.flatten(self.base)[0],
                         "bits": fp.bits, "frac_bits": fp.frac_bits, "max_clients": fp.max_clients}
 

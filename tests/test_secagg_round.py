@@ -285,11 +285,12 @@ def test_threshold_rule():
 
 def test_settings_round_trip_and_refusals():
     s = Settings(round=3, threshold=3, min_clients=3, bits=32, clip=8.0, max_clients=5, num_shares=None,
-                 length=1000, l2_clip=2.5)
-    assert Settings.from_dict(wire({"s": s.to_dict()})["s"]) == s
+                 length=1000, l2_clip=2.5, attempt=2)
+    assert Settings.from_dict(wire({"s": s.to_dict()})["s"]) == s and s.to_dict()["attempt"] == 2
     assert s.fixed_point().frac_bits == FixedPoint(32, 8.0, 5).frac_bits
     from fl.wire.errors import ProtocolError
-    for change, match in [({"version": 1}, "version"), ({"attempt": -1}, "attempt"), ({"threshold": 1}, "threshold"), ({"clip": 8}, "float"),
+    for change, match in [({"version": 1}, "version"), ({"attempt": -1}, "attempt"), ({"threshold": 1}, "threshold"),
+                          ({"clip": 8}, "float"),
                           ({"bits": 70}, "bits"), ({"extra": 1}, "exactly"), ({"num_shares": 4}, "num_shares")]:
         with pytest.raises(ProtocolError, match=match):
             Settings.from_dict({**s.to_dict(), **change})

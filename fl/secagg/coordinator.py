@@ -12,8 +12,9 @@ a client that is gone. A stage that closes with too few clients aborts the round
 (a ``SecAggError`` or ``ValueError`` there must never end the server): every waiting
 handler gets a :class:`Left` with the reason, and :meth:`run` returns None. A message that
 proves its sender cheated (``SecAggCheat``), and an abort that names its culprits, put
-them in :attr:`cheaters` for the caller to exclude. Otherwise :meth:`run` returns the ring sum of the survivors'
-inputs, and :attr:`metadata` holds what each survivor sent in clear beside its masked input.
+them in :attr:`cheaters` for the caller to exclude. Otherwise :meth:`run` returns the ring
+sum of the survivors' inputs, and :attr:`metadata` holds what each survivor sent in clear
+beside its masked input.
 
 Deadlines: stages 0 and 1 (keys and shares, small messages, no training) and stage 3
 (unmasking) get ``stage_timeout`` from their opening; stage 2 (the masked input, which

@@ -65,8 +65,8 @@ class FixedPoint:
         while f >= 0 and self.max_clients * math.ceil(self.clip * 2.0**f) > limit:
             f -= 1
         if f < 0:
-            raise ValueError(f"{self.bits} bits cannot hold the sum of {self.max_clients} clients clipped to {self.clip} "
-                             f"with {HEADROOM_BITS} bits of headroom")
+            raise ValueError(f"{self.bits} bits cannot hold the sum of {self.max_clients} clients clipped to "
+                             f"{self.clip} with {HEADROOM_BITS} bits of headroom")
         object.__setattr__(self, "frac_bits", f)
 
     @property
