@@ -15,7 +15,8 @@ helper reads (the shipped client never looks at them):
   ``boost-once``: each hosted client skips its clip once, in its first masked input: it
   sends its encoded delta times 1000 (ring arithmetic: no clamp), honest ones after that;
   ``bad-shares``: each hosted client, in every unmasking answer, flips a bit of the share
-  of another client's self-mask seed it reveals.
+  of another client's self-mask seed it reveals;
+  ``garbage-shares``: each hosted client seals zeros instead of its shares (stage 1).
 
     python tests/secagg_helper.py <worker.py flags>
 """
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 import worker  # noqa: E402
 from fl.client import secagg as secagg_client  # noqa: E402
 from fl.client.steps.mask import Mask  # noqa: E402
-from fl.secagg.wire import MASKED_INPUT, UNMASKING, encode  # noqa: E402
+from fl.secagg.wire import MASKED_INPUT, SHARE_KEYS, UNMASKING, encode  # noqa: E402
 from fl.wire.errors import ConnectionClosed  # noqa: E402
 
 RECORD = os.environ.get("FL_TEST_SECAGG_RECORD")
@@ -80,6 +81,9 @@ class TestSession(secagg_client.SecAggSession):
             shares[32 * i] ^= 1
             msg = {**msg, "b_shares": shares}
             self.log.warning("test: revealing a wrong share of client %d's self-mask seed", owners[i])
+        if FAULT == "garbage-shares" and stage == SHARE_KEYS:
+            msg = {**msg, "ciphertexts": torch.zeros_like(msg["ciphertexts"])}
+            self.log.warning("test: sealing garbage instead of shares")
         super().send(stage, msg)
     def before_masked(self, x: torch.Tensor, body: dict) -> None:
         cid = self.client_id

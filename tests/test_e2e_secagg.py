@@ -183,7 +183,7 @@ def test_below_threshold_the_round_is_retried_and_nothing_is_used(tmp_path, synt
     stext = log_of(slog)
     assert stext.count("secure aggregation failed") == 1, stext[-3000:]
     assert "2 clients sent masked inputs, 3 needed" in stext and "retrying the round" in stext
-    assert "round 1, attempt 2: the same sample as the last attempt, 4 of its 4 clients" in stext
+    assert "round 1, attempt 2: the same sample as the last attempt, 4 of its 4 clients (0 gone" in stext
     for u in (0, 1):  # sent a masked input in both attempts: from the same model, trained afresh
         first, retry = (torch.load(rec / f"client{u}-r1-a{a}.pt", weights_only=True) for a in (0, 1))
         assert (first["attempt"], retry["attempt"]) == (0, 1) and torch.equal(first["base"], retry["base"])
@@ -306,4 +306,36 @@ def test_a_share_cheater_is_named_and_excluded_and_the_round_completes(tmp_path,
     assert torch.load(rec / "client0.pt", weights_only=True)["round"] == 1
     floats, ints, state = committed(tmp_path)
     want_floats, want_ints = expected_model(records(rec, range(1, 4)), state)
+    assert torch.equal(floats, want_floats) and torch.equal(ints, want_ints)
+
+
+def test_a_dealer_of_garbage_shares_is_left_out_and_the_round_completes(tmp_path, synthetic_mnist_dir, free_port):
+    """Client 0 seals zeros instead of its shares. The old clients left the round on a share
+    they could not open, so every attempt with client 0 aborted and the round never ended.
+    Now they go on without its shares; its self-mask seed cannot be rebuilt, the attempt
+    aborts naming it a suspect, and the retry (the same sample less client 0, trained
+    afresh) commits the sum of the three others."""
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 1, 4)
+    honest, wlog = start_worker(tmp_path, free_port, "1-3", 4, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
+    cheat, clog = start_worker(tmp_path, free_port, "0", 4, synthetic_mnist_dir, name="cheat",
+                               FL_TEST_SECAGG_FAULT="garbage-shares")
+    try:
+        expect_exit(server, slog)
+        expect_exit(honest, wlog)
+        expect_exit(cheat, clog)
+    finally:
+        stop(server, honest, cheat)
+    stext = log_of(slog)
+    assert stext.count("secure aggregation failed") == 1, stext[-3000:]
+    assert "3 holder(s) could not open the shares it dealt" in stext
+    assert "client(s) 0 left out of this round's next attempts" in stext
+    assert "round 1, attempt 2: the same sample as the last attempt, 3 of its 4 clients" in stext
+    assert log_of(wlog).count("could not open the shares client(s) 0 dealt") == 3
+    assert [(r["round"], r["clients"]) for r in metrics(tmp_path)] == [(1, 3)]
+    recs = records(rec, range(1, 4))
+    assert {r["attempt"] for r in recs.values()} == {1}
+    floats, ints, state = committed(tmp_path)
+    want_floats, want_ints = expected_model(recs, state)
     assert torch.equal(floats, want_floats) and torch.equal(ints, want_ints)

@@ -522,7 +522,7 @@ def test_a_retry_keeps_the_sample_less_the_excluded_and_tells_its_attempt(caplog
     assert fed.settings.attempt == 1 and fed.settings.round == 1
     text = caplog.text
     assert f"client {cheat} is excluded for the rest of the run" in text
-    assert "the same sample as the last attempt, 3 of its 4 clients (1 gone or excluded)" in text
+    assert "the same sample as the last attempt, 3 of its 4 clients (1 gone, excluded or left out)" in text
 
 
 def test_a_retried_attempt_trains_from_another_seed_and_attempt_0_from_the_old_one():

@@ -18,7 +18,7 @@ from fl.secagg import (
     Stage,
 )
 from fl.secagg import rounds as rounds_module
-from fl.secagg.messages import DIGEST_PAIR, SEALED_BYTES
+from fl.secagg.messages import SEALED_BYTES
 from fl.secagg.wire import CLIENT_FIELDS, SERVER_FIELDS, decode, encode
 from fl.wire.frames import decode_payload, encode_payload
 
@@ -210,33 +210,44 @@ def _flip(offset: int) -> Callable[[int, Any], Any]:
 
 
 @pytest.mark.parametrize("offset", [0, 40, SEALED_BYTES - 1, SEALED_BYTES + 50])
-def test_tampered_share_is_refused_and_the_round_goes_on(offset: int) -> None:
+def test_a_tampered_share_is_not_held_and_the_round_goes_on(offset: int) -> None:
+    """Client 2 cannot open one share routed to it: it keeps masking with every sender (the
+    pairwise masks do not depend on the share), reveals nothing of that dealer, and the
+    round sums all five inputs exactly."""
     xs = _inputs([0, 1, 2, 3, 4], 200)
     r = Run(SecAggConfig(length=200, threshold=3), xs, hook={"routed": _flip(offset)})
-    total = r.run()  # client 2 refuses its shares, so it drops out and is unmasked away
-    assert r.server.survivors == (0, 1, 3, 4)
-    assert r.clients[2].stage == Stage.MASKED_INPUT  # refused: its state did not move
-    assert torch.equal(total, _ring_sum(xs, (0, 1, 3, 4)))
+    total = r.run()
+    assert r.server.survivors == (0, 1, 2, 3, 4)
+    assert r.clients[2].unopened == ((0,) if offset < SEALED_BYTES else (1,))
+    assert torch.equal(total, _ring_sum(xs, (0, 1, 2, 3, 4)))
 
 
-def test_tampered_share_error_names_the_sender() -> None:
-    r = Run(SecAggConfig(length=20, threshold=3), _inputs([0, 1, 2, 3], 20))
+def _routed(r: Run) -> dict[int, dict]:
     s = r.server
     for u, c in r.clients.items():
         s.receive_keys(u, c.advertise_keys())
     keys = s.broadcast_keys()
     for u, c in r.clients.items():
         s.receive_shares(u, c.share_keys(keys))
-    routed = s.route_shares()
-    msg = _flip(SEALED_BYTES + 3)(2, routed[2])  # the second sender to client 2 is client 1
-    with pytest.raises(SecAggError, match="^share from client 1: share failed authentication"):
-        r.clients[2].masked_input(msg, r.xs[2])
+    return s.route_shares()
+
+
+def test_an_unopenable_share_names_its_dealer() -> None:
+    cfg = SecAggConfig(length=20, threshold=3)
+    r = Run(cfg, _inputs([0, 1, 2, 3], 20))
+    msg = _flip(SEALED_BYTES + 3)(2, _routed(r)[2])  # the second sender to client 2 is client 1
+    r.clients[2].masked_input(msg, r.xs[2])
+    assert r.clients[2].unopened == (1,)
     # Re-addressed: the same ciphertexts presented as coming from other senders.
+    r = Run(cfg, _inputs([0, 1, 2, 3], 20))
+    routed = _routed(r)
     swapped = routed[2]["ciphertexts"].view(-1, SEALED_BYTES).flip(0).reshape(-1).contiguous()
-    with pytest.raises(SecAggError, match="authentication"):
-        r.clients[2].masked_input({**routed[2], "ciphertexts": swapped}, r.xs[2])
-    # Untouched, it goes through.
-    assert set(r.clients[2].masked_input(routed[2], r.xs[2])) == {"round", "masked"}
+    r.clients[2].masked_input({**routed[2], "ciphertexts": swapped}, r.xs[2])
+    assert r.clients[2].unopened == (0, 3)  # the middle one, client 1's, stays in place
+    # Untouched, every share opens.
+    r = Run(cfg, _inputs([0, 1, 2, 3], 20))
+    assert set(r.clients[2].masked_input(_routed(r)[2], r.xs[2])) == {"round", "masked"}
+    assert r.clients[2].unopened == ()
 
 
 def test_share_replayed_from_another_round_is_refused() -> None:
@@ -245,18 +256,28 @@ def test_share_replayed_from_another_round_is_refused() -> None:
     old.run()
     old_routed = [m for m in old.seen if isinstance(m, dict) and "senders" in m]
     new = Run(cfg, _inputs([0, 1, 2], 20), round_id=2)
-    s = new.server
-    for u, c in new.clients.items():
-        s.receive_keys(u, c.advertise_keys())
-    keys = s.broadcast_keys()
-    for u, c in new.clients.items():
-        s.receive_shares(u, c.share_keys(keys))
-    routed = s.route_shares()
-    replay = {**routed[0], "ciphertexts": old_routed[0]["ciphertexts"]}
-    with pytest.raises(SecAggError, match="authentication"):
-        new.clients[0].masked_input(replay, new.xs[0])
+    routed = _routed(new)
     with pytest.raises(SecAggError, match="round 1, expected round 2"):
         new.clients[0].masked_input(old_routed[0], new.xs[0])
+    replay = {**routed[0], "ciphertexts": old_routed[0]["ciphertexts"], "digests": old_routed[0]["digests"]}
+    new.clients[0].masked_input(replay, new.xs[0])
+    assert new.clients[0].unopened == (1, 2)
+
+
+def test_a_dealer_of_unopenable_shares_aborts_as_a_suspect() -> None:
+    """Client 2 seals garbage to every neighbour: they all go on without its shares, and its
+    self-mask seed has only its own share. The old clients left the round instead (so one
+    dealer emptied every round it was in). The abort names client 2 as a suspect (a
+    holder's word against a dealer's: not proof)."""
+    def garbage(u: int, msg: dict) -> dict:
+        return {**msg, "ciphertexts": torch.zeros_like(msg["ciphertexts"])} if u == 2 else msg
+
+    r = Run(SecAggConfig(length=20, threshold=3), _inputs([0, 1, 2, 3, 4], 20), hook={"shares": garbage})
+    with pytest.raises(SecAggAbort, match=r"1 shares of client 2's self-mask seed, 3 needed \(4 holder\(s\) could "
+                                          r"not open the shares it dealt\)") as exc:
+        r.run()
+    assert exc.value.suspects == (2,) and exc.value.culprits == ()
+    assert all(r.clients[u].unopened == (2,) for u in (0, 1, 3, 4)) and not r.refused
 
 
 def _corrupt_unmask(cheater: int, field_name: str, index: int) -> Callable[[int, Any], Any]:
@@ -328,9 +349,9 @@ def test_a_dealer_of_inconsistent_shares_aborts_naming_it(monkeypatch) -> None:
     assert exc.value.culprits == (2,) and not r.refused
 
 
-def test_a_share_that_does_not_match_its_digest_is_refused_by_its_holder() -> None:
-    """A dealer's digest that does not match what it sealed: the holder refuses, naming the
-    dealer, before it could ever reveal that share (and be blamed for it)."""
+def test_a_share_that_does_not_match_its_digest_is_not_held() -> None:
+    """A dealer's digest that does not match what it sealed: the holder keeps no such share,
+    so it never reveals it (and is never blamed for it)."""
     def bad_digest(u: int, msg: dict) -> dict:
         if u != 1:
             return msg
@@ -338,18 +359,10 @@ def test_a_share_that_does_not_match_its_digest_is_refused_by_its_holder() -> No
         digests[0] ^= 1  # the digest of the share for its first receiver, client 0
         return {**msg, "digests": digests}
 
-    r = Run(SecAggConfig(length=20, threshold=3), _inputs([0, 1, 2, 3], 20))
-    s = r.server
-    for u, c in r.clients.items():
-        s.receive_keys(u, c.advertise_keys())
-    keys = s.broadcast_keys()
-    for u, c in r.clients.items():
-        s.receive_shares(u, bad_digest(u, c.share_keys(keys)))
-    routed = s.route_shares()
-    assert routed[0]["digests"].numel() == 3 * DIGEST_PAIR
-    with pytest.raises(SecAggError, match="^share from client 1 does not match the digest it committed to$"):
-        r.clients[0].masked_input(routed[0], r.xs[0])
-    assert r.clients[0].stage == Stage.MASKED_INPUT
+    r = Run(SecAggConfig(length=20, threshold=3), _inputs([0, 1, 2, 3], 20), hook={"shares": bad_digest})
+    total = r.run()
+    assert r.server._routed[0] == [1, 2, 3] and r.clients[0].unopened == (1,)
+    assert torch.equal(total, _ring_sum(r.xs, (0, 1, 2, 3)))  # client 1's other holders rebuild its secret
 
 
 SMALL_ORDER = [bytes(32), (1).to_bytes(32, "little"),
@@ -512,8 +525,10 @@ def test_server_validates_later_stages() -> None:
     s.receive_masked(1, clients[1].masked_input(routed[1], torch.ones(10, dtype=torch.int64)))
     request = s.request_unmask()
     answer = clients[0].unmask(request)
-    with pytest.raises(SecAggError, match="surviving and key shares"):
-        s.receive_unmask(0, {**answer, "b_owners": answer["b_owners"][:1], "b_shares": answer["b_shares"][:32]})
+    with pytest.raises(SecAggError, match="its own b share"):
+        s.receive_unmask(0, {**answer, "b_owners": answer["b_owners"][1:], "b_shares": answer["b_shares"][32:]})
+    with pytest.raises(SecAggError, match="its own b share"):
+        s.receive_unmask(0, {**answer, "b_owners": torch.tensor([0, 9]), "b_shares": answer["b_shares"]})
     with pytest.raises(SecAggError, match="'b_shares' must hold 2 items"):
         s.receive_unmask(0, {**answer, "b_shares": answer["b_shares"][:40]})
     s.receive_unmask(0, answer)

@@ -136,6 +136,10 @@ class SecAggSession:
                 return self.left(routed)
             mask = self.mask_step(client, routed)
             body, result = self.train([mask])
+            if client.unopened:
+                self.log.warning("round %d: could not open the shares client(s) %s dealt to this client (they fail "
+                                 "authentication or their digest); going on without them", self.round,
+                                 ", ".join(map(str, client.unopened)))
             self.before_masked(mask.encoded, body)
             del mask
             self.conn.send(MsgType.SECAGG, body)

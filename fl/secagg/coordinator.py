@@ -12,7 +12,8 @@ a client that is gone. A stage that closes with too few clients aborts the round
 (a ``SecAggError`` or ``ValueError`` there must never end the server): every waiting
 handler gets a :class:`Left` with the reason, and :meth:`run` returns None. A message that
 proves its sender cheated (``SecAggCheat``), and an abort that names its culprits, put
-them in :attr:`cheaters` for the caller to exclude. Otherwise :meth:`run` returns the ring
+them in :attr:`cheaters` for the caller to exclude (an abort's unproven ``suspects`` in
+:attr:`suspects`). Otherwise :meth:`run` returns the ring
 sum of the survivors' inputs, and :attr:`metadata` holds what each survivor sent in clear
 beside its masked input.
 
@@ -75,6 +76,7 @@ class SecAggRound:
         self.bytes_down: dict[int, int] = {}
         self.failure: str | None = None
         self.cheaters: dict[int, str] = {}  # client -> what it did (proven by its own messages)
+        self.suspects: set[int] = set()  # dealers of shares their holders could not open (unproven)
 
     # --- handler threads ----------------------------------------------------------------
 
@@ -225,4 +227,5 @@ class SecAggRound:
             self.failure = str(exc) if isinstance(exc, SecAggAbort) else f"round {self.round}: {exc}"
             for cid in getattr(exc, "culprits", ()):
                 self.cheaters.setdefault(cid, self.failure)
+            self.suspects.update(getattr(exc, "suspects", ()))
             self.cond.notify_all()

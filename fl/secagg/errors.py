@@ -12,7 +12,10 @@ caller reports it and runs the round again with fresh keys.
 public key of small order, an unmasking share that does not match its dealer's
 commitment). An honest client never sends one, so the caller excludes that client, not
 only the message. ``SecAggAbort.culprits`` names the clients an abort is proven to be due
-to (a dealer whose verified shares do not rebuild its committed secret).
+to (a dealer whose verified shares do not rebuild its committed secret), and
+``SecAggAbort.suspects`` the clients whose secrets could not be rebuilt because holders
+could not open the shares they dealt (unproven: a holder's word, so the caller leaves them
+out of the round's next attempt only).
 """
 from __future__ import annotations
 
@@ -31,8 +34,10 @@ class SecAggCheat(SecAggError):
 
 class SecAggAbort(RuntimeError):
     """The round cannot complete; start a new one (new keys, new masks). ``culprits``: the
-    clients proven to have caused it (empty when it is nobody's proven fault)."""
+    clients proven to have caused it (empty when it is nobody's proven fault); ``suspects``:
+    those its holders say dealt shares they could not open."""
 
-    def __init__(self, reason: str, culprits: tuple[int, ...] = ()) -> None:
+    def __init__(self, reason: str, culprits: tuple[int, ...] = (), suspects: tuple[int, ...] = ()) -> None:
         super().__init__(reason)
         self.culprits = culprits
+        self.suspects = suspects

@@ -39,7 +39,10 @@ fail); an unmasking share that is not the one its dealer committed to, at stage 
 shares are refused and the round goes on with the others'). A dealer whose committed shares
 do not rebuild its committed secret aborts the round with ``SecAggAbort.culprits`` naming
 it. A holder checks each share it opens against the dealer's digest, so an honest holder
-never reveals a share that fails it.
+never reveals a share that fails it; it keeps no such share (nor one that fails
+authentication) and goes on, revealing nothing of that dealer. Whether the dealer or the
+holder lied cannot be proven without the holder's private key, so a secret that cannot be
+rebuilt for want of such shares aborts with ``SecAggAbort.suspects`` naming the dealer.
 """
 from __future__ import annotations
 
@@ -154,9 +157,9 @@ class _Machine:
         if self.stage != stage:
             raise SecAggError(f"{what} is not expected at stage {self.stage.name}")
 
-    def _abort(self, reason: str, culprits: tuple[int, ...] = ()) -> SecAggAbort:
+    def _abort(self, reason: str, culprits: tuple[int, ...] = (), suspects: tuple[int, ...] = ()) -> SecAggAbort:
         self.stage = Stage.DONE
-        return SecAggAbort(f"round {self.round}: {reason}", culprits)
+        return SecAggAbort(f"round {self.round}: {reason}", culprits, suspects)
 
 
 class SecAggClient(_Machine):
@@ -167,6 +170,7 @@ class SecAggClient(_Machine):
         self.round = _check_round(round_id)
         self.config = config
         self.stage = Stage.ADVERTISE_KEYS
+        self.unopened: tuple[int, ...] = ()  # dealers whose shares to this client failed to open
         self._c_sk, self._c_pk = generate_keypair()  # encrypts shares in transit
         self._s_sk, self._s_pk = generate_keypair()  # agrees pairwise mask keys
         self._b = os.urandom(KEY_BYTES)  # self-mask seed b_u
@@ -232,9 +236,10 @@ class SecAggClient(_Machine):
         """Stage 2: open the shares routed to this client, then mask ``x`` (int64 ring
         elements, ``FixedPoint.encode``) with the self mask and a pairwise mask per sender.
 
-        A share that fails authentication refuses the whole message (SecAggError): the
-        caller leaves the round, and the others' masks with this client are removed as for
-        any dropout."""
+        A share that fails authentication or its dealer's digest is not held, and the round
+        goes on (the pairwise mask with its dealer does not depend on it): this client then
+        reveals no share of that dealer's secrets (``unopened`` names the dealers). Leaving
+        instead would let one dealer of garbage empty every round it is in."""
         self._at(Stage.MASKED_INPUT, "routed shares")
         m = check_fields(msg, ROUTED, "routed shares")
         get_round(m, self.round)
@@ -248,14 +253,17 @@ class SecAggClient(_Machine):
             raise SecAggError(f"input must be int64[{self.config.length}] ring elements")
         if int(x.min()) < 0 or int(x.max()) >> bits:
             raise SecAggError(f"input values must lie in [0, 2^{bits})")
-        held = {}
+        held, unopened = {}, []
         for v, blob, digest in zip(senders, sealed, digests):
             try:
-                held[v] = open_sealed(self._enc_key[v], blob, context(b"share", self.round, v, self.id))
-            except SecAggError as e:
-                raise SecAggError(f"share from client {v}: {e}") from None
-            if _digests(held[v], self.round, v, self.id) != digest:
-                raise SecAggError(f"share from client {v} does not match the digest it committed to")
+                plain = open_sealed(self._enc_key[v], blob, context(b"share", self.round, v, self.id))
+            except SecAggError:
+                unopened.append(v)
+                continue
+            if _digests(plain, self.round, v, self.id) != digest:
+                unopened.append(v)
+                continue
+            held[v] = plain
         # The group is everyone in SecAgg: then the senders are all of U2, held to min_clients.
         needed = self.config.minimum if len(self._links) + 1 == len(self._ids) else self.config.threshold
         if len(senders) + 1 < needed:
@@ -263,6 +271,7 @@ class SecAggClient(_Machine):
         pair_keys = {v: pair_key(self._s_sk, self._s_pk_of[v], self.round, self.id, v) for v in senders}
         y = mask_input(x, bits, self_key(self._b, self.round, self.id), pair_keys, self.id)
         self._held = held
+        self.unopened = tuple(unopened)
         self.stage = Stage.UNMASKING
         return {"round": self.round, "masked": to_wire(y, bits)}
 
@@ -318,6 +327,7 @@ class SecAggServer(_Machine):
         self._routed: dict[int, list[int]] = {}  # receiver -> senders whose shares it got
         self._masked: set[int] = set()
         self._answers: dict[int, tuple[dict[int, bytes], dict[int, bytes]]] = {}
+        self._unopened: dict[int, set[int]] = {}  # dealer -> holders that could not open its share
         self._total: torch.Tensor | None = None
         self.advertised: tuple[int, ...] = ()  # U1: advertised keys
         self.sharing: tuple[int, ...] = ()  # U2: shared keys (and were routed shares)
@@ -472,8 +482,10 @@ class SecAggServer(_Machine):
         alive = set(self.survivors)
         b_owners = get_ids(m, "b_owners", max_count=len(owners))
         sk_owners = get_ids(m, "sk_owners", max_count=len(owners))
-        if b_owners != [u for u in owners if u in alive] or sk_owners != [u for u in owners if u not in alive]:
-            raise SecAggError(f"client {cid} must send b shares of its surviving and key shares of its dropped group members")
+        if cid not in b_owners or not set(b_owners) <= alive.intersection(owners) \
+                or not set(sk_owners) <= set(owners) - alive:
+            raise SecAggError(f"client {cid} must send its own b share, b shares of surviving and key shares of "
+                              "dropped group members only")
         b_shares = _chunks(get_blob(m, "b_shares", SHARE_BYTES, len(b_owners)), SHARE_BYTES)
         sk_shares = _chunks(get_blob(m, "sk_shares", SHARE_BYTES, len(sk_owners)), SHARE_BYTES)
         if cid in self._answers:
@@ -482,6 +494,8 @@ class SecAggServer(_Machine):
             for u, share in zip(owners_, shares_):
                 self._verify(cid, u, which, share)
         self._answers[cid] = (dict(zip(b_owners, b_shares)), dict(zip(sk_owners, sk_shares)))
+        for u in set(owners) - set(b_owners) - set(sk_owners):  # shares it could not open
+            self._unopened.setdefault(u, set()).add(cid)
 
     def _verify(self, holder: int, owner: int, which: int, share: bytes) -> None:
         """A revealed share against the digest its dealer sent with it (a holder's own share
@@ -502,7 +516,10 @@ class SecAggServer(_Machine):
             for v in sorted(self._answers) if owner in self._answers[v][which]
         ]
         if len(shares) < self.config.threshold:
-            raise self._abort(f"{len(shares)} shares of client {owner}'s {what}, {self.config.threshold} needed")
+            unopened = self._unopened.get(owner, set())
+            why = f" ({len(unopened)} holder(s) could not open the shares it dealt)" if unopened else ""
+            raise self._abort(f"{len(shares)} shares of client {owner}'s {what}, {self.config.threshold} needed{why}",
+                              suspects=(owner,) if unopened else ())
         return shamir.reconstruct(shares, self.config.threshold)
 
     def finish(self) -> torch.Tensor:

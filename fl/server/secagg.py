@@ -14,7 +14,9 @@ Three pieces plug into the ordinary server, which is otherwise unchanged:
   two sums of the same inputs over different sets of clients.
 - **What a participant can do, bounded**: a client whose own messages prove it cheated (a
   small-order key, an unmasking share that is not the one dealt to it, shares that do not
-  rebuild its committed secret) is named in one line and excluded for the rest of the run.
+  rebuild its committed secret) is named in one line and excluded for the rest of the run;
+  one whose secrets could not be rebuilt because its holders could not open the shares it
+  dealt (their word, not proof) is left out of that round's next attempts.
   The decoded sum must be one that |survivors| clipped inputs can make: every coordinate
   within |survivors| x ``--secagg-clip`` (the encoding keeps headroom bits, so a wrapped or
   unclipped sum shows), and, with ``--clip-norm`` C, an L2 norm within |survivors| x C.
@@ -46,7 +48,7 @@ from typing import Any
 import torch
 
 from fl import strategies
-from fl.common.logs import sanitize
+from fl.common.logs import sanitize, short_ids
 from fl.common.vectors import InvalidUpdate
 from fl.secagg import FixedPoint, SecAggCheat, SecAggError
 from fl.secagg.coordinator import Left, RoundClosed, SecAggRound
@@ -218,6 +220,7 @@ class SecAggFederation(Federation):
         self.attempt = 0
         self.excluded: dict[int, str] = {}  # client -> the cheat it was caught at; never sampled again
         self.kept: tuple[int, list[int]] = (0, [])  # (round, sample) of the last attempt
+        self.left_out: tuple[int, set[int]] = (0, set())  # (round, suspects left out of its next attempts)
 
     def round_extras(self, number: int, participants: dict[int, Session]) -> dict[str, Any]:
         self.settings, self.problem = round_settings(self.config, len(participants), self.layout.float_numel, number,
@@ -228,13 +231,14 @@ class SecAggFederation(Federation):
         """A retry's sample is the last attempt's, less the clients gone or excluded, while
         at least --min-fit of them are connected; else (and for a round's first attempt) a
         draw among the clients not excluded."""
+        suspects = self.left_out[1] if self.left_out[0] == number else set()
         with self.lock:
-            eligible = {cid: s for cid, s in connected.items() if cid not in self.excluded}
+            eligible = {cid: s for cid, s in connected.items() if cid not in self.excluded and cid not in suspects}
         last_round, last = self.kept
         kept = [cid for cid in last if cid in eligible]
         if attempt > 0 and last_round == number and len(kept) >= max(2, self.config.min_fit):
-            log.info("round %d, attempt %d: the same sample as the last attempt, %d of its %d clients (%d gone or "
-                     "excluded)", number, attempt + 1, len(kept), len(last), len(last) - len(kept))
+            log.info("round %d, attempt %d: the same sample as the last attempt, %d of its %d clients (%d gone, "
+                     "excluded or left out)", number, attempt + 1, len(kept), len(last), len(last) - len(kept))
             sampled = kept
         else:
             sampled = super().sample(number, attempt, eligible)
@@ -266,6 +270,12 @@ class SecAggFederation(Federation):
         total = coordinator.run(self.stop)
         for cid, reason in getattr(coordinator, "cheaters", {}).items():
             self.exclude(rnd.number, cid, reason)
+        suspects = getattr(coordinator, "suspects", set())
+        if suspects:
+            left = self.left_out[1] if self.left_out[0] == rnd.number else set()
+            self.left_out = (rnd.number, left | suspects)
+            log.warning("round %d: client(s) %s left out of this round's next attempts: their holders could not open "
+                        "the shares they dealt", rnd.number, short_ids(sorted(suspects)))
         with self.lock:
             self.forget(rnd, coordinator.dropped)  # timed out, hung up or refused
             rnd.bytes_up += sum(coordinator.bytes_up.values())
