@@ -277,10 +277,7 @@ def small_order_participant(port: int, client_id: int, secret: bytes | None, sto
     neighbour must agree a pairwise mask with, at stage 2), then says nothing more. It
     rejoins whenever the server hangs up, at most ``joins`` times, until ``stop`` is set or
     the server says DONE. What it saw, one line per event (the server's refusals among them)."""
-    from fl.secagg import SecAggClient  # noqa: PLC0415
-    from fl.secagg.wire import ADVERTISE_KEYS, SHARE_KEYS, Settings, decode_server, encode  # noqa: PLC0415
     from fl.wire.errors import ConnectionClosed, RemoteError  # noqa: PLC0415
-    from fl.wire.frames import readable  # noqa: PLC0415
 
     seen: list[str] = []
     for _ in range(joins):
@@ -292,33 +289,9 @@ def small_order_participant(port: int, client_id: int, secret: bytes | None, sto
             seen.append(f"join failed: {exc}")
             time.sleep(0.5)
             continue
-        client = None
         try:
-            while not stop.is_set():
-                if not readable(conn.sock, 1.0):
-                    continue
-                msg = conn.recv(timeout=30.0)
-                if msg.type == MsgType.DONE:
-                    seen.append("done")
-                    return seen
-                if msg.type == MsgType.ERROR:
-                    seen.append(f"refused: {msg.body.get('reason')}")
-                    break
-                if msg.type == MsgType.MODEL and msg.body.get("secagg"):
-                    settings = Settings.from_dict(msg.body["secagg"])
-                    client = SecAggClient(client_id, settings.config(), settings.round)
-                    client._s_pk = SMALL_ORDER_KEY  # the real client, its mask key replaced
-                    conn.send(MsgType.SECAGG, encode(ADVERTISE_KEYS, client.advertise_keys()))
-                    seen.append(f"sent a small-order key in round {settings.round}")
-                elif msg.type == MsgType.SECAGG and client is not None and client.stage == 1:
-                    keys = decode_server(msg.body, ADVERTISE_KEYS)
-                    if isinstance(keys, str):
-                        seen.append(f"aborted: {keys}")
-                        continue
-                    conn.send(MsgType.SECAGG, encode(SHARE_KEYS, client.share_keys(keys)))
-                    seen.append("shared keys")
-                else:
-                    seen.append(f"got {msg.type.name}")
+            if _small_order_session(conn, client_id, stop, seen):
+                return seen
         except RemoteError as exc:
             seen.append(f"refused: {exc}")
         except (OSError, ConnectionClosed) as exc:
@@ -326,3 +299,38 @@ def small_order_participant(port: int, client_id: int, secret: bytes | None, sto
         finally:
             conn.close()
     return seen
+
+
+def _small_order_session(conn: Connection, client_id: int, stop: Any, seen: list[str]) -> bool:
+    """One connection of :func:`small_order_participant`; True once the server said DONE."""
+    from fl.secagg import SecAggClient  # noqa: PLC0415
+    from fl.secagg.wire import ADVERTISE_KEYS, SHARE_KEYS, Settings, decode_server, encode  # noqa: PLC0415
+    from fl.wire.frames import readable  # noqa: PLC0415
+
+    client = None
+    while not stop.is_set():
+        if not readable(conn.sock, 1.0):
+            continue
+        msg = conn.recv(timeout=30.0)
+        if msg.type == MsgType.DONE:
+            seen.append("done")
+            return True
+        if msg.type == MsgType.ERROR:
+            seen.append(f"refused: {msg.body.get('reason')}")
+            return False
+        if msg.type == MsgType.MODEL and msg.body.get("secagg"):
+            settings = Settings.from_dict(msg.body["secagg"])
+            client = SecAggClient(client_id, settings.config(), settings.round)
+            client._s_pk = SMALL_ORDER_KEY  # the real client, its mask key replaced
+            conn.send(MsgType.SECAGG, encode(ADVERTISE_KEYS, client.advertise_keys()))
+            seen.append(f"sent a small-order key in round {settings.round}")
+        elif msg.type == MsgType.SECAGG and client is not None and client.stage == 1:
+            keys = decode_server(msg.body, ADVERTISE_KEYS)
+            if isinstance(keys, str):
+                seen.append(f"aborted: {keys}")
+                continue
+            conn.send(MsgType.SECAGG, encode(SHARE_KEYS, client.share_keys(keys)))
+            seen.append("shared keys")
+        else:
+            seen.append(f"got {msg.type.name}")
+    return False
