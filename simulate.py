@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     args, server_extra = parse_args(argv)
     out = Path(args.out) if args.out else HERE / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
     try:
-        secret = resolve_secret(args.secret, args.secret_file) or os.urandom(16).hex().encode()
+        secret = run_secret(args)
         check_outputs(out / "checkpoint.pt", out / "metrics.jsonl", args.resume, args.overwrite)
     except (CredentialError, OutputsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         server_cmd, worker_args = build_commands(args, server_extra, port, out)
-        run_env = {"FL_SECRET": os.fsdecode(secret), "PYTHONUNBUFFERED": "1"}
+        run_env = {"FL_SECRET": secret, "PYTHONUNBUFFERED": "1"}
         log_paths = [out / f"worker-{i}.log" for i in range(len(worker_args))]
         groups, trainers = hosting(args.clients, workers)
         announce(args, out, f"{listen}:{port}", engine, groups, trainers)
@@ -486,6 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         make_plot(out)
     print(f"metrics: {out / 'metrics.jsonl'}\ncheckpoint: {out / 'checkpoint.pt'}", file=sys.stderr)
     return status
+
+
+def run_secret(args: argparse.Namespace) -> str:
+    """The secret the server and the workers share: --secret, --secret-file or $FL_SECRET
+    as server.py reads them (``resolve_secret``), else a fresh random one for this run.
+    CredentialError, one line, for a file that cannot be used."""
+    secret = resolve_secret(args.secret, args.secret_file)
+    return os.fsdecode(secret) if secret else os.urandom(16).hex()
 
 
 def make_engine(args: argparse.Namespace, workers: int) -> ProcessEngine | RayEngine:
