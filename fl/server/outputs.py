@@ -24,5 +24,5 @@ def check_outputs(checkpoint: str | Path, metrics: str | Path, resume: bool, ove
         return
     found = [str(p) for p in (checkpoint, metrics) if Path(p).is_file() and Path(p).stat().st_size > 0]
     if found:
-        raise OutputsError(f"{' and '.join(found)} hold a previous run: --resume to continue it, --overwrite to "
-                           "start afresh, or write elsewhere")
+        raise OutputsError(f"a previous run's files are here ({', '.join(found)}): --resume to continue it, "
+                           "--overwrite to start afresh, or write elsewhere")
