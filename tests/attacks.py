@@ -106,7 +106,10 @@ def send_header_only(conn: Connection, msg_type: MsgType, length: int) -> None:
 
 
 def make_cert(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, as ``python -m fl.wire.tls`` writes one."""
+    """A self-signed certificate for 127.0.0.1, as ``python -m fl.wire.tls`` writes one
+    (replacing one a previous run left in ``folder``)."""
+    for name in ("cert.pem", "key.pem"):
+        (folder / name).unlink(missing_ok=True)
     cert, key, _ = write_certificate(["127.0.0.1"], folder, days=1)
     return cert, key
 
