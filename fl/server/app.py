@@ -25,6 +25,7 @@ from fl.server import secagg as secagg_server
 from fl.server.config import ServerConfig
 from fl.server.evaluator import Evaluator, Finished, summary
 from fl.server.federation import Federation
+from fl.server.outputs import OutputsError, check_outputs
 from fl.server.transport import FLServer
 from fl.wire.credentials import CredentialError, build_keyring, resolve_secret
 from fl.wire.tls import server_tls_context
@@ -89,9 +90,10 @@ def main(config: ServerConfig, args: argparse.Namespace) -> int:
         torch.set_num_threads(config.threads)
     try:
         test_set = load_test_set(config)
+        check_outputs(config.checkpoint, config.metrics, config.resume, config.overwrite)
         fed, history, accountant = build_federation(config)
         server = listen(config, fed, args)
-    except StartupError as exc:
+    except (StartupError, OutputsError) as exc:
         log.error("%s", exc)
         return 2
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
