@@ -269,7 +269,8 @@ class Federation:
     def open_round(self, number: int, attempt: int, connected: dict[int, Session]) -> tuple[RoundState, RoundTask]:
         """Sample the round's clients and make its broadcast; updates are accepted from now on."""
         cfg = self.config
-        sampled = sample_clients(connected, cfg.fraction, cfg.min_fit, cfg.seed, number, attempt)
+        seed = None if cfg.dp else cfg.seed  # DP: from the OS CSPRNG, unpredictable (sampling.py)
+        sampled = sample_clients(connected, cfg.fraction, cfg.min_fit, seed, number, attempt)
         participants = {cid: connected[cid] for cid in sampled}
         lr = round_lr(cfg.training.lr, number, cfg.rounds, cfg.lr_schedule)
         training = replace(cfg.training_config(number), lr=lr, **self.strategy.fit_config(number))
