@@ -11,6 +11,8 @@ import torch
 from dp_accounting import rdp
 from dp_accounting.privacy_accountant import NeighboringRelation
 
+import server
+from fl.common.layout import Layout
 from fl.common.vectors import InvalidUpdate, l2_norm
 from fl.common.vectors import clip_by_norm as clip_update
 from fl.privacy import (
@@ -21,9 +23,13 @@ from fl.privacy import (
     adaptive_delta_noise_multiplier,
     check_weighting,
     default_delta,
+    global_counters,
     make_generator,
 )
+from fl.server import app
+from fl.server.federation import Federation, Session
 from fl.strategies.base import Strategy, StrategyError
+from fl.wire.handshake import Peer
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -408,3 +414,51 @@ def test_accountant_refuses_bad_parameters(args):
         PrivacyAccountant(*args)
     with pytest.raises(ValueError):
         default_delta(1)
+
+
+def test_a_refused_update_reason_carries_no_norm():
+    """The reason is logged and counted: under DP it must not carry the update's norm."""
+    s = dp(z=1.0, clip=0.1, clipping="client")
+    s.begin_round(1)
+    with pytest.raises(InvalidUpdate) as refused:
+        s.aggregator(1000).add(vector(63.4), 1.0)
+    assert "exceeds the DP clip norm 0.1 " in str(refused.value) and "63" not in str(refused.value)
+
+
+# --- the server under DP: integer buffers ---------------------------------------------------
+
+def test_global_counters_advance_num_batches_tracked_by_one_and_keep_other_ints():
+    state = {"bn.num_batches_tracked": torch.tensor(7), "w": torch.ones(3), "steps": torch.tensor([4, 5])}
+    layout = Layout.of(state)
+    out = layout.unflatten(layout.flatten(state)[0], global_counters(layout, state))
+    assert out["bn.num_batches_tracked"].item() == 8 and out["steps"].tolist() == [4, 5]
+
+
+def submit_round(fed: Federation, counters: dict[int, int]) -> dict[str, torch.Tensor]:
+    """One round where client i reports BatchNorm counters ``counters[i]``; the new global state."""
+    sessions = {cid: Session(Peer(cid, 100, {}), f"t:{cid}") for cid in counters}
+    fed.sessions.update(sessions)
+    rnd, task = fed.open_round(1, 0, dict(fed.sessions))
+    for cid, s in sessions.items():
+        local = {k: v + 0.01 if v.is_floating_point() else torch.full_like(v, counters[cid])
+                 for k, v in task.base.items()}
+        fed.submit(s, task, {"round": 1, "num_samples": 100, "metrics": {}, "quantized": False,
+                             "flat": Layout.of(local).pack(local)}, 1, 1)
+    fed.close_round(rnd)
+    state = fed.finish_round(rnd)
+    assert state is not None
+    return state
+
+
+@pytest.mark.parametrize("dp_on", [True, False])
+def test_under_dp_the_batchnorm_counters_are_not_taken_from_clients(dp_on):
+    """Clients report num_batches_tracked 1000 and 3000 (their batch counts: a function of
+    their sample counts). Without DP the server averages them (2000); under DP it advances
+    its own counter by one and never reads theirs."""
+    argv = ["--min-clients", "2", "--clip-norm", "1"] + (["--dp-noise-multiplier", "0.5", "--dp-seed", "0"] if dp_on else [])
+    config, _ = server.parse_args(argv)
+    fed = Federation(config, app.build_strategy(config))
+    names = [k for k in fed.global_state if k.endswith("num_batches_tracked")]
+    before = {k: int(fed.global_state[k]) for k in names}
+    state = submit_round(fed, {0: 1000, 1: 3000})
+    assert names and all(int(state[k]) == (before[k] + 1 if dp_on else 2000) for k in names)
