@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -9,19 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
+import server
 from fl.learning.model import ImprovedCNN
-from fl.server import checkpoint
+from fl.server import app, checkpoint
 from fl.server.checkpoint import (
     FORMAT,
     History,
     append_metrics,
     atomic_write,
+    check_records,
     load,
     read_metrics,
     restore_rng,
     rewrite_metrics,
     save,
 )
+from fl.server.config import ServerConfig
+from fl.server.federation import Federation
 
 METRICS = [
     {"round": 1, "accuracy": 0.91, "loss": 0.3, "clients": [1, 2]},
@@ -322,3 +327,60 @@ def test_append_metrics_creates_file(tmp_path):
     path = tmp_path / "new.jsonl"
     append_metrics(path, {"round": 1, "acc": 0.5})
     assert read_metrics(path) == [{"round": 1, "acc": 0.5}]
+
+
+# --- resuming: strategy state and metric records ----------------------------------------
+
+def config_for(tmp_path: Path, *argv: str) -> ServerConfig:
+    return server.parse_args(["--min-clients", "2", "--rounds", "60", "--checkpoint", str(tmp_path / "c.pt"),
+                              "--metrics", str(tmp_path / "m.jsonl"), *argv])[0]
+
+
+def resume_from(config: ServerConfig) -> tuple[Federation, History, object]:
+    return app.build_federation(dataclasses.replace(config, resume=True))
+
+
+def refused(config: ServerConfig) -> str:
+    with pytest.raises(app.StartupError) as exc:
+        resume_from(config)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith(f"cannot resume from {config.checkpoint}: ")
+    return str(exc.value)
+
+
+def records(rounds: int) -> list[dict]:
+    return [{"round": r, "accuracy": 0.5, "loss": 1.0, "bytes_up": 10, "bytes_down": 20} for r in range(1, rounds + 1)]
+
+
+@pytest.mark.parametrize("argv, strategy_state, message", [
+    (["--strategy", "fedavgm"], {"strategy": "fedavgm", "step": 1, "velocity": torch.zeros(10, dtype=torch.float64)},
+     "saved fedavgm momentum has 10 values, expected {numel}"),
+    (["--strategy", "fedadam"], {"strategy": "fedadam", "step": 2, "m": torch.zeros(10, dtype=torch.float64),
+                                 "v": torch.ones(10, dtype=torch.float64)}, "saved fedadam m has 10 values, expected {numel}"),
+])
+def test_resume_refuses_strategy_state_of_another_model_size(tmp_path, argv, strategy_state, message):
+    """Before, the first round after the resume failed in server_update on every attempt."""
+    config = config_for(tmp_path, *argv)
+    fed = Federation(config, app.build_strategy(config))
+    save(config.checkpoint, fed.global_state, 1, records(1), config.public(), strategy=strategy_state)
+    assert message.format(numel=fed.layout.float_numel) in refused(config)
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ([{}], "metrics record 1 has no valid 'round'"),
+    ([{"round": 1, "accuracy": 0.5, "loss": 1.0, "bytes_down": 3}], "metrics record 1 has no valid 'bytes_up'"),
+    (records(1) + [{**records(1)[0], "accuracy": "high"}], "metrics record 2 has no valid 'accuracy'"),
+    ([{**records(1)[0], "bytes_up": True}], "no valid 'bytes_up'"),
+    (list(reversed(records(2))), "metrics record 2 is for round 1, expected one in 3..2"),
+    (records(3), "metrics record 3 is for round 3, expected one in 3..2"),
+    ({"round": 1}, "metrics are not a list of records"),
+])
+def test_resume_refuses_metric_records_the_run_cannot_read(tmp_path, metrics, message):
+    """metrics=[{}] passed the old check, then stopped the run with KeyError 'bytes_up'."""
+    config = config_for(tmp_path)
+    fed = Federation(config, app.build_strategy(config))
+    save(config.checkpoint, fed.global_state, 2, [], config.public())
+    raw = torch.load(config.checkpoint, weights_only=True)
+    raw["metrics"] = json.dumps(metrics)
+    torch.save(raw, config.checkpoint)
+    assert message in refused(config)
+    check_records(records(2), 2)  # a good history passes

@@ -202,7 +202,7 @@ class ServerMomentum(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], numel: int | None = None) -> None:
         self.buffer = state["buffer"]
 
 

@@ -241,10 +241,10 @@ class DPFixedClipping(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], numel: int | None = None) -> None:
         if not isinstance(state, dict) or "inner" not in state:
             raise StrategyError("checkpoint has no DP strategy state (was it written without DP?)")
-        self.inner.load_state_dict(state["inner"])
+        self.inner.load_state_dict(state["inner"], numel)
 
     def describe(self) -> str:
         """One line for the log."""

@@ -69,7 +69,7 @@ def resume(fed: Federation, config: ServerConfig) -> ckpt.History:
         log.warning("the checkpoint holds no %s state (written by %s): its server optimizer starts fresh",
                     fed.strategy.name, state.get("strategy", "a stateless strategy"))
     elif state:
-        fed.strategy.load_state_dict(state)
+        fed.strategy.load_state_dict(state, numel=fed.layout.float_numel)
     fed.global_state = fed.layout.unflatten(*fed.layout.flatten(saved["model"]))
     fed.start_round = saved["round"]
     ckpt.restore_rng(saved)

@@ -17,6 +17,11 @@ import torch
 
 FORMAT = 2  # 2: metrics and the Python RNG state travel as JSON text (1: as pickled objects)
 
+# What the run reads from every record of a resumed history (the summary, the progress bar),
+# with the types it reads them as: a record without one stopped the run after its first round.
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {"round": (int,), "accuracy": (int, float), "loss": (int, float),
+                                              "bytes_up": (int,), "bytes_down": (int,)}
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -129,8 +134,7 @@ def check(state: dict[str, Any], reference: dict[str, torch.Tensor], max_round: 
     for name, t in state["model"].items():
         if name.endswith("running_var") and bool((t < 0).any()):
             raise ValueError(f"model: {name} holds negative variances")
-    if not isinstance(state.get("metrics"), list) or not all(isinstance(m, dict) for m in state["metrics"]):
-        raise ValueError("metrics are not a list of records")
+    check_records(state.get("metrics"), round_num)
     rng = state.get("torch_rng")
     if rng is not None and (not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8
                             or rng.shape != torch.get_rng_state().shape):
@@ -143,6 +147,23 @@ def check(state: dict[str, Any], reference: dict[str, torch.Tensor], max_round: 
             raise ValueError("Python RNG state is malformed") from None
     if not isinstance(state.get("strategy", {}), dict):
         raise ValueError("strategy state is not a dict")
+
+
+def check_records(metrics: Any, round_num: int) -> None:
+    """The history a run resumes with: records of rounds 1..``round_num`` in increasing
+    order, each with :data:`RECORD_FIELDS`. Raises ValueError with one line."""
+    if not isinstance(metrics, list) or not all(isinstance(m, dict) for m in metrics):
+        raise ValueError("metrics are not a list of records")
+    last = 0
+    for i, record in enumerate(metrics):
+        for key, types in RECORD_FIELDS.items():
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise ValueError(f"metrics record {i + 1} has no valid {key!r} (got {value!r})"[:200])
+        if not last < record["round"] <= round_num:
+            raise ValueError(f"metrics record {i + 1} is for round {record['round']}, "
+                             f"expected one in {last + 1}..{round_num}")
+        last = record["round"]
 
 
 def restore_rng(state: dict[str, Any]) -> None:
