@@ -371,35 +371,104 @@ def test_poisson_accounting_against_the_tf_privacy_table(z, epochs, published):
     assert 0.75 * published <= epsilon <= published
 
 
+def library_epsilon(events: list[tuple[dp_accounting.DpEvent, int]], delta: float,
+                    relation: NeighboringRelation = NeighboringRelation.REPLACE_ONE) -> float:
+    """dp-accounting's own figure for these (event, count) pairs, composed by its RDP accountant."""
+    acc = rdp.RdpAccountant(neighboring_relation=relation)
+    for event, count in events:
+        acc.compose(event, count)
+    return acc.get_epsilon(delta)
+
+
+def wor(n: int, m: int, z: float) -> dp_accounting.DpEvent:
+    """m of n without replacement, Gaussian of multiplier z on a sensitivity of 2C."""
+    return dp_accounting.SampledWithoutReplacementDpEvent(n, m, dp_accounting.GaussianDpEvent(z / 2))
+
+
 def test_step_epsilon_and_state():
     acc = PrivacyAccountant(2.0, 5, 5)
-    assert acc.epsilon() == 0.0 and acc.delta == default_delta(5) == 5 ** -1.1
-    acc.step()
-    acc.step(2)
-    assert acc.rounds == 3 and acc.epsilon() == acc.epsilon_after(3) > acc.epsilon_after(2) > 0
+    assert acc.epsilon() == 0.0 and acc.rounds == 0 and acc.delta == default_delta(5) == 5 ** -1.1
+    acc.step(5, 5)
+    acc.step(5, 5)
+    assert acc.rounds == 2 and acc.epsilon() == acc.epsilon_after(2) > PrivacyAccountant(2.0, 5, 5).epsilon_after(1) > 0
+    assert acc.epsilon_after(3) == acc.epsilon_if(5, 5) > acc.epsilon()
+    with pytest.raises(ValueError, match="already recorded"):
+        acc.epsilon_after(1)
     other = PrivacyAccountant(2.0, 5, 5)
     other.load_state_dict(acc.state_dict())
-    assert other.rounds == 3
-    with pytest.raises(ValueError, match="noise_multiplier"):
-        PrivacyAccountant(1.0, 5, 5).load_state_dict(acc.state_dict())
+    assert other.rounds == 2 and other.epsilon() == acc.epsilon()
     assert PrivacyAccountant(0.0, 5, 5).epsilon_after(1) == math.inf
+    with pytest.raises(ValueError, match="clients per round"):
+        acc.step(5, 6)
 
 
-def test_rounds_within_stops_before_the_target():
-    acc = PrivacyAccountant(2.0, 5, 5, delta=1e-5)
-    target = acc.epsilon_after(7) + 1e-9
-    assert acc.rounds_within(target, 100) == 7
-    assert acc.epsilon_after(8) > target
-    assert acc.rounds_within(target, 5) == 5  # the whole run fits
-    assert acc.rounds_within(acc.epsilon_after(1) / 2, 100) == 0
-    assert PrivacyAccountant(0.0, 5, 5).rounds_within(10.0, 100) == 0
+def test_the_issue_example_three_of_ten_is_charged_at_the_realised_rate():
+    """Issue 21, item 5: N = 10 declared, m = 3 planned, z = 1, but only 3 clients connected
+    (a run that went on after a round timeout), so every round sampled 3 of 3. Charged at
+    the declared q = 3/10 it reported 48.8; at the realised q = 1 it is dp-accounting's 58.0,
+    the plain Gaussian of multiplier z/2 twenty times."""
+    acc = PrivacyAccountant(1.0, 10, 3)
+    for _ in range(20):
+        acc.step(3, 3)
+    expected = library_epsilon([(wor(3, 3, 1.0), 20)], 10 ** -1.1)
+    assert acc.epsilon() == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(library_epsilon([(dp_accounting.GaussianDpEvent(0.5), 20)], 10 ** -1.1), rel=1e-9)
+    assert round(acc.epsilon(), 1) == 58.0
+    assert round(PrivacyAccountant(1.0, 10, 3).epsilon_after(20), 1) == 48.8  # the declared rate: the old report
 
 
-def test_rounds_within_with_subsampling():
-    acc = PrivacyAccountant(3.0, 100, 10, delta=1e-5)
-    rounds = acc.rounds_within(2.0, 8)
-    assert 0 < rounds < 8
-    assert acc.epsilon_after(rounds) <= 2.0 < acc.epsilon_after(rounds + 1)
+def test_rounds_of_different_rates_compose_as_the_library_composes_them():
+    acc = PrivacyAccountant(1.5, 100, 10, delta=1e-5)
+    for n, m in [(100, 10)] * 5 + [(40, 10)] * 3 + [(100, 10)] * 2 + [(10, 10)]:
+        acc.step(n, m)
+    assert acc.released == {(1.5, 100, 10): 7, (1.5, 40, 10): 3, (1.5, 10, 10): 1}
+    expected = library_epsilon([(wor(100, 10, 1.5), 7), (wor(40, 10, 1.5), 3), (wor(10, 10, 1.5), 1)], 1e-5)
+    assert acc.epsilon() == pytest.approx(expected, rel=1e-12)
+    assert acc.epsilon_if(20, 10) == pytest.approx(
+        library_epsilon([(wor(100, 10, 1.5), 7), (wor(40, 10, 1.5), 3), (wor(10, 10, 1.5), 1), (wor(20, 10, 1.5), 1)],
+                        1e-5), rel=1e-12)
+    poisson = PrivacyAccountant(1.5, 100, 10, delta=1e-5, sampling="poisson")
+    poisson.step(40, 10)
+    assert poisson.epsilon() == pytest.approx(library_epsilon(
+        [(dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(1.5)), 1)], 1e-5,
+        NeighboringRelation.ADD_OR_REMOVE_ONE), rel=1e-12)
+
+
+def test_a_resumed_accountant_charges_the_old_rounds_at_their_own_noise():
+    """A changed --dp-noise-multiplier is accounted, not re-accounted with the new z."""
+    first = PrivacyAccountant(1.0, 20, 5, delta=1e-5)
+    for _ in range(10):
+        first.step(20, 5)
+    resumed = PrivacyAccountant(2.0, 20, 5, delta=1e-5)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.rounds == 10 and resumed.epsilon() == pytest.approx(first.epsilon(), rel=1e-12)
+    for _ in range(4):
+        resumed.step(20, 5)
+    expected = library_epsilon([(wor(20, 5, 1.0), 10), (wor(20, 5, 2.0), 4)], 1e-5)
+    assert resumed.epsilon() == pytest.approx(expected, rel=1e-12)
+    assert resumed.epsilon() > PrivacyAccountant(2.0, 20, 5, delta=1e-5).epsilon_after(14)  # what today's z alone says
+    noiseless = PrivacyAccountant(0.0, 100, 10)  # clipping only: nothing a later z can make finite
+    noiseless.step(100, 10)
+    later = PrivacyAccountant(5.0, 100, 10)
+    later.load_state_dict(noiseless.state_dict())
+    later.step(100, 10)
+    assert later.epsilon() == math.inf
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"sampling": "poisson", "delta": 1e-5, "released": []}, "sampling='poisson'"),
+    ({"sampling": "fixed", "released": "3"}, "malformed"),
+    ({"sampling": "fixed", "released": [[1.0, 10, 11, 1]]}, "clients per round"),
+    ({"sampling": "fixed", "released": [[1.0, 10, 2, 0]]}, "round count"),
+    ({"sampling": "fixed", "released": [[-1.0, 10, 2, 1]]}, "noise multiplier"),
+    ({"sampling": "fixed", "released": [[1.0, 10, 2]]}, "malformed"),
+    ([], "malformed"),
+])
+def test_accountant_state_from_a_checkpoint_is_checked(state, message):
+    acc = PrivacyAccountant(1.0, 10, 2)
+    with pytest.raises(ValueError, match=message):
+        acc.load_state_dict(state)
+    assert acc.rounds == 0
 
 
 def test_fixed_sampling_charges_more_than_the_poisson_approximation():

@@ -6,11 +6,13 @@
   (McMahan et al. 2018), with server-side or client-side clipping.
 - ``adaptive_clipping``: ``DPAdaptiveClipping``, the clip norm following a quantile of
   the update norms (Andrew et al. 2021).
-- ``accountant``: ``PrivacyAccountant``, epsilon from dp-accounting's RDP accountant.
+- ``accountant``: ``PrivacyAccountant``, epsilon from dp-accounting's RDP accountant, at
+  the sampling rate each round realised.
 
 The server owns the wiring: ``check_weighting`` at start, ``begin_round(m)`` before each
 round's ``aggregator``, ``global_counters`` for the new model's integer buffers,
-``accountant.step()`` after each released aggregate.
+``accountant.step(n, m)`` after each released aggregate, the accountant's state in the
+checkpoint.
 
 ``PrivacyAccountant`` and ``default_delta`` are imported on first use: dp-accounting
 brings scipy and mpmath, slow imports that a run without DP should not pay for.

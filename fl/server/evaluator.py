@@ -43,6 +43,7 @@ class Finished:
     state: dict[str, torch.Tensor]
     strategy_state: dict[str, Any]  # a snapshot: the strategy steps on in the main thread
     extra: dict[str, Any] = field(default_factory=dict)  # more keys for the record (epsilon, delta)
+    privacy: dict[str, Any] | None = None  # the accountant's state after this round (DP only)
 
 
 def round_record(rnd: RoundState, loss: float, accuracy: float, eval_s: float, dp: bool) -> dict[str, Any]:
@@ -99,7 +100,8 @@ class Evaluator:
         self.history.append(record)
         if cfg.target_accuracy is not None and accuracy >= cfg.target_accuracy and self.reached is None:
             self.reached = (rnd.number, 100 * accuracy)
-        ckpt.save(cfg.checkpoint, job.state, rnd.number, self.history, cfg.public(), strategy=job.strategy_state)
+        ckpt.save(cfg.checkpoint, job.state, rnd.number, self.history, cfg.public(), strategy=job.strategy_state,
+                  privacy=job.privacy)
         ckpt.append_metrics(cfg.metrics, record)
         rejected = f" | {len(rnd.rejected)} rejected" if rnd.rejected else ""
         if "epsilon" in record:
