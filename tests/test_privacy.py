@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import dp_accounting
@@ -531,3 +532,19 @@ def test_under_dp_the_batchnorm_counters_are_not_taken_from_clients(dp_on):
     before = {k: int(fed.global_state[k]) for k in names}
     state = submit_round(fed, {0: 1000, 1: 3000})
     assert names and all(int(state[k]) == (before[k] + 1 if dp_on else 2000) for k in names)
+
+
+def test_target_epsilon_is_checked_again_at_the_realised_rate_before_release(caplog):
+    """Planned: 3 of 10 (epsilon 3.53 for one round at z = 1). If only 3 clients are connected
+    the round is 3 of 3 (5.15): a target between the two lets the round start, not be released."""
+    config, _ = server.parse_args(["--min-clients", "10", "--min-fit", "3", "--fraction", "0.3", "--clip-norm", "1",
+                                   "--dp-noise-multiplier", "1", "--target-epsilon", "4"])
+    accountant = app.build_accountant(config, app.build_strategy(config))
+    assert (accountant.num_clients, accountant.clients_per_round) == (10, 3)
+    planned, realised = accountant.epsilon_if(10, 3), accountant.epsilon_if(3, 3)
+    assert planned < 4 < realised
+    assert not app.passes_target(accountant, config, 1)
+    assert not app.passes_target(accountant, config, 1, SimpleNamespace(connected=10, participants=[0, 1, 2]))
+    assert app.passes_target(accountant, config, 1, SimpleNamespace(connected=3, participants=[0, 1, 2]))
+    assert f"stopping without releasing round 1: 3 sampled of 3 connected would spend epsilon {realised:.3f}" in caplog.text
+    assert accountant.rounds == 0

@@ -19,9 +19,9 @@ of that round (:meth:`PrivacyAccountant.step`), not the population it was told t
 a run that goes on with 3 connected clients after a timeout samples all 3, and that round
 is charged as q = 1 (no amplification). Rounds of different (z, n, m) are different events,
 composed by the library; m = n is the plain Gaussian. The declared N and m
-(``num_clients``, ``clients_per_round``) only set the default delta and the rate that
-:meth:`epsilon_after` plans with (``--target-epsilon`` checks before a round starts, and
-again with the realised rate before it is released).
+(``num_clients``, ``clients_per_round``) only set the default delta and the planned rate
+(:meth:`epsilon_after`; the server checks ``--target-epsilon`` at it before a round starts,
+and again at the realised rate, :meth:`epsilon_if`, before the round is released).
 
 ``sampling="poisson"`` is ``PoissonSampledDpEvent(m / n, Gaussian(z))`` under add/remove
 one client: exact for a server that includes each client independently with probability

@@ -98,17 +98,20 @@ def resume_accountant(accountant: Any, saved: dict[str, Any] | None, rounds: int
         raise ValueError(f"its privacy accountant charged {accountant.rounds} rounds, the checkpoint has {rounds}")
 
 
-def spends_past_target(accountant: Any, config: ServerConfig, rnd: Any) -> bool:
-    """--target-epsilon again, at the rate this round realised (m sampled of n connected),
+def passes_target(accountant: Any, config: ServerConfig, number: int, rnd: Any = None) -> bool:
+    """--target-epsilon: checked before round ``number`` at the planned rate (m of the declared
+    N), and again once it is sampled, at the rate ``rnd`` realised (m of the n connected),
     before its aggregate is released: fewer clients than planned spend more per round."""
     if accountant is None or config.target_epsilon is None:
         return False
-    spent = accountant.epsilon_if(rnd.connected, len(rnd.participants))
+    planned = rnd is None
+    n, m = (accountant.num_clients, accountant.clients_per_round) if planned else (rnd.connected, len(rnd.participants))
+    spent = accountant.epsilon_if(n, m)
     if spent <= config.target_epsilon:
         return False
-    log.warning("stopping at round %d without releasing it: %d sampled of %d connected would spend epsilon %.3f "
-                "> --target-epsilon %g (delta %.3g)", rnd.number, len(rnd.participants), rnd.connected, spent,
-                config.target_epsilon, accountant.delta)
+    log.warning("stopping %s round %d: %d sampled of %d %s would spend epsilon %.3f > --target-epsilon %g (delta %.3g)",
+                "before" if planned else "without releasing", number, m, n, "declared" if planned else "connected",
+                spent, config.target_epsilon, accountant.delta)
     return True
 
 
@@ -232,18 +235,14 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
                      number, *evaluator.reached, config.target_accuracy)
             reason = "federation complete (target accuracy reached)"
             break
-        if accountant is not None and config.target_epsilon is not None and \
-                accountant.epsilon_after(accountant.rounds + 1) > config.target_epsilon:
-            log.warning("stopping before round %d: it would spend epsilon %.3f > --target-epsilon %g (delta %.3g)",
-                        number, accountant.epsilon_after(accountant.rounds + 1), config.target_epsilon,
-                        accountant.delta)
+        if passes_target(accountant, config, number):
             reason = "federation complete (privacy budget spent)"
             break
         rnd = fed.run_round(number, attempt)
         if rnd is None or fed.stop.is_set():
             log.warning("round %d abandoned; the checkpoint keeps round %d", number, number - 1)
             break
-        if spends_past_target(accountant, config, rnd):
+        if passes_target(accountant, config, number, rnd):
             reason = "federation complete (privacy budget spent)"
             break
         state = fed.finish_round(rnd)
