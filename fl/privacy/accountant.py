@@ -88,7 +88,7 @@ class PrivacyAccountant:
         if not 0 < self.delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {self.delta}")
         self.sampling = sampling
-        self.released: dict[tuple[float, int, int], int] = {}  # (z, n, m) -> rounds released so
+        self.released: dict[tuple[float, int, int], int] = {}  # (z, n, m) -> rounds released at it
         self._composed = self._library()
         self._ahead: dict[tuple[int, int, int], Any] = {}  # (n, m, rounds) -> composed further
 
