@@ -4,13 +4,16 @@ Its code is ``fl/learning/model.py``. ``python model.py`` prints its layers and 
 """
 from __future__ import annotations
 
+import argparse
+
 from fl.common.layout import Layout
 from fl.learning.model import ImprovedCNN, count_parameters
 
 __all__ = ["ImprovedCNN", "count_parameters"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     model = ImprovedCNN()
     layout = Layout.of(model.state_dict())
     print(model)

@@ -15,6 +15,7 @@ from numbers import Real
 from pathlib import Path
 from typing import Any
 
+from fl.common.cli import HelpFormatter
 from fl.server.checkpoint import read_metrics
 
 MPL_HINT = "plotting needs matplotlib: pip install matplotlib"
@@ -92,9 +93,9 @@ def plot_metrics(runs: list[tuple[str, list[dict[str, Any]]]], out: Path, title:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m plot", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("metrics", nargs="+", help="metrics JSON Lines file(s) written by server.py --metrics")
-    p.add_argument("-o", "--output", default="curve.png", help="PNG file to write (default: curve.png)")
+    p.add_argument("-o", "--output", default="curve.png", help="PNG file to write")
     p.add_argument("--labels", nargs="+", default=None,
                    help="one legend label per metrics file (default: parent folder/file stem)")
     p.add_argument("--title", default=None, help="title above both panels")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from fl.common.cli import HelpFormatter
 from fl.learning.data import DataError, load_mnist, resolve_data_dir, to_float
 from fl.learning.model import ImprovedCNN
 from fl.learning.training import evaluate
@@ -68,9 +69,9 @@ def predict_images(model: ImprovedCNN, paths: list[str | Path]) -> list[tuple[in
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("images", nargs="*", metavar="IMAGE", help="image files to classify (PNG, JPG, ...)")
-    p.add_argument("--checkpoint", default="checkpoint.pt", help="checkpoint written by server.py, or a bare state_dict (default: checkpoint.pt)")
+    p.add_argument("--checkpoint", default="checkpoint.pt", help="checkpoint written by server.py, or a bare state_dict")
     p.add_argument("--evaluate", action="store_true", help="report accuracy and loss on the 10,000 MNIST test images")
     p.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
     p.add_argument("--no-download", action="store_true", help="never try to download MNIST")

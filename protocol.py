@@ -13,13 +13,16 @@ The code is ``fl/wire/`` (``frames.py``, ``control.py``, ``safe_decode.py``,
 """
 from __future__ import annotations
 
+import argparse
+
 from fl.wire.errors import ConnectionClosed, ProtocolError, RemoteError
 from fl.wire.frames import CONTROL_TYPES, DEFAULT_MAX_FRAME, HEADER_SIZE, MAGIC, TAG_SIZE, VERSION, Connection, MsgType
 
 __all__ = ["Connection", "ConnectionClosed", "MsgType", "ProtocolError", "RemoteError"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     print(f"frame: {HEADER_SIZE}-byte header (magic {MAGIC.decode()}, version {VERSION}), payload, "
           f"{TAG_SIZE}-byte tag once authenticated; payloads up to {DEFAULT_MAX_FRAME >> 20} MiB by default")
     for t in MsgType:

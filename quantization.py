@@ -6,6 +6,8 @@ ImprovedCNN-sized update and prints the bytes saved and the error.
 """
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from fl.learning.model import ImprovedCNN
@@ -21,7 +23,8 @@ from fl.learning.quantization import (
 __all__ = ["QuantizationError", "apply_delta", "dequantize_state", "packed_nbytes", "quantize_state", "state_delta"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
     g = torch.Generator().manual_seed(0)
     base = ImprovedCNN().state_dict()
     local = {k: v + 1e-3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()}

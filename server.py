@@ -19,6 +19,7 @@ import argparse
 import sys
 
 from fl import privacy, strategies
+from fl.common.cli import HelpFormatter
 from fl.learning.config import OPTIMIZERS, TrainingConfig
 from fl.server import app
 from fl.server import secagg as secagg_server
@@ -32,7 +33,7 @@ TRAINING_FLAGS = {"epochs": "--local-epochs", "batch_size": "--batch-size", "lr"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Federated-learning server: runs rounds over TCP clients, evaluated on the MNIST test set.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     d = ServerConfig()
     add_network_arguments(p, d)
     add_federation_arguments(p, d)
@@ -45,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def setting(group: argparse._ArgumentGroup, d: ServerConfig, name: str, help: str) -> None:
     """The flag of a ServerConfig field (``max_frame_mb`` -> ``--max-frame-mb``), with the
-    field's default and type."""
-    value = getattr(d, name)
-    group.add_argument("--" + name.replace("_", "-"), type=type(value), default=value, help=help)
+    field's default and type; a field that is False is a switch that turns it on."""
+    value, flag = getattr(d, name), "--" + name.replace("_", "-")
+    if value is False:
+        group.add_argument(flag, action="store_true", help=help)
+    else:
+        group.add_argument(flag, type=type(value), default=value, help=help)
 
 
 def add_network_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
@@ -102,7 +106,8 @@ def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> Non
     fl.add_argument("--batch-size", type=int, default=d.training.batch_size, help="clients' batch size")
     fl.add_argument("--no-augment", action="store_true", help="tell clients to train without augmentation")
     fl.add_argument("--hflip", action="store_true", help="add random horizontal flips to augmentation (hurts digits)")
-    setting(fl, d, "seed", "seed of the initial global model and of client sampling")
+    setting(fl, d, "seed", "seed of the initial global model and of client sampling "
+                           "(under DP the sample is secret, not seeded)")
 
 
 def add_output_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
@@ -112,9 +117,12 @@ def add_output_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     io.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only (quick runs)")
     io.add_argument("--checkpoint", default=d.checkpoint, help="global model, round, metrics and strategy state, "
                                                               "written after every round (never any credential)")
-    io.add_argument("--resume", action="store_true", help="continue from --checkpoint after the last completed round")
+    setting(io, d, "resume", "continue from --checkpoint after its last completed round (the metrics file "
+                             "keeps the rounds up to it)")
+    setting(io, d, "overwrite", "start afresh even where --checkpoint or --metrics already exist (without it "
+                                "or --resume, the server refuses to replace them)")
     io.add_argument("--metrics", default=d.metrics, help="JSON Lines file, one object per round")
-    io.add_argument("--threads", type=int, default=None, help="torch threads for evaluation (default: all cores)")
+    io.add_argument("--threads", type=int, default=None, help="torch threads for evaluation (default: torch's choice)")
     io.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     io.add_argument("-v", "--verbose", action="store_true", help="debug logging (every join, every update)")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -140,7 +148,8 @@ def add_strategy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-samples", type=int, default=d.max_samples,
                    help="largest sample count a client may claim (60,000: the MNIST training set)")
     g.add_argument("--norm-ratio", type=float, default=d.norm_ratio,
-                   help="reject an update whose delta norm exceeds this multiple of the round's median (0: off)")
+                   help="reject an update whose pull on the mean, weight x delta norm (the norm alone under "
+                        "uniform weighting), exceeds this multiple of the median of the round's (0: off)")
     for name, f in strategies.cli_parameters().items():
         g.add_argument("--" + name.replace("_", "-"), dest=f"strategy_{name}", type=f.type, default=argparse.SUPPRESS,
                        metavar=name.upper(), help=f.metadata["help"])
@@ -162,7 +171,8 @@ def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dp-clip-lr", type=float, default=0.2, help="adaptive clipping's learning rate")
     g.add_argument("--dp-delta", type=float, default=None, help="delta of (epsilon, delta) (default: 1/N^1.1)")
     g.add_argument("--dp-population", type=int, default=None, metavar="N",
-                   help="clients in the federation, for the accountant's sampling rate m/N (default: --min-clients)")
+                   help="clients in the federation, for the default --dp-delta and the planned rate m/N; "
+                        "rounds are charged at the rate they realised (default: --min-clients)")
     g.add_argument("--target-epsilon", type=float, default=None,
                    help="stop before the round that would spend more than this epsilon")
     g.add_argument("--dp-seed", type=int, default=None,
@@ -266,7 +276,7 @@ def to_config(a: argparse.Namespace, training: TrainingConfig, params: dict[str,
         data_dir=a.data_dir, download=not a.no_download, test_limit=a.test_limit, checkpoint=a.checkpoint,
         dp_noise_multiplier=a.dp_noise_multiplier, dp_clipping=a.dp_clipping, dp_adaptive=a.dp_adaptive,
         dp_target_quantile=a.dp_target_quantile, dp_clip_lr=a.dp_clip_lr, dp_delta=a.dp_delta,
-        dp_population=a.dp_population, target_epsilon=a.target_epsilon, dp_seed=a.dp_seed, resume=a.resume, metrics=a.metrics, threads=a.threads, quiet=a.quiet, verbose=a.verbose,
+        dp_population=a.dp_population, target_epsilon=a.target_epsilon, dp_seed=a.dp_seed, resume=a.resume, overwrite=a.overwrite, metrics=a.metrics, threads=a.threads, quiet=a.quiet, verbose=a.verbose,
         progress=not (a.no_progress or a.quiet), **secagg)
 
 

@@ -3,6 +3,7 @@
     python simulate.py --clients 3 --rounds 3 [--quantization] [--partition dirichlet]
     python simulate.py --clients 100 --fraction 0.1 --rounds 20 --partition shards
     python simulate.py --clients 100 --engine ray [--ray-address HOST:6379 --host 0.0.0.0 --port 8080]
+    python simulate.py --out runs/a --rounds 5 --resume      # continue runs/a up to round 5
 
 Every client is a real client of the server (its own connection and handshake), hosted
 by a ``worker.py`` process that holds torch, the data and one model once for all of its
@@ -30,9 +31,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from fl.common.cli import HelpFormatter
 from fl.common.ids import format_ids  # worker.py's --client-ids form
 from fl.learning.config import TrainingConfig
 from fl.server.config import ServerConfig
+from fl.server.outputs import OutputsError, check_outputs
+from fl.wire.credentials import CredentialError, resolve_secret
 
 TRAINING, SERVER = TrainingConfig(), ServerConfig()  # the defaults the server's flags have too (no torch import)
 
@@ -88,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p = argparse.ArgumentParser(
         description="Run a federation: a server and N clients trained by W processes (or Ray actors). "
                     "Flags not listed here are passed to server.py unchanged.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     add_federation_flags(p.add_argument_group("federation"))
     add_worker_flags(p.add_argument_group("workers"))
     add_output_flags(p.add_argument_group("output"))
@@ -128,9 +132,9 @@ def add_federation_flags(fl: argparse._ArgumentGroup) -> None:
 def add_worker_flags(run: argparse._ArgumentGroup) -> None:
     """Where the clients run and how they reach the server (local processes or Ray)."""
     run.add_argument("--workers", type=int, default=None,
-                     help="processes that train the clients (default: one per core, or one per client when "
-                          "there are at most two clients per core): one worker's training processes, or "
-                          "Ray trainer actors, each sampled client trained by whichever is free")
+                     help="processes (or Ray actors) that train the clients (default: one per client up to "
+                          "twice os.cpu_count() clients, else os.cpu_count()); with fewer workers than clients, one "
+                          "worker holds every connection and trains each sampled client on whichever is free")
     run.add_argument("--engine", choices=("process", "ray"), default="process",
                      help="workers as local processes, or as Ray actors (pip install -r requirements-ray.txt)")
     run.add_argument("--ray-address", default=None,
@@ -146,8 +150,17 @@ def add_worker_flags(run: argparse._ArgumentGroup) -> None:
 
 def add_output_flags(out: argparse._ArgumentGroup) -> None:
     out.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
-    out.add_argument("--secret", default=None, help="shared secret for the run (default: a fresh random one)")
+    secret = out.add_mutually_exclusive_group()
+    secret.add_argument("--secret-file", default=None, metavar="PATH",
+                        help="file holding the run's shared secret (default: $FL_SECRET, else a fresh random one)")
+    secret.add_argument("--secret", default=None,
+                        help="the shared secret itself: visible in the process list, so prefer --secret-file "
+                             "or $FL_SECRET")
     out.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its checkpoint, up to --rounds (passed to server.py)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="start afresh even where --out holds a previous run's checkpoint or metrics")
     out.add_argument("--no-plot", action="store_true", help="skip the PNG plot at the end")
 
 
@@ -166,6 +179,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, server_extr
     own = [a for a in server_extra if a.split("=", 1)[0] in OWN_SERVER_FLAGS]
     if own:
         p.error(f"{own[0].split('=', 1)[0]} is set by the launcher (see --port, --host, --out, --secret)")
+    if args.resume and not args.out:
+        p.error("--resume needs --out: the folder of the run to continue")
 
 
 def listen_host(args: argparse.Namespace) -> str:
@@ -196,6 +211,7 @@ def build_commands(args: argparse.Namespace, server_extra: list[str], port: int,
         server += ["--fraction", str(args.fraction)]
     if args.strategy is not None:
         server += ["--strategy", args.strategy]
+    server += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
     server += server_extra  # last, so an explicit server flag wins over the launcher's choice
     quantized = args.clients if args.quantization else (args.quantized_clients or 0)
     threads = threads_per_worker(workers, cores)
@@ -422,6 +438,12 @@ def tail(path: Path, n: int = 5) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, server_extra = parse_args(argv)
     out = Path(args.out) if args.out else HERE / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        secret = run_secret(args)
+        check_outputs(out / "checkpoint.pt", out / "metrics.jsonl", args.resume, args.overwrite)
+    except (CredentialError, OutputsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     error = prepare_data(args.data_dir)
     if error:
         print(f"error: {error}", file=sys.stderr)
@@ -439,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         server_cmd, worker_args = build_commands(args, server_extra, port, out)
-        run_env = {"FL_SECRET": args.secret or os.urandom(16).hex(), "PYTHONUNBUFFERED": "1"}
+        run_env = {"FL_SECRET": secret, "PYTHONUNBUFFERED": "1"}
         log_paths = [out / f"worker-{i}.log" for i in range(len(worker_args))]
         groups, trainers = hosting(args.clients, workers)
         announce(args, out, f"{listen}:{port}", engine, groups, trainers)
@@ -464,6 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         make_plot(out)
     print(f"metrics: {out / 'metrics.jsonl'}\ncheckpoint: {out / 'checkpoint.pt'}", file=sys.stderr)
     return status
+
+
+def run_secret(args: argparse.Namespace) -> str:
+    """The secret the server and the workers share: --secret, --secret-file or $FL_SECRET
+    as server.py reads them (``resolve_secret``), else a fresh random one for this run.
+    CredentialError, one line, for a file that cannot be used."""
+    secret = resolve_secret(args.secret, args.secret_file)
+    return os.fsdecode(secret) if secret else os.urandom(16).hex()
 
 
 def make_engine(args: argparse.Namespace, workers: int) -> ProcessEngine | RayEngine:

@@ -52,7 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                help="train the sampled clients on this many processes, each client on whichever "
                                     "is free (fl/client/trainer_pool.py); 1: on this process, one after another")
     groups["run"].add_argument("--log-file", default=None, help="also write the log to this file")
-    p.set_defaults(threads=1, device="cpu")
+    p.set_defaults(threads=1, device="cpu")  # a worker shares the cores with others: one thread each
+    for action in p._actions:  # the shared help of --threads describes client.py's default
+        if action.dest == "threads":
+            action.help = "torch CPU threads"
     args = p.parse_args(argv)
     check_client_arguments(p, args)
     try:

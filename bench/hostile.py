@@ -594,7 +594,8 @@ def federation(args: argparse.Namespace, out: Path, attack: bool, marker: Path, 
                   "--min-clients", str(args.clients + early), "--test-limit", str(args.test_limit),
                   "--handshake-timeout", str(args.handshake_timeout), "--round-timeout", str(args.round_timeout),
                   "--max-frame-mb", str(args.max_frame_mb), "--weighting", weighting, *tls[0],
-                  "--checkpoint", str(out / "checkpoint.pt"), "--metrics", str(out / "metrics.jsonl")]
+                  "--checkpoint", str(out / "checkpoint.pt"), "--metrics", str(out / "metrics.jsonl"),
+                  "--overwrite"]  # a re-run with the same --out replaces its runs
     slog = out / "server.log"
     t0 = time.monotonic()
     server = subprocess.Popen(server_cmd, cwd=REPO, stdout=open(slog, "w"), stderr=subprocess.STDOUT, env=env)

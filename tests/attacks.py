@@ -20,6 +20,7 @@ import torch
 
 from fl.wire.frames import FLAG_TAGGED, HEADER, HEADER_SIZE, TAG_SIZE, Connection, MsgType, encode_header, recv_exact
 from fl.wire.handshake import client_handshake
+from fl.wire.tls import write_certificate
 
 LOOPBACK = "127.0.0.1"
 ATTACKER = "127.0.0.2"  # another loopback address: per-address limits must keep 127.0.0.1 free
@@ -105,14 +106,11 @@ def send_header_only(conn: Connection, msg_type: MsgType, length: int) -> None:
 
 
 def make_cert(folder: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (needs the openssl CLI)."""
-    import subprocess
-
-    folder.mkdir(parents=True, exist_ok=True)
-    key, cert = folder / "key.pem", folder / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    """A self-signed certificate for 127.0.0.1, as ``python -m fl.wire.tls`` writes one
+    (replacing one a previous run left in ``folder``)."""
+    for name in ("cert.pem", "key.pem"):
+        (folder / name).unlink(missing_ok=True)
+    cert, key, _ = write_certificate(["127.0.0.1"], folder, days=1)
     return cert, key
 
 

@@ -1,27 +1,39 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
 import random
 from pathlib import Path
 
+import dp_accounting
 import pytest
 import torch
+from dp_accounting import rdp
+from dp_accounting.privacy_accountant import NeighboringRelation
+from tqdm import tqdm
 
+import server
+from fl.common.layout import Layout
 from fl.learning.model import ImprovedCNN
-from fl.server import checkpoint
+from fl.server import app, checkpoint
 from fl.server.checkpoint import (
     FORMAT,
     History,
     append_metrics,
     atomic_write,
+    check_records,
     load,
     read_metrics,
     restore_rng,
     rewrite_metrics,
     save,
 )
+from fl.server.config import ServerConfig
+from fl.server.evaluator import DP_RECORD_KEYS, Evaluator, Finished
+from fl.server.federation import Federation, RoundState, Session
+from fl.wire.handshake import Peer
 
 METRICS = [
     {"round": 1, "accuracy": 0.91, "loss": 0.3, "clients": [1, 2]},
@@ -322,3 +334,165 @@ def test_append_metrics_creates_file(tmp_path):
     path = tmp_path / "new.jsonl"
     append_metrics(path, {"round": 1, "acc": 0.5})
     assert read_metrics(path) == [{"round": 1, "acc": 0.5}]
+
+
+# --- what a DP run writes, and resuming from it ------------------------------------------
+
+TINY_TEST_SET = (torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+DP_FLAGS = ["--dp-noise-multiplier", "0.5", "--clip-norm", "0.1", "--dp-seed", "0"]
+
+
+def config_for(tmp_path: Path, *argv: str) -> ServerConfig:
+    return server.parse_args(["--min-clients", "2", "--rounds", "60", "--checkpoint", str(tmp_path / "c.pt"),
+                              "--metrics", str(tmp_path / "m.jsonl"), *argv])[0]
+
+
+def one_round(fed: Federation, number: int) -> tuple[RoundState, dict[str, torch.Tensor]]:
+    """Clients 0 and 1 send long deltas (norm ~ 60) and report loss 0.4321, accuracy 0.8765."""
+    sessions = {cid: Session(Peer(cid, 100, {}), f"t:{cid}") for cid in (0, 1)}
+    fed.sessions.update(sessions)
+    rnd, task = fed.open_round(number, 0, dict(fed.sessions))
+    for cid, s in sessions.items():
+        local = {k: v + 0.05 * (cid + 1) if v.is_floating_point() else v for k, v in task.base.items()}
+        fed.submit(s, task, {"round": number, "num_samples": 77 + cid, "quantized": False,
+                             "metrics": {"loss": 0.4321, "accuracy": 0.8765, "train_s": 1.5},
+                             "flat": Layout.of(local).pack(local)}, 1000, 2000)
+    fed.close_round(rnd)
+    state = fed.finish_round(rnd)
+    assert state is not None
+    return rnd, state
+
+
+def run_and_checkpoint(config: ServerConfig, rounds: int) -> tuple[Federation, object]:
+    """``rounds`` rounds as app.run commits them: the accountant steps at the realised rate,
+    the evaluator writes the metrics and the checkpoint."""
+    fed = Federation(config, app.build_strategy(config))
+    accountant = app.build_accountant(config, fed.strategy)
+    evaluator = Evaluator(config, TINY_TEST_SET, History(), tqdm(disable=True), on_failure=lambda: None)
+    for number in range(1, rounds + 1):
+        rnd, state = one_round(fed, number)
+        extra, privacy = {}, None
+        if accountant is not None:
+            accountant.step(rnd.connected, len(rnd.participants))
+            extra, privacy = {"epsilon": accountant.epsilon(), "delta": accountant.delta}, accountant.state_dict()
+        evaluator.submit(Finished(rnd, state, fed.strategy.state_dict(), extra, privacy))
+    evaluator.close()
+    return fed, accountant
+
+
+@pytest.mark.parametrize("dp_on", [True, False])
+def test_under_dp_no_per_client_record_reaches_the_metrics_or_the_checkpoint(tmp_path, dp_on):
+    config = config_for(tmp_path, *(DP_FLAGS if dp_on else []))
+    run_and_checkpoint(config, 1)
+    [written] = read_metrics(config.metrics)
+    saved = load(config.checkpoint)
+    assert saved["metrics"] == [written]
+    text = Path(config.metrics).read_text()
+    if dp_on:
+        assert set(written) <= set(DP_RECORD_KEYS) | {"epsilon", "delta"}
+        assert "per_client" not in written and "sampled" not in written and "samples" not in written
+        assert "0.4321" not in text and "0.8765" not in text and "norm" not in text
+        assert (written["clients"], written["participants"], written["connected"]) == (2, 2, 2)
+        assert saved["privacy"]["released"] == [[0.5, 2, 2, 1]]
+    else:
+        assert [c["client_id"] for c in written["per_client"]] == [0, 1] == written["sampled"]
+        assert {c["loss"] for c in written["per_client"]} == {0.4321} and written["samples"] == 155
+        assert all(c["norm"] > 1 for c in written["per_client"])
+        assert saved["privacy"] is None
+
+
+def resume_from(config: ServerConfig) -> tuple[Federation, History, object]:
+    return app.build_federation(dataclasses.replace(config, resume=True))
+
+
+def test_resume_takes_over_the_accountant(tmp_path):
+    config = config_for(tmp_path, *DP_FLAGS)
+    _, first = run_and_checkpoint(config, 3)
+    fed, history, accountant = resume_from(config)
+    assert fed.start_round == 3 and len(history) == 3
+    assert accountant.rounds == 3 and accountant.epsilon() == pytest.approx(first.epsilon(), rel=1e-12)
+    assert history[-1]["epsilon"] == pytest.approx(accountant.epsilon(), rel=1e-12)
+
+
+def test_resume_with_another_noise_multiplier_accounts_each_round_at_its_own(tmp_path):
+    config = config_for(tmp_path, *DP_FLAGS)
+    run_and_checkpoint(config, 3)
+    louder = config_for(tmp_path, "--dp-noise-multiplier", "2", "--clip-norm", "0.1", "--dp-seed", "0")
+    _, _, accountant = resume_from(louder)
+    accountant.step(2, 2)
+    acc = rdp.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(2, 2, dp_accounting.GaussianDpEvent(0.25)), 3)
+    acc.compose(dp_accounting.SampledWithoutReplacementDpEvent(2, 2, dp_accounting.GaussianDpEvent(1.0)), 1)
+    assert accountant.epsilon() == pytest.approx(acc.get_epsilon(accountant.delta), rel=1e-12)
+
+
+def refused(config: ServerConfig) -> str:
+    with pytest.raises(app.StartupError) as exc:
+        resume_from(config)
+    assert "\n" not in str(exc.value) and str(exc.value).startswith(f"cannot resume from {config.checkpoint}: ")
+    return str(exc.value)
+
+
+def records(rounds: int) -> list[dict]:
+    return [{"round": r, "accuracy": 0.5, "loss": 1.0, "bytes_up": 10, "bytes_down": 20} for r in range(1, rounds + 1)]
+
+
+def test_the_issue_example_fifty_rounds_without_noise_then_z_5_is_refused(tmp_path):
+    """Issue 21, item 5: 50 rounds without noise, resumed with z = 5 (N = 100, m = 10)
+    reported epsilon 1.57, the 50 rounds re-accounted as if noised. No epsilon covers them."""
+    plain = config_for(tmp_path, "--min-clients", "100", "--fraction", "0.1")
+    fed = Federation(plain, app.build_strategy(plain))
+    save(plain.checkpoint, fed.global_state, 50, records(50), plain.public())
+    dp_config = config_for(tmp_path, "--min-clients", "100", "--fraction", "0.1", "--dp-noise-multiplier", "5",
+                           "--clip-norm", "1")
+    assert "its 50 rounds have no privacy accountant state" in refused(dp_config)
+    fed, _, accountant = resume_from(plain)  # the same checkpoint without DP still resumes
+    assert fed.start_round == 50 and accountant is None
+
+
+def test_a_checkpoint_whose_accountant_misses_rounds_is_refused(tmp_path):
+    config = config_for(tmp_path, *DP_FLAGS)
+    run_and_checkpoint(config, 2)
+    saved = load(config.checkpoint)
+    saved["privacy"]["released"] = [[0.5, 2, 2, 1]]
+    save(config.checkpoint, saved["model"], 2, saved["metrics"], saved["config"], privacy=saved["privacy"])
+    assert "charged 1 rounds, the checkpoint has 2" in refused(config)
+
+
+@pytest.mark.parametrize("argv, strategy_state, message", [
+    (["--strategy", "fedavgm"], {"strategy": "fedavgm", "step": 1, "velocity": torch.zeros(10, dtype=torch.float64)},
+     "saved fedavgm momentum has 10 values, expected {numel}"),
+    (["--strategy", "fedadam"], {"strategy": "fedadam", "step": 2, "m": torch.zeros(10, dtype=torch.float64),
+                                 "v": torch.ones(10, dtype=torch.float64)}, "saved fedadam m has 10 values, expected {numel}"),
+    (["--strategy", "fedyogi", *DP_FLAGS], {"inner": {"strategy": "fedyogi", "step": 2, "m": torch.zeros(10, dtype=torch.float64),
+                                                      "v": torch.ones(10, dtype=torch.float64)}},
+     "saved fedyogi m has 10 values, expected {numel}"),
+])
+def test_resume_refuses_strategy_state_of_another_model_size(tmp_path, argv, strategy_state, message):
+    """Before, the first round after the resume failed in server_update on every attempt."""
+    config = config_for(tmp_path, *argv)
+    fed = Federation(config, app.build_strategy(config))
+    privacy = {"sampling": "fixed", "delta": 0.1, "released": [[0.5, 2, 2, 1]]} if config.dp else None
+    save(config.checkpoint, fed.global_state, 1, records(1), config.public(), strategy=strategy_state, privacy=privacy)
+    assert message.format(numel=fed.layout.float_numel) in refused(config)
+
+
+@pytest.mark.parametrize("metrics, message", [
+    ([{}], "metrics record 1 has no valid 'round'"),
+    ([{"round": 1, "accuracy": 0.5, "loss": 1.0, "bytes_down": 3}], "metrics record 1 has no valid 'bytes_up'"),
+    (records(1) + [{**records(1)[0], "accuracy": "high"}], "metrics record 2 has no valid 'accuracy'"),
+    ([{**records(1)[0], "bytes_up": True}], "no valid 'bytes_up'"),
+    (list(reversed(records(2))), "metrics record 2 is for round 1, expected one in 3..2"),
+    (records(3), "metrics record 3 is for round 3, expected one in 3..2"),
+    ({"round": 1}, "metrics are not a list of records"),
+])
+def test_resume_refuses_metric_records_the_run_cannot_read(tmp_path, metrics, message):
+    """metrics=[{}] passed the old check, then stopped the run with KeyError 'bytes_up'."""
+    config = config_for(tmp_path)
+    fed = Federation(config, app.build_strategy(config))
+    save(config.checkpoint, fed.global_state, 2, [], config.public())
+    raw = torch.load(config.checkpoint, weights_only=True)
+    raw["metrics"] = json.dumps(metrics)
+    torch.save(raw, config.checkpoint)
+    assert message in refused(config)
+    check_records(records(2), 2)  # a good history passes

@@ -21,7 +21,6 @@ import concurrent.futures as cf
 import json
 import os
 import re
-import shutil
 import socket
 import ssl
 import threading
@@ -43,7 +42,6 @@ from fl.wire.tls import client_tls_context
 TEST_LIMIT = 500
 CLIENT_LIMIT = 500
 RSS_SLACK_MB = 100
-HAVE_OPENSSL = shutil.which("openssl") is not None
 
 
 # --- harness --------------------------------------------------------------------------------------
@@ -63,9 +61,7 @@ def secret_file(folder: Path, name: str, secret: str) -> Path:
 
 @pytest.fixture(scope="module")
 def tls(tmp_path_factory) -> dict[str, Any]:
-    """Server flags, client flags and the attackers' context for TLS (plain TCP without openssl)."""
-    if not HAVE_OPENSSL:
-        return {"server": [], "client": [], "ctx": None}
+    """Server flags, client flags and the attackers' context for TLS."""
     cert, key = A.make_cert(tmp_path_factory.mktemp("tls"))
     return {"server": ["--tls-cert", cert, "--tls-key", key], "client": ["--tls-ca", cert],
             "ctx": client_tls_context(str(cert))}

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from procs import client_args, log_of, refused_counts, server_args, start, stop, wait_for_line
 
 from fl.wire.frames import FLAG_TAGGED, Connection, MsgType, encode_header
 from fl.wire.handshake import client_handshake
+from fl.wire.tls import write_certificate
 
 TEST_LIMIT = 500
 CLIENT_LIMIT = 500
@@ -235,16 +235,10 @@ def test_shared_secret_admits_holders_and_refuses_others(tmp_path, mnist_dir, fr
 # --- 3: TLS -----------------------------------------------------------------------------------
 
 def make_cert(folder: Path) -> tuple[Path, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    key, cert = folder / "key.pem", folder / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    cert, key, _ = write_certificate(["127.0.0.1"], folder, days=1)
     return cert, key
 
 
-@pytest.mark.skipif(subprocess.run(["which", "openssl"], capture_output=True).returncode != 0,
-                    reason="needs the openssl CLI")
 def test_tls_run_completes_and_untrusted_or_plain_peers_fail(tmp_path, mnist_dir, free_port):
     cert, key = make_cert(tmp_path / "tls")
     other_cert, _ = make_cert(tmp_path / "other")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import dp_accounting
@@ -11,6 +12,8 @@ import torch
 from dp_accounting import rdp
 from dp_accounting.privacy_accountant import NeighboringRelation
 
+import server
+from fl.common.layout import Layout
 from fl.common.vectors import InvalidUpdate, l2_norm
 from fl.common.vectors import clip_by_norm as clip_update
 from fl.privacy import (
@@ -21,9 +24,13 @@ from fl.privacy import (
     adaptive_delta_noise_multiplier,
     check_weighting,
     default_delta,
+    global_counters,
     make_generator,
 )
+from fl.server import app
+from fl.server.federation import Federation, Session
 from fl.strategies.base import Strategy, StrategyError
+from fl.wire.handshake import Peer
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -196,7 +203,7 @@ class ServerMomentum(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {"buffer": self.buffer}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], numel: int | None = None) -> None:
         self.buffer = state["buffer"]
 
 
@@ -365,35 +372,104 @@ def test_poisson_accounting_against_the_tf_privacy_table(z, epochs, published):
     assert 0.75 * published <= epsilon <= published
 
 
+def library_epsilon(events: list[tuple[dp_accounting.DpEvent, int]], delta: float,
+                    relation: NeighboringRelation = NeighboringRelation.REPLACE_ONE) -> float:
+    """dp-accounting's own figure for these (event, count) pairs, composed by its RDP accountant."""
+    acc = rdp.RdpAccountant(neighboring_relation=relation)
+    for event, count in events:
+        acc.compose(event, count)
+    return acc.get_epsilon(delta)
+
+
+def wor(n: int, m: int, z: float) -> dp_accounting.DpEvent:
+    """m of n without replacement, Gaussian of multiplier z on a sensitivity of 2C."""
+    return dp_accounting.SampledWithoutReplacementDpEvent(n, m, dp_accounting.GaussianDpEvent(z / 2))
+
+
 def test_step_epsilon_and_state():
     acc = PrivacyAccountant(2.0, 5, 5)
-    assert acc.epsilon() == 0.0 and acc.delta == default_delta(5) == 5 ** -1.1
-    acc.step()
-    acc.step(2)
-    assert acc.rounds == 3 and acc.epsilon() == acc.epsilon_after(3) > acc.epsilon_after(2) > 0
+    assert acc.epsilon() == 0.0 and acc.rounds == 0 and acc.delta == default_delta(5) == 5 ** -1.1
+    acc.step(5, 5)
+    acc.step(5, 5)
+    assert acc.rounds == 2 and acc.epsilon() == acc.epsilon_after(2) > PrivacyAccountant(2.0, 5, 5).epsilon_after(1) > 0
+    assert acc.epsilon_after(3) == acc.epsilon_if(5, 5) > acc.epsilon()
+    with pytest.raises(ValueError, match="already recorded"):
+        acc.epsilon_after(1)
     other = PrivacyAccountant(2.0, 5, 5)
     other.load_state_dict(acc.state_dict())
-    assert other.rounds == 3
-    with pytest.raises(ValueError, match="noise_multiplier"):
-        PrivacyAccountant(1.0, 5, 5).load_state_dict(acc.state_dict())
+    assert other.rounds == 2 and other.epsilon() == acc.epsilon()
     assert PrivacyAccountant(0.0, 5, 5).epsilon_after(1) == math.inf
+    with pytest.raises(ValueError, match="clients per round"):
+        acc.step(5, 6)
 
 
-def test_rounds_within_stops_before_the_target():
-    acc = PrivacyAccountant(2.0, 5, 5, delta=1e-5)
-    target = acc.epsilon_after(7) + 1e-9
-    assert acc.rounds_within(target, 100) == 7
-    assert acc.epsilon_after(8) > target
-    assert acc.rounds_within(target, 5) == 5  # the whole run fits
-    assert acc.rounds_within(acc.epsilon_after(1) / 2, 100) == 0
-    assert PrivacyAccountant(0.0, 5, 5).rounds_within(10.0, 100) == 0
+def test_the_issue_example_three_of_ten_is_charged_at_the_realised_rate():
+    """Issue 21, item 5: N = 10 declared, m = 3 planned, z = 1, but only 3 clients connected
+    (a run that went on after a round timeout), so every round sampled 3 of 3. Charged at
+    the declared q = 3/10 it reported 48.8; at the realised q = 1 it is dp-accounting's 58.0,
+    the plain Gaussian of multiplier z/2 twenty times."""
+    acc = PrivacyAccountant(1.0, 10, 3)
+    for _ in range(20):
+        acc.step(3, 3)
+    expected = library_epsilon([(wor(3, 3, 1.0), 20)], 10 ** -1.1)
+    assert acc.epsilon() == pytest.approx(expected, rel=1e-12)
+    assert expected == pytest.approx(library_epsilon([(dp_accounting.GaussianDpEvent(0.5), 20)], 10 ** -1.1), rel=1e-9)
+    assert round(acc.epsilon(), 1) == 58.0
+    assert round(PrivacyAccountant(1.0, 10, 3).epsilon_after(20), 1) == 48.8  # the declared rate: the old report
 
 
-def test_rounds_within_with_subsampling():
-    acc = PrivacyAccountant(3.0, 100, 10, delta=1e-5)
-    rounds = acc.rounds_within(2.0, 8)
-    assert 0 < rounds < 8
-    assert acc.epsilon_after(rounds) <= 2.0 < acc.epsilon_after(rounds + 1)
+def test_rounds_of_different_rates_compose_as_the_library_composes_them():
+    acc = PrivacyAccountant(1.5, 100, 10, delta=1e-5)
+    for n, m in [(100, 10)] * 5 + [(40, 10)] * 3 + [(100, 10)] * 2 + [(10, 10)]:
+        acc.step(n, m)
+    assert acc.released == {(1.5, 100, 10): 7, (1.5, 40, 10): 3, (1.5, 10, 10): 1}
+    expected = library_epsilon([(wor(100, 10, 1.5), 7), (wor(40, 10, 1.5), 3), (wor(10, 10, 1.5), 1)], 1e-5)
+    assert acc.epsilon() == pytest.approx(expected, rel=1e-12)
+    assert acc.epsilon_if(20, 10) == pytest.approx(
+        library_epsilon([(wor(100, 10, 1.5), 7), (wor(40, 10, 1.5), 3), (wor(10, 10, 1.5), 1), (wor(20, 10, 1.5), 1)],
+                        1e-5), rel=1e-12)
+    poisson = PrivacyAccountant(1.5, 100, 10, delta=1e-5, sampling="poisson")
+    poisson.step(40, 10)
+    assert poisson.epsilon() == pytest.approx(library_epsilon(
+        [(dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(1.5)), 1)], 1e-5,
+        NeighboringRelation.ADD_OR_REMOVE_ONE), rel=1e-12)
+
+
+def test_a_resumed_accountant_charges_the_old_rounds_at_their_own_noise():
+    """A changed --dp-noise-multiplier is accounted, not re-accounted with the new z."""
+    first = PrivacyAccountant(1.0, 20, 5, delta=1e-5)
+    for _ in range(10):
+        first.step(20, 5)
+    resumed = PrivacyAccountant(2.0, 20, 5, delta=1e-5)
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.rounds == 10 and resumed.epsilon() == pytest.approx(first.epsilon(), rel=1e-12)
+    for _ in range(4):
+        resumed.step(20, 5)
+    expected = library_epsilon([(wor(20, 5, 1.0), 10), (wor(20, 5, 2.0), 4)], 1e-5)
+    assert resumed.epsilon() == pytest.approx(expected, rel=1e-12)
+    assert resumed.epsilon() > PrivacyAccountant(2.0, 20, 5, delta=1e-5).epsilon_after(14)  # what today's z alone says
+    noiseless = PrivacyAccountant(0.0, 100, 10)  # clipping only: nothing a later z can make finite
+    noiseless.step(100, 10)
+    later = PrivacyAccountant(5.0, 100, 10)
+    later.load_state_dict(noiseless.state_dict())
+    later.step(100, 10)
+    assert later.epsilon() == math.inf
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"sampling": "poisson", "delta": 1e-5, "released": []}, "sampling='poisson'"),
+    ({"sampling": "fixed", "released": "3"}, "malformed"),
+    ({"sampling": "fixed", "released": [[1.0, 10, 11, 1]]}, "clients per round"),
+    ({"sampling": "fixed", "released": [[1.0, 10, 2, 0]]}, "round count"),
+    ({"sampling": "fixed", "released": [[-1.0, 10, 2, 1]]}, "noise multiplier"),
+    ({"sampling": "fixed", "released": [[1.0, 10, 2]]}, "malformed"),
+    ([], "malformed"),
+])
+def test_accountant_state_from_a_checkpoint_is_checked(state, message):
+    acc = PrivacyAccountant(1.0, 10, 2)
+    with pytest.raises(ValueError, match=message):
+        acc.load_state_dict(state)
+    assert acc.rounds == 0
 
 
 def test_fixed_sampling_charges_more_than_the_poisson_approximation():
@@ -408,3 +484,67 @@ def test_accountant_refuses_bad_parameters(args):
         PrivacyAccountant(*args)
     with pytest.raises(ValueError):
         default_delta(1)
+
+
+def test_a_refused_update_reason_carries_no_norm():
+    """The reason is logged and counted: under DP it must not carry the update's norm."""
+    s = dp(z=1.0, clip=0.1, clipping="client")
+    s.begin_round(1)
+    with pytest.raises(InvalidUpdate) as refused:
+        s.aggregator(1000).add(vector(63.4), 1.0)
+    assert "exceeds the DP clip norm 0.1 " in str(refused.value) and "63" not in str(refused.value)
+
+
+# --- the server under DP: integer buffers ---------------------------------------------------
+
+def test_global_counters_advance_num_batches_tracked_by_one_and_keep_other_ints():
+    state = {"bn.num_batches_tracked": torch.tensor(7), "w": torch.ones(3), "steps": torch.tensor([4, 5])}
+    layout = Layout.of(state)
+    out = layout.unflatten(layout.flatten(state)[0], global_counters(layout, state))
+    assert out["bn.num_batches_tracked"].item() == 8 and out["steps"].tolist() == [4, 5]
+
+
+def submit_round(fed: Federation, counters: dict[int, int]) -> dict[str, torch.Tensor]:
+    """One round where client i reports BatchNorm counters ``counters[i]``; the new global state."""
+    sessions = {cid: Session(Peer(cid, 100, {}), f"t:{cid}") for cid in counters}
+    fed.sessions.update(sessions)
+    rnd, task = fed.open_round(1, 0, dict(fed.sessions))
+    for cid, s in sessions.items():
+        local = {k: v + 0.01 if v.is_floating_point() else torch.full_like(v, counters[cid])
+                 for k, v in task.base.items()}
+        fed.submit(s, task, {"round": 1, "num_samples": 100, "metrics": {}, "quantized": False,
+                             "flat": Layout.of(local).pack(local)}, 1, 1)
+    fed.close_round(rnd)
+    state = fed.finish_round(rnd)
+    assert state is not None
+    return state
+
+
+@pytest.mark.parametrize("dp_on", [True, False])
+def test_under_dp_the_batchnorm_counters_are_not_taken_from_clients(dp_on):
+    """Clients report num_batches_tracked 1000 and 3000 (their batch counts: a function of
+    their sample counts). Without DP the server averages them (2000); under DP it advances
+    its own counter by one and never reads theirs."""
+    argv = ["--min-clients", "2", "--clip-norm", "1"] + (["--dp-noise-multiplier", "0.5", "--dp-seed", "0"] if dp_on else [])
+    config, _ = server.parse_args(argv)
+    fed = Federation(config, app.build_strategy(config))
+    names = [k for k in fed.global_state if k.endswith("num_batches_tracked")]
+    before = {k: int(fed.global_state[k]) for k in names}
+    state = submit_round(fed, {0: 1000, 1: 3000})
+    assert names and all(int(state[k]) == (before[k] + 1 if dp_on else 2000) for k in names)
+
+
+def test_target_epsilon_is_checked_again_at_the_realised_rate_before_release(caplog):
+    """Planned: 3 of 10 (epsilon 3.53 for one round at z = 1). If only 3 clients are connected
+    the round is 3 of 3 (5.15): a target between the two lets the round start, not be released."""
+    config, _ = server.parse_args(["--min-clients", "10", "--min-fit", "3", "--fraction", "0.3", "--clip-norm", "1",
+                                   "--dp-noise-multiplier", "1", "--target-epsilon", "4"])
+    accountant = app.build_accountant(config, app.build_strategy(config))
+    assert (accountant.num_clients, accountant.clients_per_round) == (10, 3)
+    planned, realised = accountant.epsilon_if(10, 3), accountant.epsilon_if(3, 3)
+    assert planned < 4 < realised
+    assert not app.passes_target(accountant, config, 1)
+    assert not app.passes_target(accountant, config, 1, SimpleNamespace(connected=10, participants=[0, 1, 2]))
+    assert app.passes_target(accountant, config, 1, SimpleNamespace(connected=3, participants=[0, 1, 2]))
+    assert f"stopping without releasing round 1: 3 sampled of 3 connected would spend epsilon {realised:.3f}" in caplog.text
+    assert accountant.rounds == 0

@@ -2,10 +2,8 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
 import socket
 import ssl
-import subprocess
 import time
 import tracemalloc
 from pathlib import Path
@@ -18,7 +16,7 @@ from fl.wire.credentials import SECRET_ENV, KeyRing, resolve_secret
 from fl.wire.errors import ProtocolError, RemoteError
 from fl.wire.frames import HANDSHAKE_MAX_FRAME, Connection, MsgType, encode_body, encode_payload
 from fl.wire.handshake import AuthError, Peer, client_handshake, proof, server_handshake, session_keys, transcript
-from fl.wire.tls import client_tls_context, server_tls_context
+from fl.wire.tls import client_tls_context, server_tls_context, write_certificate
 
 SECRET = b"correct horse battery staple"
 TIMEOUT = 3.0
@@ -403,20 +401,12 @@ def test_server_handshake_times_out_on_silent_client(pair):
 # --- TLS --------------------------------------------------------------------------------
 
 def _make_cert(directory: Path, name: str) -> tuple[str, str]:
-    cert, key = directory / f"{name}-cert.pem", directory / f"{name}-key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
-         "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True, timeout=30,
-    )
+    cert, key, _ = write_certificate(["127.0.0.1"], directory / name, days=1)
     return str(cert), str(key)
 
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory):
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl CLI not available")
     d = tmp_path_factory.mktemp("tls")
     return {"server": _make_cert(d, "server"), "other": _make_cert(d, "other")}
 

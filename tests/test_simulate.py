@@ -129,3 +129,23 @@ def test_launcher_without_ray_says_how_to_get_it(tmp_path, synthetic_mnist_dir, 
     status = simulate.main(["--engine", "ray", "--data-dir", str(synthetic_mnist_dir), "--out", str(tmp_path / "r")])
     assert status == 2
     assert "error: --engine ray needs Ray: pip install -r requirements-ray.txt" in capsys.readouterr().err
+
+
+def test_a_launcher_run_resumes_where_it_stopped(tmp_path, synthetic_mnist_dir):
+    """Two rounds, then the same folder with --resume up to three: the server continues
+    from the checkpoint, and the metrics file holds rounds 1..3 with round 3's accuracy.
+    Without --resume or --overwrite the folder is refused."""
+    out = tmp_path / "run"
+    common = ["--clients", 2, "--limit", 20, "--test-limit", 100, "--data-dir", synthetic_mnist_dir, "--out", out,
+              "--no-plot"]
+    first = run("simulate.py", *common, "--rounds", 2, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert [m["round"] for m in read_metrics(out / "metrics.jsonl")] == [1, 2]
+    refused = run("simulate.py", *common, "--rounds", 3, timeout=60)
+    assert refused.returncode == 2 and "a previous run's files are here" in refused.stderr
+    resumed = run("simulate.py", *common, "--rounds", 3, "--resume", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "after round 2" in resumed.stderr
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    assert isinstance(metrics[2]["accuracy"], float) and 0 <= metrics[2]["accuracy"] <= 1

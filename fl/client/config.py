@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fl.common.cli import HelpFormatter
 from fl.learning.data import SCHEMES
 from fl.wire.credentials import resolve_secret
 from fl.wire.tls import client_tls_context
@@ -16,7 +17,7 @@ from fl.wire.tls import client_tls_context
 
 def client_parser(description: str) -> tuple[argparse.ArgumentParser, dict[str, argparse._ArgumentGroup]]:
     """A parser with the shared flags, and their groups for a command to add its own to."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     return p, add_client_arguments(p)
 
 

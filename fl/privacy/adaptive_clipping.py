@@ -112,8 +112,8 @@ class DPAdaptiveClipping(DPFixedClipping):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "clip_norm": self.clip_norm}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any], numel: int | None = None) -> None:
+        super().load_state_dict(state, numel)
         clip_norm = state.get("clip_norm")
         if not isinstance(clip_norm, float) or not (math.isfinite(clip_norm) and clip_norm > 0):
             raise StrategyError(f"checkpoint holds no valid adaptive clip norm: {clip_norm!r}")

@@ -23,7 +23,10 @@ Trust, by mode:
 - ``clipping="server"``: clients send unclipped deltas; the server clips, averages and
   adds the noise. Clients trust the server with their raw updates and to add the noise
   honestly; the guarantee covers everything released after aggregation (the global
-  models sent to clients, checkpoints, metrics), not the server itself.
+  models sent to clients, checkpoints, metrics), not the server itself. Nothing per client
+  is released: the metrics and checkpoint hold no per-client record under DP
+  (``server.evaluator``), the integer buffers are the server's own
+  (:func:`global_counters`), and a refused update's reason carries no norm.
 - ``clipping="client"``: each client clips its own delta (:func:`fl.common.vectors.clip_by_norm`,
   at the ``dp_clip_norm`` it receives in its training config) before sending; the server
   does not clip, refuses any delta longer than C (1 + ``norm_tolerance``) and adds the
@@ -42,6 +45,7 @@ from typing import Any, Callable, ClassVar, Optional
 
 import torch
 
+from fl.common.layout import Layout, State
 from fl.common.vectors import InvalidUpdate, fold, l2_norm
 from fl.privacy.noise import add_gaussian_noise_
 from fl.strategies.base import Aggregator, Strategy, StrategyError, check_sum
@@ -57,6 +61,22 @@ def check_weighting(weighting: str) -> None:
     influence past C); raises StrategyError with the one line for the command line."""
     if weighting != "uniform":
         raise StrategyError(WEIGHTING_MESSAGE)
+
+
+def global_counters(layout: Layout, state: State) -> torch.Tensor:
+    """The next global model's integer buffers under DP, from the server's model ``state``.
+
+    Clients' counters are not averaged in: BatchNorm's ``num_batches_tracked`` counts a
+    client's local batches, an un-noised function of its sample count. The server advances
+    each ``num_batches_tracked`` by one per round itself (ImprovedCNN's BatchNorm, with
+    momentum 0.1, never reads it) and keeps any other integer buffer as it was.
+    """
+    ints = torch.empty(layout.int_numel, dtype=torch.int64)
+    for e in layout.entries:
+        if not e.dtype.is_floating_point:
+            value = state[e.name].reshape(-1).to(torch.int64)
+            ints[e.offset:e.offset + e.numel] = value + 1 if e.name.endswith("num_batches_tracked") else value
+    return ints
 
 
 class DPMeanAggregator:
@@ -94,7 +114,8 @@ class DPMeanAggregator:
         if self.clip_at_server:
             factor = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
         elif norm > self.norm_limit:
-            raise InvalidUpdate(f"update norm {norm:.6g} exceeds the DP clip norm {self.clip_norm:.6g} "
+            # No norm in the text: the reason is logged, and a norm is an un-noised statistic.
+            raise InvalidUpdate(f"update norm exceeds the DP clip norm {self.clip_norm:.6g} "
                                 "(client-side clipping: the client must clip its delta)")
         else:
             factor = 1.0
@@ -220,10 +241,10 @@ class DPFixedClipping(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {"inner": self.inner.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], numel: int | None = None) -> None:
         if not isinstance(state, dict) or "inner" not in state:
             raise StrategyError("checkpoint has no DP strategy state (was it written without DP?)")
-        self.inner.load_state_dict(state["inner"])
+        self.inner.load_state_dict(state["inner"], numel)
 
     def describe(self) -> str:
         """One line for the log."""

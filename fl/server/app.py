@@ -25,6 +25,8 @@ from fl.server import secagg as secagg_server
 from fl.server.config import ServerConfig
 from fl.server.evaluator import Evaluator, Finished, summary
 from fl.server.federation import Federation
+from fl.server.outputs import OutputsError, check_outputs
+from fl.server.sampling import SECRET_SAMPLING, sample_size
 from fl.server.transport import FLServer
 from fl.wire.credentials import CredentialError, build_keyring, resolve_secret
 from fl.wire.tls import server_tls_context
@@ -47,10 +49,11 @@ def build_strategy(config: ServerConfig) -> strategies.Strategy:
 
 
 def build_accountant(config: ServerConfig, strategy: Any) -> Any:
-    """The accountant for m of N clients a round, or None without DP."""
+    """The accountant, or None without DP. It charges each round at the m of n it realised;
+    the declared N (--dp-population, else --min-clients) sets the default delta and the
+    rate --target-epsilon plans with."""
     if not config.dp:
         return None
-    from fl.server.sampling import sample_size
     population = config.dp_population or config.min_clients
     per_round = sample_size(population, config.fraction, config.min_fit)
     return privacy.PrivacyAccountant(strategy.accounting_noise_multiplier, population, per_round, config.dp_delta)
@@ -60,8 +63,9 @@ def _one_line(exc: BaseException) -> str:
     return sanitize(f"{type(exc).__name__}: {exc}")
 
 
-def resume(fed: Federation, config: ServerConfig) -> ckpt.History:
-    """Load and check the checkpoint, restore model, strategy and RNG; ValueError/OSError if unusable."""
+def resume(fed: Federation, config: ServerConfig, accountant: Any = None) -> ckpt.History:
+    """Load and check the checkpoint, restore model, strategy, accountant and RNG;
+    ValueError/OSError if unusable."""
     saved = ckpt.load(config.checkpoint)
     ckpt.check(saved, fed.global_state, config.rounds)
     state = saved.get("strategy") or {}
@@ -69,11 +73,47 @@ def resume(fed: Federation, config: ServerConfig) -> ckpt.History:
         log.warning("the checkpoint holds no %s state (written by %s): its server optimizer starts fresh",
                     fed.strategy.name, state.get("strategy", "a stateless strategy"))
     elif state:
-        fed.strategy.load_state_dict(state)
+        fed.strategy.load_state_dict(state, numel=fed.layout.float_numel)
+    resume_accountant(accountant, saved.get("privacy"), saved["round"])
     fed.global_state = fed.layout.unflatten(*fed.layout.flatten(saved["model"]))
     fed.start_round = saved["round"]
     ckpt.restore_rng(saved)
     return ckpt.History(saved["metrics"])
+
+
+def resume_accountant(accountant: Any, saved: dict[str, Any] | None, rounds: int) -> None:
+    """Take over the rounds the checkpoint's accountant charged, each at its own noise
+    multiplier; never re-account them with this run's flags. ValueError if they cannot be."""
+    if accountant is None:
+        if saved is not None:
+            log.warning("the checkpoint's %d rounds ran under DP; this run adds no noise, so no privacy "
+                        "guarantee covers what it releases", rounds)
+        return
+    if saved is None:
+        if rounds:
+            raise ValueError(f"its {rounds} rounds have no privacy accountant state (run without DP, or by an "
+                             "older version): no epsilon covers them under DP; start a new run")
+        return
+    accountant.load_state_dict(saved)
+    if accountant.rounds != rounds:
+        raise ValueError(f"its privacy accountant charged {accountant.rounds} rounds, the checkpoint has {rounds}")
+
+
+def passes_target(accountant: Any, config: ServerConfig, number: int, rnd: Any = None) -> bool:
+    """--target-epsilon: checked before round ``number`` at the planned rate (m of the declared
+    N), and again once it is sampled, at the rate ``rnd`` realised (m of the n connected),
+    before its aggregate is released: fewer clients than planned spend more per round."""
+    if accountant is None or config.target_epsilon is None:
+        return False
+    planned = rnd is None
+    n, m = (accountant.num_clients, accountant.clients_per_round) if planned else (rnd.connected, len(rnd.participants))
+    spent = accountant.epsilon_if(n, m)
+    if spent <= config.target_epsilon:
+        return False
+    log.warning("stopping %s round %d: %d sampled of %d %s would spend epsilon %.3f > --target-epsilon %g (delta %.3g)",
+                "before" if planned else "without releasing", number, m, n, "declared" if planned else "connected",
+                spent, config.target_epsilon, accountant.delta)
+    return True
 
 
 class StartupError(Exception):
@@ -89,9 +129,10 @@ def main(config: ServerConfig, args: argparse.Namespace) -> int:
         torch.set_num_threads(config.threads)
     try:
         test_set = load_test_set(config)
+        check_outputs(config.checkpoint, config.metrics, config.resume, config.overwrite)
         fed, history, accountant = build_federation(config)
         server = listen(config, fed, args)
-    except StartupError as exc:
+    except (StartupError, OutputsError) as exc:
         log.error("%s", exc)
         return 2
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
@@ -127,14 +168,18 @@ def build_federation(config: ServerConfig) -> tuple[Federation, ckpt.History, An
     history = ckpt.History()
     if config.resume:
         try:
-            history = resume(fed, config)
+            history = resume(fed, config, accountant)
         except (OSError, ValueError) as exc:
             raise StartupError(f"cannot resume from {config.checkpoint}: {_one_line(exc)}") from None
         log.info("resumed from %s after round %d", config.checkpoint, fed.start_round)
     if accountant is not None:
-        accountant.step(fed.start_round)  # every completed round released one noised aggregate
         log.info("%s; %s; noise %s", strategy.describe(), accountant.describe(),
                  "seeded by --dp-seed (reproducible)" if config.dp_seed is not None else "from the OS CSPRNG")
+        log.info("%s", SECRET_SAMPLING)
+        if accountant.rounds:
+            log.info("privacy: the checkpoint's %d rounds spent epsilon %.3f at delta %.3g (accounted at z = %s)",
+                     accountant.rounds, accountant.epsilon(), accountant.delta,
+                     ", ".join(sorted({f"{z:g}" for z, _, _ in accountant.released})))
     ckpt.rewrite_metrics(config.metrics, history)
     return fed, history, accountant
 
@@ -192,16 +237,15 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
                      number, *evaluator.reached, config.target_accuracy)
             reason = "federation complete (target accuracy reached)"
             break
-        if accountant is not None and config.target_epsilon is not None and \
-                accountant.epsilon_after(accountant.rounds + 1) > config.target_epsilon:
-            log.warning("stopping before round %d: it would spend epsilon %.3f > --target-epsilon %g (delta %.3g)",
-                        number, accountant.epsilon_after(accountant.rounds + 1), config.target_epsilon,
-                        accountant.delta)
+        if passes_target(accountant, config, number):
             reason = "federation complete (privacy budget spent)"
             break
         rnd = fed.run_round(number, attempt)
         if rnd is None or fed.stop.is_set():
             log.warning("round %d abandoned; the checkpoint keeps round %d", number, number - 1)
+            break
+        if passes_target(accountant, config, number, rnd):
+            reason = "federation complete (privacy budget spent)"
             break
         state = fed.finish_round(rnd)
         if state is None:
@@ -209,11 +253,12 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
             continue
         strategy_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
                           for k, v in fed.strategy.state_dict().items()}
-        extra = {}
+        extra, privacy_state = {}, None
         if accountant is not None:
-            accountant.step()
+            accountant.step(rnd.connected, len(rnd.participants))  # the rate this round realised
             extra = {"epsilon": accountant.epsilon(), "delta": accountant.delta}
-        evaluator.submit(Finished(rnd, state, strategy_state, extra))  # overlaps with the next round's training
+            privacy_state = accountant.state_dict()
+        evaluator.submit(Finished(rnd, state, strategy_state, extra, privacy_state))  # overlaps the next round
         number, attempt = number + 1, 0
     evaluator.close()
     bar.close()

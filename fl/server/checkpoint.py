@@ -17,6 +17,11 @@ import torch
 
 FORMAT = 2  # 2: metrics and the Python RNG state travel as JSON text (1: as pickled objects)
 
+# What the run reads from every record of a resumed history (the summary, the progress bar),
+# with the types it reads them as: a record without one stopped the run after its first round.
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {"round": (int,), "accuracy": (int, float), "loss": (int, float),
+                                              "bytes_up": (int,), "bytes_down": (int,)}
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -78,13 +83,14 @@ class History:
 
 def save(path: str | Path, model: dict[str, torch.Tensor], round_num: int,
          metrics: History | Iterable[dict[str, Any]], config: dict[str, Any],
-         strategy: dict[str, Any] | None = None) -> None:
+         strategy: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None) -> None:
     """Metrics, settings and the Python RNG state go in as JSON text: pickled, every dict
     and number would cost ``torch.save`` a Python callback. ``strategy`` is the strategy's
-    state (server momentum, Adam moments). No credentials are ever passed in here."""
+    state (server momentum, Adam moments); ``privacy`` the DP accountant's (the rounds it
+    charged), None without DP. No credentials are ever passed in here."""
     metrics_json = metrics.to_json() if isinstance(metrics, History) else json.dumps(list(metrics))
     state = {"format": FORMAT, "round": round_num, "model": model, "metrics": metrics_json,
-             "config": json.dumps(config), "strategy": strategy or {},
+             "config": json.dumps(config), "strategy": strategy or {}, "privacy": json.dumps(privacy),
              "torch_rng": torch.get_rng_state(), "python_rng": json.dumps(random.getstate())}
     atomic_write(path, lambda f: torch.save(state, f))
 
@@ -105,10 +111,11 @@ def load(path: str | Path) -> dict[str, Any]:
         try:
             state["metrics"] = json.loads(state["metrics"])
             state["python_rng"] = json.loads(state["python_rng"])
-            if isinstance(state.get("config"), str):
-                state["config"] = json.loads(state["config"])
+            for key in ("config", "privacy"):  # not in every format-2 checkpoint
+                if isinstance(state.get(key), str):
+                    state[key] = json.loads(state[key])
         except (KeyError, TypeError, ValueError, RecursionError):
-            raise ValueError("checkpoint metrics, settings or RNG state are not valid JSON") from None
+            raise ValueError("checkpoint metrics, settings, RNG or privacy state are not valid JSON") from None
     return state
 
 
@@ -129,8 +136,9 @@ def check(state: dict[str, Any], reference: dict[str, torch.Tensor], max_round: 
     for name, t in state["model"].items():
         if name.endswith("running_var") and bool((t < 0).any()):
             raise ValueError(f"model: {name} holds negative variances")
-    if not isinstance(state.get("metrics"), list) or not all(isinstance(m, dict) for m in state["metrics"]):
-        raise ValueError("metrics are not a list of records")
+    check_records(state.get("metrics"), round_num)
+    if not isinstance(state.get("privacy"), (dict, type(None))):
+        raise ValueError("the privacy accountant state is not a dict")
     rng = state.get("torch_rng")
     if rng is not None and (not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8
                             or rng.shape != torch.get_rng_state().shape):
@@ -143,6 +151,23 @@ def check(state: dict[str, Any], reference: dict[str, torch.Tensor], max_round: 
             raise ValueError("Python RNG state is malformed") from None
     if not isinstance(state.get("strategy", {}), dict):
         raise ValueError("strategy state is not a dict")
+
+
+def check_records(metrics: Any, round_num: int) -> None:
+    """The history a run resumes with: records of rounds 1..``round_num`` in increasing
+    order, each with :data:`RECORD_FIELDS`. Raises ValueError with one line."""
+    if not isinstance(metrics, list) or not all(isinstance(m, dict) for m in metrics):
+        raise ValueError("metrics are not a list of records")
+    last = 0
+    for i, record in enumerate(metrics):
+        for key, types in RECORD_FIELDS.items():
+            value = record.get(key)
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise ValueError(f"metrics record {i + 1} has no valid {key!r} (got {value!r})"[:200])
+        if not last < record["round"] <= round_num:
+            raise ValueError(f"metrics record {i + 1} is for round {record['round']}, "
+                             f"expected one in {last + 1}..{round_num}")
+        last = record["round"]
 
 
 def restore_rng(state: dict[str, Any]) -> None:

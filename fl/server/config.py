@@ -71,6 +71,7 @@ class ServerConfig:
     test_limit: int | None = None
     checkpoint: str = "checkpoint.pt"
     resume: bool = False
+    overwrite: bool = False  # start afresh where a previous run's files are (outputs.py)
     metrics: str = "metrics.jsonl"
     threads: int | None = None
     quiet: bool = False

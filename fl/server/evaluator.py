@@ -1,5 +1,9 @@
 """Evaluate, checkpoint and log finished rounds on a background thread, in order, so the
-next round's training is not held up by the test set."""
+next round's training is not held up by the test set.
+
+Under DP a round's record keeps only :data:`DP_RECORD_KEYS`: what it says of the clients is
+counted over the round (how many were connected, sampled, accepted; bytes), never per
+client, since nothing of it is noised."""
 from __future__ import annotations
 
 import logging
@@ -22,6 +26,14 @@ from fl.wire.frames import MIB
 
 log = logging.getLogger("server")
 
+# The fields of a round's record that are released under DP (metrics file, checkpoint,
+# log): counts, the server's own timings and the test scores of the noised model. Left out:
+# ``per_client`` (each update's norm, loss, accuracy, sample count), the sampled ids (the
+# accountant's amplification assumes nobody knows them), rejection reasons, the summed
+# sample counts and clients' training times.
+DP_RECORD_KEYS = ("round", "accuracy", "loss", "clients", "participants", "connected", "bytes_up", "bytes_down",
+                  "round_s", "eval_s", "lr", "time", "server_peak_rss_mb")
+
 
 @dataclass
 class Finished:
@@ -31,12 +43,13 @@ class Finished:
     state: dict[str, torch.Tensor]
     strategy_state: dict[str, Any]  # a snapshot: the strategy steps on in the main thread
     extra: dict[str, Any] = field(default_factory=dict)  # more keys for the record (epsilon, delta)
+    privacy: dict[str, Any] | None = None  # the accountant's state after this round (DP only)
 
 
-def round_record(rnd: RoundState, loss: float, accuracy: float, eval_s: float) -> dict[str, Any]:
-    """One line of the metrics file."""
+def round_record(rnd: RoundState, loss: float, accuracy: float, eval_s: float, dp: bool) -> dict[str, Any]:
+    """One line of the metrics file; under ``dp`` only its :data:`DP_RECORD_KEYS`."""
     slowest = max((c["train_s"] for c in rnd.clients if c["train_s"] is not None), default=None)
-    return {
+    record = {
         "round": rnd.number, "accuracy": accuracy, "loss": loss, "clients": len(rnd.clients),
         "participants": len(rnd.participants), "connected": rnd.connected,
         "sampled": sorted(rnd.participants), "rejected": rnd.rejected,
@@ -49,6 +62,7 @@ def round_record(rnd: RoundState, loss: float, accuracy: float, eval_s: float) -
         "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "per_client": sorted(rnd.clients, key=lambda c: c["client_id"]),
     }
+    return {k: record[k] for k in DP_RECORD_KEYS} if dp else record
 
 
 class Evaluator:
@@ -82,11 +96,12 @@ class Evaluator:
         t0 = time.monotonic()
         self.model.load_state_dict(job.state)
         loss, accuracy = evaluate(self.model, self.test_images, self.test_labels)
-        record = {**round_record(rnd, loss, accuracy, time.monotonic() - t0), **job.extra}
+        record = {**round_record(rnd, loss, accuracy, time.monotonic() - t0, cfg.dp), **job.extra}
         self.history.append(record)
         if cfg.target_accuracy is not None and accuracy >= cfg.target_accuracy and self.reached is None:
             self.reached = (rnd.number, 100 * accuracy)
-        ckpt.save(cfg.checkpoint, job.state, rnd.number, self.history, cfg.public(), strategy=job.strategy_state)
+        ckpt.save(cfg.checkpoint, job.state, rnd.number, self.history, cfg.public(), strategy=job.strategy_state,
+                  privacy=job.privacy)
         ckpt.append_metrics(cfg.metrics, record)
         rejected = f" | {len(rnd.rejected)} rejected" if rnd.rejected else ""
         if "epsilon" in record:

@@ -33,6 +33,7 @@ from fl.common.vectors import InvalidUpdate, clip_by_norm
 from fl.learning.model import ImprovedCNN
 from fl.learning.quantization import QuantizationError, apply_delta, dequantize_state, quantize_state, state_delta
 from fl.learning.training import round_lr
+from fl.privacy import global_counters
 from fl.server.config import ServerConfig
 from fl.server.contribution import checked_delta, client_record, parse
 from fl.server.sampling import sample_clients
@@ -300,7 +301,8 @@ class Federation:
         """The ids that train this attempt of the round (secure aggregation keeps one sample
         across a round's attempts)."""
         cfg = self.config
-        return sample_clients(connected, cfg.fraction, cfg.min_fit, cfg.seed, number, attempt)
+        seed = None if cfg.dp else cfg.seed  # DP: from the OS CSPRNG, unpredictable (sampling.py)
+        return sample_clients(connected, cfg.fraction, cfg.min_fit, seed, number, attempt)
 
     def round_extras(self, number: int, participants: dict[int, Session]) -> dict[str, Any]:
         """More keys for this round's MODEL message (a subclass's settings); none here."""
@@ -361,7 +363,10 @@ class Federation:
             floats[span] = rnd.base_floats[span].double() + (0 if frozen else delta[span])
         for e in self._variances:  # DP noise may still take a variance below zero
             floats[e.offset:e.offset + e.numel].clamp_(min=0)
-        ints = (rnd.int_sum / rnd.int_weight).round().to(torch.int64)
+        if self.config.dp:  # clients' counters are un-noised: the server keeps its own
+            ints = global_counters(self.layout, self.global_state)
+        else:
+            ints = (rnd.int_sum / rnd.int_weight).round().to(torch.int64)
         self.global_state = self.layout.unflatten(floats, ints)
         return self.global_state
 

@@ -110,9 +110,10 @@ class ClientHandler(socketserver.BaseRequestHandler):
         try:
             fed.register(session)
             peer = session.peer
+            about = ([] if srv.config.dp else [f"{peer.num_samples} samples"]) + \
+                (["quantized updates"] if peer.options.get("quantization") else [])  # DP: no client's sample count
             (log.info if len(fed.sessions) <= 10 else log.debug)(
-                "client %d joined from %s (%d samples%s)", peer.client_id, self.address, peer.num_samples,
-                ", quantized updates" if peer.options.get("quantization") else "")
+                "client %d joined from %s%s", peer.client_id, self.address, f" ({', '.join(about)})" if about else "")
             self.serve(session, conn)
         finally:
             fed.unregister(session)

@@ -103,7 +103,7 @@ class AdaptiveStrategy(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {"strategy": self.name, "step": self.step, "m": self.m, "v": self.v}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], numel: int | None = None) -> None:
         step = checked_state(state, self.name, {"m", "v"})
         m, v = state["m"], state["v"]
         if step == 0:
@@ -111,7 +111,7 @@ class AdaptiveStrategy(Strategy):
                 raise StrategyError(f"{self.name} state at step 0 has moments")
             self.m = self.v = None
         else:
-            m = checked_vector(m, f"{self.name} m")
+            m = checked_vector(m, f"{self.name} m", numel)
             v = checked_vector(v, f"{self.name} v", m.numel())
             if bool((v < 0).any()):
                 raise StrategyError(f"saved {self.name} v has negative values")

@@ -182,10 +182,11 @@ class Strategy:
         with ``torch.load(weights_only=True)``. Its tensors are never modified afterwards."""
         return {}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output; raise StrategyError if it does not fit
-        (another strategy's, missing keys, NaN...; a model-size mismatch is caught by the
-        next :meth:`server_update`). Stateless strategies ignore it."""
+    def load_state_dict(self, state: Mapping[str, Any], numel: int | None = None) -> None:
+        """Restore :meth:`state_dict`'s output; raise StrategyError if it does not fit:
+        another strategy's, missing keys, NaN, or (given ``numel``, the model's float count)
+        vectors of another size, which :meth:`server_update` would refuse on every attempt
+        of the first round after a resume. Stateless strategies ignore it."""
 
     @classmethod
     def parameters(cls) -> dict[str, dataclasses.Field]:

@@ -63,11 +63,11 @@ class FedAvgM(Strategy):
     def state_dict(self) -> dict[str, Any]:
         return {"strategy": self.name, "step": self.step, "velocity": self.velocity}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], numel: int | None = None) -> None:
         step = checked_state(state, self.name, {"velocity"})
         velocity = state["velocity"]
         if (step == 0) != (velocity is None):
             has = "has" if velocity is not None else "lacks"
             raise StrategyError(f"fedavgm state at step {step} {has} a momentum buffer")
-        self.velocity = None if velocity is None else checked_vector(velocity, "fedavgm momentum")
+        self.velocity = None if velocity is None else checked_vector(velocity, "fedavgm momentum", numel)
         self.step = step
