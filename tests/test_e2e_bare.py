@@ -68,7 +68,7 @@ def test_three_bare_clients_get_disjoint_shards_from_a_server_with_its_defaults(
     assert all(len(t) == LIMIT for t in trained)
     assert not (trained[0] & trained[1] or trained[0] & trained[2] or trained[1] & trained[2])
     rounds = metrics(tmp_path)
-    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]  # the server's default --rounds
+    assert [r["round"] for r in rounds] == [1, 2, 3]  # the server's default --rounds
     seen = {c["client_id"] for r in rounds for c in r["per_client"]}
     assert seen == {0, 1, 2}
     quantized = {c["client_id"] for r in rounds for c in r["per_client"] if c["quantized"]}

@@ -94,7 +94,7 @@ class ClientConfig:
     handshake_timeout: float = 30.0
     quantization: bool = False
     stochastic_rounding: bool = False
-    seed: int = 0
+    seed: int = Split.seed  # of training (and of the split, for a client with its own)
     device: str = "auto"  # the --device choice, as announced to the server in HELLO
     secagg: bool = True  # announce secure-aggregation support in HELLO (secagg_client.py)
     progress: bool = True

@@ -30,7 +30,7 @@ class ServerConfig:
     max_frame_mb: int = 8
     handshake_timeout: float = 10.0
     # federation
-    rounds: int = 5
+    rounds: int = 3  # as simulate.py's quickstart
     target_accuracy: float | None = None  # stop once a round's test accuracy reaches this
     min_clients: int = 2
     min_fit: int = 1
