@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     participant = Participant(cid, Host(images, labels, device), dataclasses.replace(config, seed=split.seed))
     log.info("client %d of %d: %d samples (%s split, alpha %g, seed %d%s) on %s", cid, split.num_shards,
              len(labels), split.scheme, split.alpha, split.seed,
-             ", given by the server" if args.num_clients is None else "", device)
+             ", from the server" if args.num_clients is None else "", device)
     return participant.run()
 
 

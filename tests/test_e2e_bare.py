@@ -18,9 +18,9 @@ from fl.learning.config import Split
 from fl.learning.data import load_mnist, split_shard, subset
 
 LIMIT = 600  # samples each client trains on, of its shard
-# "client 1 of 3: 600 samples (iid split, alpha 0.5, seed 0, given by the server) on cpu"
+# "client 1 of 3: 600 samples (iid split, alpha 0.5, seed 0, from the server) on cpu"
 SHARD_LINE = re.compile(r"client (\d+) of (\d+): (\d+) samples \((\w+) split, alpha ([0-9.e+-]+), seed (-?\d+)"
-                        r"(, given by the server)?\)")
+                        r"(, from the server)?\)")
 
 
 def bare_server(tmp: Path, port: int, data: Path, *extra: object):

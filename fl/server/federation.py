@@ -155,6 +155,7 @@ class Federation:
         with self.lock:
             cid = peer.client_id if peer.client_id is not None else self._free_shard()
             if cid >= n:
+                log.warning("refused client %d: outside the %d shards (--num-shards %d)", cid, n, n)
                 raise Refused(f"client id {cid} is outside this server's {n} shards (--num-shards {n}): "
                               f"pass 0..{n - 1}, or no --client-id to be given a free one")
             self.assigned.add(cid)
