@@ -3,10 +3,13 @@
 Each round the server sends the global model and a training config; the client trains
 locally with augmentation and sends back its new weights, or with ``--quantization`` the
 difference to the global weights in 8 bits per value (about a quarter of the bytes).
-It connects with retry and backoff, so it can be started before the server, and it
-reconnects by itself if the server restarts.
+Started without ``--client-id`` it is given the lowest free shard by the server, with the
+run's data split, so several bare clients train on disjoint shards; it keeps that id when
+it reconnects. It connects with retry and backoff, so it can be started before the
+server, and it reconnects by itself if the server restarts.
 
-    python client.py --client-id 0 --num-clients 3 [--quantization]
+    python client.py [--quantization]
+    python client.py --client-id 0 --num-clients 3   # its own split, without asking the server
 
 One process is one client; ``worker.py`` hosts many in one process. Both run the same
 ``fl.client.participant.Participant``.
@@ -14,31 +17,59 @@ One process is one client; ``worker.py`` hosts many in one process. Both run the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import random
+import ssl
 import sys
 
 import torch
 
-from fl.client.config import ClientConfig, check_client_arguments, client_parser, pick_device
+from fl.client.config import SPLIT_FLAGS, ClientConfig, check_client_arguments, client_parser, pick_device
 from fl.client.host import Host
-from fl.client.participant import Participant
+from fl.client.participant import Participant, Unreachable, join
 from fl.common.logs import setup_logging
-from fl.learning.data import DataError, load_mnist, resolve_data_dir, shard, subset
+from fl.learning.config import Split
+from fl.learning.data import DataError, load_mnist, resolve_data_dir, split_shard, subset
+from fl.wire.errors import RemoteError
+from fl.wire.handshake import AuthError, BadWelcome
 
 log = logging.getLogger("client")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p, groups = client_parser("Federated-learning client: trains on its MNIST shard, sends updates to the server.")
-    groups["federation"].add_argument("--client-id", type=int, default=0,
-                                      help="this client's index, 0..num-clients-1")
+    p, groups = client_parser("Federated-learning client: trains on its MNIST shard, sends updates to the server.",
+                              server_split=True)
+    groups["federation"].add_argument("--client-id", type=int, default=None,
+                                      help="this client's shard, 0..N-1 (default: the lowest free one, "
+                                           "given by the server)")
     args = p.parse_args(argv)
     check_client_arguments(p, args)
-    if not 0 <= args.client_id < args.num_clients:
+    given = [flag for name, flag in SPLIT_FLAGS.items() if getattr(args, _dest(flag)) is not None]
+    if args.client_id is None and given:
+        p.error(f"{given[0]} needs --client-id: without one the server gives this client its shard and the split")
+    if args.client_id is not None and args.client_id < 0:
+        p.error(f"--client-id must be >= 0, got {args.client_id}")
+    if args.client_id is not None and args.num_clients is not None and args.client_id >= args.num_clients:
         p.error(f"--client-id {args.client_id} is out of range for --num-clients {args.num_clients} "
                 f"(valid: 0..{args.num_clients - 1})")
     return args
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+def find_shard(args: argparse.Namespace, config: ClientConfig) -> tuple[int, Split]:
+    """This client's id and the split it cuts its shard with: its own with --num-clients
+    (no question to the server), else the server's with --partition/--alpha/--seed
+    overriding. Raises what ``participant.join`` does, or ValueError for a bad override."""
+    if args.num_clients is not None:
+        own = {name: getattr(args, _dest(flag)) for name, flag in SPLIT_FLAGS.items()}
+        return args.client_id, Split(**{k: v for k, v in own.items() if v is not None})
+    cid, split = join(config, args.client_id)
+    overrides = {name: getattr(args, _dest(flag)) for name, flag in SPLIT_FLAGS.items() if name != "num_shards"}
+    return cid, dataclasses.replace(split, **{k: v for k, v in overrides.items() if v is not None})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,17 +81,29 @@ def main(argv: list[str] | None = None) -> int:
         config = ClientConfig.from_args(args)
         device = pick_device(args.device)
         images, labels = load_mnist(resolve_data_dir(args.data_dir), train=True, download=not args.no_download)
-        idx = shard(labels, args.num_clients, args.client_id, args.partition, args.alpha, args.seed)
     except (DataError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    idx = subset(idx, args.limit, args.seed * 1009 + args.client_id)
+    try:
+        cid, split = find_shard(args, config)
+        idx = split_shard(labels, split, cid)
+    except (AuthError, RemoteError, ssl.SSLError) as exc:
+        log.error("refused: %s", exc)
+        return 1
+    except (Unreachable, BadWelcome) as exc:
+        log.error("%s", exc)
+        return 1
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    idx = subset(idx, args.limit, split.seed * 1009 + cid)
     images, labels = images[idx].to(device), labels[idx].to(device)
-    torch.manual_seed(args.seed + args.client_id)
-    random.seed(args.seed + args.client_id)
-    participant = Participant(args.client_id, Host(images, labels, device), config)
-    log.info("client %d of %d: %d samples (%s shard) on %s", args.client_id, args.num_clients,
-             len(labels), args.partition, device)
+    torch.manual_seed(split.seed + cid)
+    random.seed(split.seed + cid)
+    participant = Participant(cid, Host(images, labels, device), dataclasses.replace(config, seed=split.seed))
+    log.info("client %d of %d: %d samples (%s split, alpha %g, seed %d%s) on %s", cid, split.num_shards,
+             len(labels), split.scheme, split.alpha, split.seed,
+             ", from the server" if args.num_clients is None else "", device)
     return participant.run()
 
 

@@ -20,10 +20,10 @@ import sys
 
 from fl import privacy, strategies
 from fl.common.cli import HelpFormatter
-from fl.learning.config import OPTIMIZERS, TrainingConfig
+from fl.learning.config import OPTIMIZERS, SCHEMES, TrainingConfig
 from fl.server import app
 from fl.server import secagg as secagg_server
-from fl.server.config import ServerConfig
+from fl.server.config import MIN_SHARDS, ServerConfig
 from fl.strategies.base import StrategyError
 
 TRAINING_FLAGS = {"epochs": "--local-epochs", "batch_size": "--batch-size", "lr": "--lr",
@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
     add_network_arguments(p, d)
     add_federation_arguments(p, d)
+    add_split_arguments(p, d)
     add_strategy_arguments(p)
     add_privacy_arguments(p)
     secagg_server.add_arguments(p)
@@ -108,6 +109,18 @@ def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> Non
     fl.add_argument("--hflip", action="store_true", help="add random horizontal flips to augmentation (hurts digits)")
     setting(fl, d, "seed", "seed of the initial global model and of client sampling "
                            "(under DP the sample is secret, not seeded)")
+
+
+def add_split_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
+    g = p.add_argument_group("data split", "told to every client started without --num-clients, with the lowest "
+                                           "free shard when it brings no --client-id; --seed seeds it")
+    g.add_argument("--num-shards", type=int, default=None, metavar="N",
+                   help=f"shards the training set is cut into, one per client (default: --min-clients, "
+                        f"at least {MIN_SHARDS})")
+    g.add_argument("--partition", choices=SCHEMES, default=d.partition,
+                   help="how the shards are drawn: IID, label-skewed Dirichlet(alpha), or the FedAvg "
+                        "paper's pathological split (sorted by label, two shards per client)")
+    setting(g, d, "alpha", "Dirichlet concentration for --partition dirichlet (smaller = more label skew)")
 
 
 def add_output_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
@@ -187,6 +200,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     secagg = secagg_server.check_arguments(p, a)  # may set uniform weighting and --min-fit 2
     check_network(p, a)
     check_federation(p, a)
+    check_split(p, a)
     params = check_aggregation(p, a)
     check_privacy(p, a)
     config = to_config(a, check_training(p, a), params, secagg)
@@ -221,6 +235,19 @@ def check_federation(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--client-momentum needs --client-optimizer sgd")
     if a.target_accuracy is not None and not 0 < a.target_accuracy <= 1:
         p.error(f"--target-accuracy must be in (0, 1], got {a.target_accuracy}")
+
+
+def check_split(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Split holds the checks; fewer shards than --min-clients could never start a round."""
+    try:
+        split = ServerConfig(num_shards=a.num_shards, min_clients=a.min_clients, partition=a.partition,
+                             alpha=a.alpha, seed=a.seed).split()
+    except ValueError as exc:  # "num_shards must be ..." -> "--num-shards must be ..."
+        key, _, rest = str(exc).partition(" ")
+        p.error(f"--{key.replace('_', '-')} {rest}" if key in ("num_shards", "alpha", "seed") else str(exc))
+    if split.num_shards < a.min_clients:
+        p.error(f"--num-shards {split.num_shards} is below --min-clients {a.min_clients}: clients given a "
+                "shard could never start a round")
 
 
 def check_aggregation(p: argparse.ArgumentParser, a: argparse.Namespace) -> dict[str, object]:
@@ -271,7 +298,8 @@ def to_config(a: argparse.Namespace, training: TrainingConfig, params: dict[str,
         max_pending=a.max_pending, max_pending_per_address=a.max_pending_per_address, max_frame_mb=a.max_frame_mb,
         handshake_timeout=a.handshake_timeout, rounds=a.rounds, target_accuracy=a.target_accuracy, min_clients=a.min_clients, min_fit=a.min_fit,
         fraction=a.fraction, round_timeout=a.round_timeout, quantize_broadcast=a.quantize_broadcast,
-        training=training, freeze_bn_after=a.freeze_bn_after, lr_schedule=a.lr_schedule, seed=a.seed, strategy=a.strategy, strategy_params=params,
+        training=training, num_shards=a.num_shards, partition=a.partition, alpha=a.alpha,
+        freeze_bn_after=a.freeze_bn_after, lr_schedule=a.lr_schedule, seed=a.seed, strategy=a.strategy, strategy_params=params,
         weighting=a.weighting or ("uniform" if dp else "samples"), clip_norm=a.clip_norm, max_samples=a.max_samples, norm_ratio=a.norm_ratio or None,
         data_dir=a.data_dir, download=not a.no_download, test_limit=a.test_limit, checkpoint=a.checkpoint,
         dp_noise_multiplier=a.dp_noise_multiplier, dp_clipping=a.dp_clipping, dp_adaptive=a.dp_adaptive,

@@ -52,7 +52,7 @@ def test_help_shows_the_default_the_command_uses():
     texts = help_texts()
     assert texts["python worker.py --threads"].endswith("(default: 1)")  # set_defaults, not client.py's
     assert texts["python client.py --threads"].endswith("(default: torch's choice)")
-    assert texts["python server.py --rounds"].endswith("(default: 5)")
+    assert texts["python server.py --rounds"].endswith("(default: 3)")
     assert "(default: None)" not in "\n".join(texts.values())
     assert "weight x delta norm" in texts["python server.py --norm-ratio"]
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import socket
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from fl.learning import data
+from fl.learning.config import Split
 from fl.learning.data import (
     MNIST_FILES,
     DataError,
@@ -18,9 +20,12 @@ from fl.learning.data import (
     pathological_partition,
     resolve_data_dir,
     shard,
+    split_shard,
     to_float,
     write_idx,
 )
+from fl.wire.control import decode_control, encode_control
+from fl.wire.errors import ProtocolError
 
 # --- IDX -------------------------------------------------------------------------------
 
@@ -331,3 +336,51 @@ def test_subset_draws_across_the_whole_shard_not_its_head():
     assert len(set(labels[picked].tolist())) == len(set(labels[shard].tolist()))  # both labels kept
     assert torch.equal(subset(shard, 50, seed=1), picked) and not torch.equal(subset(shard, 50, seed=2), picked)
     assert subset(shard, None) is shard and subset(shard, 10_000) is shard
+
+
+# --- Split: the server's settings for the shards, on the wire -----------------------------
+
+@pytest.mark.parametrize("split", [Split(), Split(10, "dirichlet", 0.1, 7), Split(3, "shards", 1e-05, -2),
+                                   Split(2, "dirichlet", 0.30000000000000004, 2**63 - 1)])
+def test_split_travels_as_control_json_and_reads_back_as_the_same_shards(split: Split) -> None:
+    wire = split.to_wire()
+    assert decode_control("WELCOME", encode_control("WELCOME", {"proof": None, "client_id": 0, "split": wire}))[
+        "split"] == wire  # no floats on the wire: alpha is its shortest decimal text
+    assert Split.from_wire(wire) == split
+    labels = torch.arange(600) % 10
+    last = split.num_shards - 1
+    assert torch.equal(split_shard(labels, Split.from_wire(wire), last),
+                       shard(labels, split.num_shards, last, split.scheme, split.alpha, split.seed))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"num_shards": 0}, "num_shards must be an integer in 1..1000000, got 0"),
+    ({"num_shards": True}, "num_shards must be an integer"),
+    ({"scheme": "zipf"}, "unknown partition scheme 'zipf'"),
+    ({"alpha": 0.0}, "alpha must be a positive number, got 0.0"),
+    ({"alpha": float("nan")}, "alpha must be a positive number"),
+    ({"seed": 2**63}, "seed must be a 64-bit integer"),
+])
+def test_split_refuses_bad_settings_in_one_line(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Split(**kwargs)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("alpha", "nan", r"WELCOME.split.alpha must be a decimal number"),
+    ("alpha", 0.5, r"non-integer number 0.5 in a control message"),
+    ("scheme", "IID!", r"WELCOME.split.scheme must be a scheme's name"),
+    ("num_shards", 0, r"WELCOME.split.num_shards = 0 is out of range"),
+])
+def test_a_malformed_split_on_the_wire_is_a_protocol_error(field: str, value, match: str) -> None:
+    wire = {**Split().to_wire(), field: value}
+    raw = json.dumps({"proof": None, "split": wire}).encode()
+    with pytest.raises(ProtocolError, match=match):
+        decode_control("WELCOME", raw)
+
+
+def test_a_split_with_a_scheme_this_client_does_not_know_is_refused_by_its_meaning() -> None:
+    with pytest.raises(ValueError, match="unknown partition scheme 'zipf'"):
+        Split.from_wire({**Split().to_wire(), "scheme": "zipf"})
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        Split.from_wire({**Split().to_wire(), "alpha": "0"})

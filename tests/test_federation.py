@@ -10,13 +10,14 @@ from fedavg_reference import fedavg
 
 from fl import strategies
 from fl.common.layout import Layout
+from fl.learning.config import Split
 from fl.learning.model import ImprovedCNN
 from fl.learning.quantization import quantize_state, state_delta
 from fl.server.config import ServerConfig
 from fl.server.federation import Federation, Session, Stop
 from fl.strategies.base import Strategy
 from fl.wire.frames import decode_payload
-from fl.wire.handshake import Peer
+from fl.wire.handshake import Peer, Refused
 
 
 def make_federation(strategy: Strategy | None = None, **overrides) -> Federation:
@@ -403,3 +404,32 @@ def test_a_sample_claim_far_above_the_others_is_judged_by_its_pull_on_the_mean()
         fed.close_round(rnd)
         assert (9 in {c["client_id"] for c in rnd.clients}) == evil_kept, weighting
         assert {0, 1, 2, 3} <= {c["client_id"] for c in rnd.clients}
+
+
+# --- joining: the server gives out shards -----------------------------------------------------
+
+def joining(cid: int | None = None) -> Peer:
+    return Peer(cid, 0, {}, joining=True)
+
+
+def test_join_gives_the_lowest_shard_never_given_and_keeps_ids_taken_by_sessions():
+    fed = make_federation(num_shards=4, partition="dirichlet", alpha=0.3, seed=7)
+    split = Split(4, "dirichlet", 0.3, 7).to_wire()
+    assert fed.join(Peer(0, 600, {})) == {}  # a client with its own split is told nothing new
+    fed.register(session(1, 600))  # an explicit id: taken, though it never asked
+    assert fed.join(joining()) == {"client_id": 0, "split": split}
+    assert fed.join(joining()) == {"client_id": 2, "split": split}
+    fed.unregister(fed.sessions[1])  # gone, but its id stays its own: it comes back with it
+    assert fed.join(joining())["client_id"] == 3
+    with pytest.raises(Refused, match=r"no free shard: all 4 shards .* rejoin with --client-id 0$"):
+        fed.join(joining())
+    assert fed.join(joining(2)) == {"client_id": 2, "split": split}  # a given id is confirmed
+    with pytest.raises(Refused, match=r"client id 4 is outside this server's 4 shards \(--num-shards 4\): pass 0..3"):
+        fed.join(joining(4))
+
+
+def test_the_number_of_shards_defaults_to_min_clients_and_at_least_three():
+    assert make_federation(min_clients=2).split.num_shards == 3
+    assert make_federation(min_clients=5).split.num_shards == 5
+    assert make_federation(min_clients=5, num_shards=8).split.num_shards == 8
+

@@ -4,26 +4,34 @@ of the process reads."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ssl
 from dataclasses import dataclass
 
 import torch
 
 from fl.common.cli import HelpFormatter
-from fl.learning.data import SCHEMES
+from fl.learning.config import SCHEMES, Split
 from fl.wire.credentials import resolve_secret
 from fl.wire.tls import client_tls_context
 
+# The data split as a client's own flags, by the Split field each sets.
+SPLIT_FLAGS = {"num_shards": "--num-clients", "scheme": "--partition", "alpha": "--alpha", "seed": "--seed"}
 
-def client_parser(description: str) -> tuple[argparse.ArgumentParser, dict[str, argparse._ArgumentGroup]]:
-    """A parser with the shared flags, and their groups for a command to add its own to."""
+
+def client_parser(description: str, server_split: bool = False,
+                  ) -> tuple[argparse.ArgumentParser, dict[str, argparse._ArgumentGroup]]:
+    """A parser with the shared flags, and their groups for a command to add its own to.
+    ``server_split``: the split flags default to None, the server's (client.py)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-    return p, add_client_arguments(p)
+    return p, add_client_arguments(p, server_split)
 
 
-def add_client_arguments(p: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+def add_client_arguments(p: argparse.ArgumentParser, server_split: bool = False) -> dict[str, argparse._ArgumentGroup]:
     """The flags client.py and worker.py share; returns the groups so a caller can add its own."""
     d = ClientConfig()
+    own = dataclasses.asdict(Split()) if not server_split else dict.fromkeys(SPLIT_FLAGS)
+    theirs = " (with --client-id; default: the server's)" if server_split else ""
     net = p.add_argument_group("network")
     net.add_argument("--host", default=d.host, help="server address")
     net.add_argument("--port", type=int, default=d.port, help="server port")
@@ -37,16 +45,19 @@ def add_client_arguments(p: argparse.ArgumentParser) -> dict[str, argparse._Argu
     net.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
                      help="seconds to keep retrying to reach the server (at start and after a lost connection)")
     fl = p.add_argument_group("federation")
-    fl.add_argument("--num-clients", type=int, default=1, help="how many shards the training set is split into")
-    fl.add_argument("--partition", choices=SCHEMES, default="iid",
+    fl.add_argument("--num-clients", type=int, default=own["num_shards"],
+                    help="how many shards the training set is split into" + theirs)
+    fl.add_argument("--partition", choices=SCHEMES, default=own["scheme"],
                     help="how the shards are drawn: IID, label-skewed Dirichlet(alpha), or the FedAvg "
-                         "paper's pathological split (sorted by label, two shards per client)")
-    fl.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (smaller = more label skew)")
+                         "paper's pathological split (sorted by label, two shards per client)" + theirs)
+    fl.add_argument("--alpha", type=float, default=own["alpha"],
+                    help="Dirichlet concentration (smaller = more label skew)" + theirs)
     fl.add_argument("--quantization", action="store_true", help="send 8-bit quantized updates (about 4x fewer bytes)")
     fl.add_argument("--stochastic-rounding", action="store_true",
                     help="unbiased stochastic rounding for --quantization instead of nearest")
     fl.add_argument("--limit", type=int, default=None, help="train on at most N samples of the shard (quick runs)")
-    fl.add_argument("--seed", type=int, default=d.seed, help="seed of the data split (same on all clients) and of training")
+    fl.add_argument("--seed", type=int, default=own["seed"],
+                    help="seed of the data split (same on all clients) and of training" + theirs)
     run = p.add_argument_group("compute and output")
     run.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
     run.add_argument("--no-download", action="store_true", help="never try to download MNIST")
@@ -60,9 +71,9 @@ def add_client_arguments(p: argparse.ArgumentParser) -> dict[str, argparse._Argu
 
 def check_client_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject bad values of the shared flags with argparse's one-line error (exit 2)."""
-    if args.num_clients < 1:
+    if args.num_clients is not None and args.num_clients < 1:
         p.error("--num-clients must be at least 1")
-    if args.alpha <= 0:
+    if args.alpha is not None and not args.alpha > 0:
         p.error("--alpha must be positive")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
@@ -83,7 +94,7 @@ class ClientConfig:
     handshake_timeout: float = 30.0
     quantization: bool = False
     stochastic_rounding: bool = False
-    seed: int = 0
+    seed: int = Split.seed  # of training (and of the split, for a client with its own)
     device: str = "auto"  # the --device choice, as announced to the server in HELLO
     secagg: bool = True  # announce secure-aggregation support in HELLO (secagg_client.py)
     progress: bool = True
@@ -97,7 +108,8 @@ class ClientConfig:
             raise ValueError(f"cannot load --tls-ca {args.tls_ca}: {exc}") from None
         return cls(host=args.host, port=args.port, secret=resolve_secret(args.secret, args.secret_file), tls=tls,
                    connect_timeout=args.connect_timeout, quantization=args.quantization,
-                   stochastic_rounding=args.stochastic_rounding, seed=args.seed, device=args.device,
+                   stochastic_rounding=args.stochastic_rounding,
+                   seed=cls.seed if args.seed is None else args.seed, device=args.device,
                    progress=not (args.no_progress or args.quiet))
 
 

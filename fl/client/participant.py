@@ -1,7 +1,8 @@
 """One federated client's side of the protocol, shared by ``client.py`` (one client per
 process) and ``worker.py`` (many virtual clients in one process).
 
-A ``Participant`` connects with retry and backoff, authenticates with
+A client started without an id first asks the server for one and for the run's data
+split (``join``). A ``Participant`` connects with retry and backoff, authenticates with
 ``fl.wire.handshake.client_handshake``, answers every MODEL with an UPDATE (float or 8-bit) and
 reconnects after a lost connection. What the clients of one process share is a ``Host``
 (``host.py``); its local training is ``local.fit`` and the UPDATE body is made by a chain
@@ -29,11 +30,11 @@ from fl.client import steps
 from fl.client.config import ClientConfig
 from fl.client.host import Host
 from fl.client.local import Fitted, log_round, train_metrics
-from fl.learning.config import TrainingConfig
+from fl.learning.config import Split, TrainingConfig
 from fl.learning.quantization import QuantizationError, apply_delta, dequantize_state
 from fl.wire.errors import ConnectionClosed, ProtocolError, RemoteError
 from fl.wire.frames import Connection, MsgType, field, wait_readable
-from fl.wire.handshake import AuthError, client_handshake
+from fl.wire.handshake import AuthError, BadWelcome, client_handshake
 
 log = logging.getLogger("client")
 
@@ -68,33 +69,8 @@ class Participant:
         self._secagg_warned = False  # the note that secure aggregation overrides --quantization
 
     def connect(self) -> Connection:
-        """Connect and authenticate, retrying with exponential backoff within the window."""
-        cfg = self.config
-        deadline = time.monotonic() + cfg.connect_timeout
-        delay, attempt = 0.2, 0
-        while True:
-            attempt += 1
-            try:
-                sock = socket.create_connection((cfg.host, cfg.port), timeout=10.0)
-                if cfg.tls is not None:
-                    sock = cfg.tls.wrap_socket(sock, server_hostname=cfg.host)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                conn = Connection(sock)
-                options = {"quantization": cfg.quantization, "device": cfg.device, "secagg": cfg.secagg}
-                client_handshake(conn, self.client_id, self.num_samples, options, cfg.secret,
-                                 timeout=cfg.handshake_timeout)
-                return conn
-            except (AuthError, ssl.SSLCertVerificationError, RemoteError):
-                raise
-            except (OSError, ProtocolError) as exc:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise Unreachable(f"cannot reach the server at {cfg.host}:{cfg.port} after {attempt} attempts "
-                                      f"in {cfg.connect_timeout:.0f} s ({exc.__class__.__name__}: {exc})") from None
-                if attempt == 1:
-                    self.log.info("waiting for the server at %s:%d ...", cfg.host, cfg.port)
-                time.sleep(min(delay, remaining))
-                delay = min(delay * 2, 5.0)
+        """Connect and authenticate with this client's id, retrying within the window."""
+        return connect(self.config, self.client_id, self.num_samples, self.log)[0]
 
     def serve(self, conn: Connection) -> str:
         """Answer MODEL messages with updates until the server says DONE; returns its reason."""
@@ -197,6 +173,9 @@ class Participant:
             except (AuthError, RemoteError, ssl.SSLError) as exc:
                 self.log.error("refused: %s", exc)
                 return 1
+            except BadWelcome as exc:
+                self.log.error("protocol error: %s", exc)
+                return 1
             self.log.info("joined the federation at %s:%d", cfg.host, cfg.port)
             try:
                 reason = self.serve(conn)
@@ -213,6 +192,66 @@ class Participant:
                 conn.close()
             self.log.info("server says: %s; exiting", reason)
             return 0
+
+
+def connect(cfg: ClientConfig, client_id: int | None, num_samples: int, log: Any,
+            join: bool = False) -> tuple[Connection, dict[str, Any]]:
+    """Connect and authenticate, retrying with exponential backoff within the window; the
+    connection and WELCOME's fields. A refusal or a bad WELCOME is final: no retry."""
+    deadline = time.monotonic() + cfg.connect_timeout
+    delay, attempt = 0.2, 0
+    options = {"quantization": cfg.quantization, "device": cfg.device, "secagg": cfg.secagg}
+    while True:
+        attempt += 1
+        sock = None
+        try:
+            sock = socket.create_connection((cfg.host, cfg.port), timeout=10.0)
+            if cfg.tls is not None:
+                sock = cfg.tls.wrap_socket(sock, server_hostname=cfg.host)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(sock)
+            welcome = client_handshake(conn, client_id, num_samples, options, cfg.secret,
+                                       timeout=cfg.handshake_timeout, join=join)
+            return conn, welcome
+        except (AuthError, BadWelcome, ssl.SSLCertVerificationError, RemoteError):
+            _close(sock)
+            raise
+        except (OSError, ProtocolError) as exc:
+            _close(sock)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise Unreachable(f"cannot reach the server at {cfg.host}:{cfg.port} after {attempt} attempts "
+                                  f"in {cfg.connect_timeout:.0f} s ({exc.__class__.__name__}: {exc})") from None
+            if attempt == 1:
+                log.info("waiting for the server at %s:%d ...", cfg.host, cfg.port)
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, 5.0)
+
+
+def join(cfg: ClientConfig, client_id: int | None, log: Any = log) -> tuple[int, Split]:
+    """Ask the server for this client's shard: its id (the lowest free one when
+    ``client_id`` is None; the server checks a given one against its shards) and the split
+    of the run, on one short connection. The session follows with that id (``Participant``),
+    and so does every reconnection: a client keeps its shard. Raises what ``connect`` does
+    (Unreachable, AuthError, RemoteError when refused, BadWelcome)."""
+    conn, welcome = connect(cfg, client_id, 0, log, join=True)
+    conn.close()
+    if "split" not in welcome or "client_id" not in welcome:
+        raise BadWelcome("the server did not send this client's shard: it may predate joining without "
+                         "--client-id; pass --client-id and --num-clients")
+    try:
+        split = Split.from_wire(welcome["split"])
+    except ValueError as exc:
+        raise BadWelcome(f"the server's split is unusable: {exc}") from None
+    cid = welcome["client_id"]
+    if (client_id is not None and cid != client_id) or not cid < split.num_shards:
+        raise BadWelcome(f"the server gave client id {cid} (asked: {client_id}) of {split.num_shards} shards")
+    return cid, split
+
+
+def _close(sock: socket.socket | None) -> None:
+    if sock is not None:
+        sock.close()
 
 
 def _encode(round_num: int, base: dict[str, torch.Tensor], fitted: Fitted,

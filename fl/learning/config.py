@@ -1,5 +1,6 @@
-"""One client's training settings for a round: the one place each setting, its default
-and its check live, on the server that sends them and on the client that trains with them.
+"""One client's training settings for a round, and how the training set is cut into the
+clients' shards (``Split``): the one place each setting, its default and its check live,
+on the server that sends them and on the client that trains with them.
 
 The wire form is a plain dict (``to_wire``/``from_wire``) whose keys and order are the
 protocol's: ``mu`` only when FedProx asks for its proximal term, ``dp_clip_norm`` only
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 OPTIMIZERS = ("adam", "sgd")
+SCHEMES = ("iid", "dirichlet", "shards")  # how ``data.partition`` splits the training set among clients
+MAX_SHARDS = 1_000_000  # one per client id (control.MAX_CLIENT_ID + 1)
 _AS = {"lr": float, "momentum": float, "mu": float, "dp_clip_norm": float, "optimizer": str,
        "augment": bool, "hflip": bool, "freeze_bn": bool}  # what from_wire makes of a sent value
 
@@ -83,3 +86,45 @@ def check(wire: Mapping[str, Any]) -> None:
     if dp is not None and (isinstance(dp, bool) or not isinstance(dp, (int, float))
                            or not (math.isfinite(dp) and dp > 0)):
         raise ValueError("dp_clip_norm must be a positive number")
+
+
+@dataclass(frozen=True)
+class Split:
+    """How the training set is cut into shards, one per client id (``data.partition``).
+
+    Shards are disjoint only when every client cuts the same way, so the server holds the
+    split and sends it in WELCOME to a client that asks (``python client.py`` without
+    flags); a client given all of it on its command line (``worker.py``) uses its own.
+    Checked on construction: ValueError, one line naming the setting."""
+
+    num_shards: int = 1
+    scheme: str = "iid"  # SCHEMES
+    alpha: float = 0.5  # Dirichlet concentration (smaller: more label skew)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_shards, bool) or not isinstance(self.num_shards, int) \
+                or not 1 <= self.num_shards <= MAX_SHARDS:
+            raise ValueError(f"num_shards must be an integer in 1..{MAX_SHARDS}, got {self.num_shards!r}")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown partition scheme {self.scheme!r} (expected one of {', '.join(SCHEMES)})")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) \
+                or not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a 64-bit integer, got {self.seed!r}")
+
+    def to_wire(self) -> dict[str, Any]:
+        """WELCOME's ``split``. Control messages carry no floats, so alpha travels as its
+        shortest decimal text, which reads back as the same float (the same shards)."""
+        return {"num_shards": self.num_shards, "scheme": self.scheme, "alpha": repr(float(self.alpha)),
+                "seed": self.seed}
+
+    @classmethod
+    def from_wire(cls, wire: Mapping[str, Any]) -> "Split":
+        """The split a server sent (its shape already checked by the control schema)."""
+        try:
+            alpha = float(wire["alpha"])
+        except (TypeError, ValueError):
+            raise ValueError(f"alpha must be a number, got {wire['alpha']!r}") from None
+        return cls(wire["num_shards"], wire["scheme"], alpha, wire["seed"])

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from fl.learning.config import SCHEMES, Split
+
 DATA_DIR_ENV = "MNIST_DATA_DIR"
 DEFAULT_DATA_DIR = "data"
 MEAN, STD = 0.1307, 0.3081
@@ -28,7 +30,6 @@ _STEMS = {
 # The names a user has to provide, in the order the error message lists them.
 MNIST_FILES = tuple(f"{stem}.gz" for stems in _STEMS.values() for stem in stems)
 _UBYTE = 0x08
-SCHEMES = ("iid", "dirichlet", "shards")  # how ``partition`` splits the training set among clients
 _DOWNLOAD_TIMEOUT_S = 15.0
 
 
@@ -252,6 +253,11 @@ def shard(
             f"(valid: 0..{num_clients - 1})"
         )
     return partition(labels, num_clients, scheme, alpha, seed)[client_id]
+
+
+def split_shard(labels: torch.Tensor, split: Split, client_id: int) -> torch.Tensor:
+    """Client ``client_id``'s indices under ``split`` (the server's, or a client's own flags)."""
+    return shard(labels, split.num_shards, client_id, split.scheme, split.alpha, split.seed)
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from fl.learning.config import TrainingConfig
+from fl.learning.config import Split, TrainingConfig
 
 MNIST_TRAIN_SIZE = 60_000
+MIN_SHARDS = 3  # without --num-shards: room for three bare clients (simulate.py's default) however small --min-clients
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class ServerConfig:
     max_frame_mb: int = 8
     handshake_timeout: float = 10.0
     # federation
-    rounds: int = 5
+    rounds: int = 3  # as simulate.py's quickstart
     target_accuracy: float | None = None  # stop once a round's test accuracy reaches this
     min_clients: int = 2
     min_fit: int = 1
@@ -39,7 +40,11 @@ class ServerConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)  # round 1's; lr is the schedule's start
     lr_schedule: str = "cosine"
     freeze_bn_after: int | None = None  # FixBN: from the next round on, BatchNorm uses the global statistics
-    seed: int = 0
+    seed: int = 0  # also the data split's
+    # the data split told to joining clients (learning/config.py's Split)
+    num_shards: int | None = None  # None: max(min_clients, MIN_SHARDS)
+    partition: str = Split.scheme
+    alpha: float = Split.alpha
     # aggregation
     strategy: str = "fedavg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +86,10 @@ class ServerConfig:
     @property
     def dp(self) -> bool:
         return self.dp_noise_multiplier is not None
+
+    def split(self) -> Split:
+        """How the training set is cut into the clients' shards; ValueError for a bad setting."""
+        return Split(self.num_shards or max(self.min_clients, MIN_SHARDS), self.partition, self.alpha, self.seed)
 
     def bn_frozen(self, round_num: int) -> bool:
         """Whether BatchNorm's statistics are fixed in this round (FixBN's calibration phase)."""

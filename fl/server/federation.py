@@ -1,6 +1,8 @@
 """Round logic and the session registry: no sockets, no files, no ``torch.save``.
 
-The transport (``transport.py``) registers an authenticated client as a :class:`Session`,
+The transport (``transport.py``) asks :meth:`Federation.join` what to tell a client that
+joins without its shard (the split, and the lowest free id), registers an authenticated
+client as a :class:`Session`,
 queues it the rounds it is sampled for, and hands every decoded UPDATE to
 :meth:`Federation.submit` (from the ingest thread). The main thread calls
 :meth:`Federation.run_round` (sample, broadcast, wait) and :meth:`Federation.finish_round`
@@ -41,7 +43,7 @@ from fl.server.screening import NormScreen
 from fl.strategies.base import Aggregator, Strategy
 from fl.wire.errors import ProtocolError
 from fl.wire.frames import encode_payload
-from fl.wire.handshake import Peer
+from fl.wire.handshake import Peer, Refused
 
 log = logging.getLogger("server")
 
@@ -125,6 +127,8 @@ class Federation:
         self.layout = Layout.of(state)
         self.global_state = self.layout.unflatten(*self.layout.flatten(state))
         self.sessions: dict[int, Session] = {}
+        self.split = config.split()  # how the training set is cut into shards, one per client id
+        self.assigned: set[int] = set()  # ids given out or seen in this run: never given to another
         self.lock = threading.Condition()
         self.round: RoundState | None = None
         self.stop = threading.Event()
@@ -141,10 +145,41 @@ class Federation:
 
     # --- called from handler threads ---------------------------------------------------
 
+    def join(self, peer: Peer) -> dict[str, Any]:
+        """WELCOME's fields for an authenticated peer: for one that asks to join, the split
+        and its id (the lowest never given out, when it brings none). Refused, with the one
+        line the client prints, when its id is outside the shards or none is free."""
+        if not peer.joining:
+            return {}
+        n = self.split.num_shards
+        with self.lock:
+            cid = peer.client_id if peer.client_id is not None else self._free_shard()
+            if cid >= n:
+                log.warning("refused client %d: outside the %d shards (--num-shards %d)", cid, n, n)
+                raise Refused(f"client id {cid} is outside this server's {n} shards (--num-shards {n}): "
+                              f"pass 0..{n - 1}, or no --client-id to be given a free one")
+            self.assigned.add(cid)
+        log.info("%s shard %d of %d (%s split) to a joining client", "confirmed" if peer.client_id is not None
+                 else "assigned", cid, n, self.split.scheme)
+        return {"client_id": cid, "split": self.split.to_wire()}
+
+    def _free_shard(self) -> int:
+        """The lowest id neither given out nor connected (called with the lock held)."""
+        n = self.split.num_shards
+        taken = self.assigned | self.sessions.keys()
+        free = next((i for i in range(n) if i not in taken), None)
+        if free is not None:
+            return free
+        gone = sorted(i for i in self.assigned if i < n and i not in self.sessions)
+        log.warning("refused a client: all %d shards are taken (--num-shards %d)", n, n)
+        rejoin = f"; a client that left can rejoin with --client-id {gone[0]}" if gone else ""
+        raise Refused(f"no free shard: all {n} shards of this server are taken (--num-shards {n}){rejoin}")
+
     def register(self, session: Session) -> None:
         with self.lock:
             old = self.sessions.get(session.client_id)
             self.sessions[session.client_id] = session
+            self.assigned.add(session.client_id)
             self.lock.notify_all()
         if old is not None:
             # The newest authenticated connection wins: a restarted client must be able

@@ -101,6 +101,9 @@ class ClientHandler(socketserver.BaseRequestHandler):
             return
         finally:
             srv.end_pending(self.host)
+        if session.peer.joining:  # told its id and the split; its session comes on a connection of its own
+            conn.close()
+            return
         if not srv.sessions.acquire(blocking=False):
             conn.send_error("server full")
             conn.close()
@@ -130,8 +133,9 @@ class ClientHandler(socketserver.BaseRequestHandler):
             sock = self.server.tls.wrap_socket(sock, server_side=True)
         conn = Connection(sock, max_frame=cfg.max_frame_mb * MIB)
         try:
-            peer = server_handshake(conn, self.server.keyring, timeout=max(0.01, end - time.monotonic()))
-            if not 1 <= peer.num_samples <= cfg.max_samples:
+            peer = server_handshake(conn, self.server.keyring, timeout=max(0.01, end - time.monotonic()),
+                                    join=self.server.federation.join)
+            if not peer.joining and not 1 <= peer.num_samples <= cfg.max_samples:
                 conn.send_error(f"sample count {peer.num_samples} outside 1..{cfg.max_samples} (--max-samples)")
                 raise ProtocolError(f"client {peer.client_id} claims {peer.num_samples} samples")
         except BaseException:

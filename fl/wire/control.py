@@ -9,6 +9,10 @@ are unique, and each message has a fixed schema checked field by field: integers
 range, nonces and proofs as fixed-length lowercase hex, option names and values from a
 closed list, unknown keys refused. Free text from the peer (DONE and ERROR reasons) is
 bounded and sanitized as it is decoded, so no caller can log it raw.
+
+A client that asks to join (HELLO ``join``) is told in WELCOME the data split of the run
+and, when it brought no ``client_id``, the id (shard) the server gave it; a client that
+does not ask is sent the WELCOME every client has always read.
 """
 from __future__ import annotations
 
@@ -89,6 +93,19 @@ class Hex(Spec):
 
 
 @dataclass(frozen=True)
+class Pattern(Spec):
+    """A short string of one fixed form (a name, a decimal number), refused if it differs."""
+
+    regex: str
+    what: str
+
+    def check(self, value: Any, where: str) -> str:
+        if type(value) is not str or not re.fullmatch(self.regex, value):
+            raise ProtocolError(f"{where} must be {self.what}")
+        return value
+
+
+@dataclass(frozen=True)
 class Text(Spec):
     """Free text from the peer: bounded and sanitized, whatever it held."""
 
@@ -122,12 +139,18 @@ OPTIONS = Obj({"quantization": Bool(), "device": Choice(DEVICES), "secagg": Bool
               frozenset({"quantization", "device", "secagg"}))
 _REASON = Obj({"reason": Text(REASON_LIMIT)}, frozenset({"reason"}))
 _PROOF = Obj({"proof": Hex(PROOF_SIZE, nullable=True)})
+# The data split (learning/config.py's Split): its meaning is checked there, its shape here.
+SPLIT = Obj({"num_shards": Int(1, MAX_CLIENT_ID + 1), "scheme": Pattern(r"[a-z]{1,16}", "a scheme's name"),
+             "alpha": Pattern(r"[0-9]{1,20}(\.[0-9]{1,20})?(e[-+]?[0-9]{1,3})?", "a decimal number such as 0.5"),
+             "seed": Int(-2**63, 2**63 - 1)})
 SCHEMAS: dict[str, Obj] = {
+    # No client_id: "give me a free one" (with join only, which asks for the split).
     "HELLO": Obj({"client_id": Int(0, MAX_CLIENT_ID), "num_samples": Int(0, MAX_NUM_SAMPLES),
-                  "options": OPTIONS, "nonce": Hex(NONCE_SIZE)}),
+                  "options": OPTIONS, "nonce": Hex(NONCE_SIZE), "join": Bool()}, frozenset({"client_id", "join"})),
     "CHALLENGE": Obj({"nonce": Hex(NONCE_SIZE), "auth": Bool()}),
     "AUTH": _PROOF,
-    "WELCOME": _PROOF,
+    "WELCOME": Obj({"proof": Hex(PROOF_SIZE, nullable=True), "client_id": Int(0, MAX_CLIENT_ID), "split": SPLIT},
+                   frozenset({"client_id", "split"})),
     "DONE": _REASON,
     "ERROR": _REASON,
 }
