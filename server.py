@@ -107,8 +107,8 @@ def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> Non
     fl.add_argument("--batch-size", type=int, default=d.training.batch_size, help="clients' batch size")
     fl.add_argument("--no-augment", action="store_true", help="tell clients to train without augmentation")
     fl.add_argument("--hflip", action="store_true", help="add random horizontal flips to augmentation (hurts digits)")
-    setting(fl, d, "seed", "seed of the initial global model and of client sampling "
-                           "(under DP the sample is secret, not seeded)")
+    setting(fl, d, "seed", "seed of the initial global model, the data split and client "
+                           "sampling (under DP the sample is secret, not seeded)")
 
 
 def add_split_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
@@ -184,7 +184,7 @@ def add_privacy_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dp-clip-lr", type=float, default=0.2, help="adaptive clipping's learning rate")
     g.add_argument("--dp-delta", type=float, default=None, help="delta of (epsilon, delta) (default: 1/N^1.1)")
     g.add_argument("--dp-population", type=int, default=None, metavar="N",
-                   help="clients in the federation, for the default --dp-delta and the planned rate m/N; "
+                   help="clients in the federation, for the planned rate m/N and delta's 1/N^1.1; "
                         "rounds are charged at the rate they realised (default: --min-clients)")
     g.add_argument("--target-epsilon", type=float, default=None,
                    help="stop before the round that would spend more than this epsilon")
