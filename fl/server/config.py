@@ -47,7 +47,7 @@ class ServerConfig:
     clip_norm: float | None = None
     max_samples: int = MNIST_TRAIN_SIZE
     norm_ratio: float | None = 4.0  # None: no screening of update norms
-    screen_hold: int = 3
+    screen_hold: int = 11  # reports the norm screen holds: robust to fewer than half of them colluding
     # differential privacy (privacy/): on when dp_noise_multiplier is set
     dp_noise_multiplier: float | None = None
     dp_clipping: str = "server"
