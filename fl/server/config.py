@@ -35,6 +35,7 @@ class ServerConfig:
     min_fit: int = 1
     fraction: float = 1.0
     round_timeout: float = 600.0
+    max_attempts: int = 10  # a round that fails this many times in a row stops the run (exit status 1)
     quantize_broadcast: bool = False
     training: TrainingConfig = field(default_factory=TrainingConfig)  # round 1's; lr is the schedule's start
     lr_schedule: str = "cosine"
