@@ -103,7 +103,7 @@ def test_half_of_the_held_reports_can_set_the_median():
 
 
 def test_non_finite_norm_is_rejected_at_once_and_not_counted():
-    s = NormScreen(ratio=4.0)
+    s = NormScreen(ratio=4.0, hold=3)
     out = s.offer("nan", float("nan"))
     assert out.rejected and s.norms == [] and s.held == []
 

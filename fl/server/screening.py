@@ -19,9 +19,9 @@ is accepted; after that the accepted honest updates only grow in number, so whil
 accepted attackers stay fewer than them, the median of the accepted norms stays in
 [lo, hi]. Then every honest update is accepted and none above ratio x hi is, whatever the
 attackers report and wherever they report it, whenever a < min(hold, n) / 2: with the
-default hold of 11, up to 5 colluding ids in a round of any size above 10 (and fewer than
-half of a smaller round). Attackers that are at least half of the first min(hold, n)
-reports set the median themselves; so can ones that come to outnumber the honest updates
+default hold of 11 (``ServerConfig.screen_hold``), up to 5 colluding ids in a round of
+any size above 10 (and fewer than half of a smaller round). Attackers that are at least
+half of the first min(hold, n) reports set the median themselves; so can ones that come to outnumber the honest updates
 accepted before them. A round of one or two updates has no majority to judge by:
 everything finite is accepted (``--min-fit`` and the strategies' robust rules are the
 tools for that case).
@@ -43,7 +43,7 @@ class Verdicts(Generic[T]):
 
 
 class NormScreen(Generic[T]):
-    def __init__(self, ratio: float, hold: int = 11) -> None:
+    def __init__(self, ratio: float, hold: int) -> None:
         if not ratio > 1:
             raise ValueError(f"norm ratio must be > 1, got {ratio}")
         if hold < 3:
