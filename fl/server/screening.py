@@ -21,10 +21,10 @@ accepted attackers stay fewer than them, the median of the accepted norms stays 
 attackers report and wherever they report it, whenever a < min(hold, n) / 2: with the
 default hold of 11 (``ServerConfig.screen_hold``), up to 5 colluding ids in a round of
 any size above 10 (and fewer than half of a smaller round). Attackers that are at least
-half of the first min(hold, n) reports set the median themselves; so can ones that come to outnumber the honest updates
-accepted before them. A round of one or two updates has no majority to judge by:
-everything finite is accepted (``--min-fit`` and the strategies' robust rules are the
-tools for that case).
+half of the first min(hold, n) reports set the median themselves; so can ones that come
+to outnumber the honest updates accepted before them. A round of one or two updates has
+no majority to judge by: everything finite is accepted (``--min-fit`` and the strategies'
+robust rules are the tools for that case).
 """
 from __future__ import annotations
 
