@@ -88,6 +88,8 @@ def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> Non
             "fraction of the connected clients sampled each round: max(--min-fit, ceil(F x connected))")
     setting(fl, d, "min_fit", "fewest clients sampled, and updates a round needs to be aggregated (else retried)")
     setting(fl, d, "round_timeout", "seconds to wait for the updates of a round")
+    setting(fl, d, "max_attempts", "attempts of one round (too few updates, a refused aggregate) before the run "
+            "stops with exit status 1, the checkpoint at the last completed round")
     fl.add_argument("--quantize-broadcast", action="store_true",
                     help="send the global model as an 8-bit delta to clients that hold the previous one")
     fl.add_argument("--local-epochs", type=int, default=d.training.epochs,
@@ -235,6 +237,8 @@ def check_federation(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         p.error("--client-momentum needs --client-optimizer sgd")
     if a.target_accuracy is not None and not 0 < a.target_accuracy <= 1:
         p.error(f"--target-accuracy must be in (0, 1], got {a.target_accuracy}")
+    if a.max_attempts < 1:
+        p.error(f"--max-attempts must be at least 1, got {a.max_attempts}")
 
 
 def check_split(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -297,7 +301,7 @@ def to_config(a: argparse.Namespace, training: TrainingConfig, params: dict[str,
         host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, max_connections=a.max_connections,
         max_pending=a.max_pending, max_pending_per_address=a.max_pending_per_address, max_frame_mb=a.max_frame_mb,
         handshake_timeout=a.handshake_timeout, rounds=a.rounds, target_accuracy=a.target_accuracy, min_clients=a.min_clients, min_fit=a.min_fit,
-        fraction=a.fraction, round_timeout=a.round_timeout, quantize_broadcast=a.quantize_broadcast,
+        fraction=a.fraction, round_timeout=a.round_timeout, max_attempts=a.max_attempts, quantize_broadcast=a.quantize_broadcast,
         training=training, num_shards=a.num_shards, partition=a.partition, alpha=a.alpha,
         freeze_bn_after=a.freeze_bn_after, lr_schedule=a.lr_schedule, seed=a.seed, strategy=a.strategy, strategy_params=params,
         weighting=a.weighting or ("uniform" if dp else "samples"), clip_norm=a.clip_norm, max_samples=a.max_samples, norm_ratio=a.norm_ratio or None,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import random
 import secrets
 import time
 import tracemalloc
@@ -14,6 +15,8 @@ from fl.wire.control import (
     NONCE_SIZE,
     REASON_LIMIT,
     SCHEMAS,
+    _nesting,
+    _tokens,
     decode_control,
     encode_control,
 )
@@ -141,6 +144,67 @@ def test_nested_error_reason_refused():
 def test_brackets_inside_strings_do_not_count():
     raw = raw_json({"reason": "[[[[{{{{ \\\" ]]]] \" [[["})
     assert decode_control("ERROR", raw)["reason"].startswith("[[[[{{{{")
+
+
+HOSTILE_HELLO = ('"x\\' * CONTROL_MAX_FRAME)[:CONTROL_MAX_FRAME]  # every quote opens a string that never closes
+
+
+@pytest.mark.parametrize("text", [HOSTILE_HELLO, '"' * CONTROL_MAX_FRAME, "\\" * CONTROL_MAX_FRAME,
+                                  '{"a":"' + "[\\" * 2000, '["x\\"' * 600])
+def test_the_scan_examines_each_character_once(text):
+    """The work of the depth scan: its tokens follow each other and cover the text exactly,
+    so no character is looked at twice (the old pattern rescanned to the end from every
+    quote: quadratic). Within a token the pattern is possessive: no backtracking either."""
+    ends = 0
+    for m in _tokens(text):
+        assert m.start() == ends
+        ends = m.end()
+    assert ends == len(text)
+    with pytest.raises(ProtocolError):
+        decode_control("HELLO", text.encode())
+
+
+def _random_string(rng: random.Random) -> str:
+    alphabet = ['"', "\\", "[", "]", "{", "}", "x", " ", "/", "\n", "\x1b", "\u00e9", "\u2028", "\ud83d"]
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+
+
+def _random_value(rng: random.Random, depth: int) -> object:
+    if depth == 0 or rng.random() < 0.3:
+        return _random_string(rng)
+    if rng.random() < 0.5:
+        return [_random_value(rng, depth - 1) for _ in range(rng.randint(0, 3))]
+    return {_random_string(rng): _random_value(rng, depth - 1) for _ in range(rng.randint(0, 3))}
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    return 0
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [k, *_strings(v)]]
+    return [value]
+
+
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_the_scan_agrees_with_json_on_strings_and_depth(ensure_ascii):
+    """For 3,000 random documents of strings full of quotes, backslashes, brackets and
+    escapes, as json writes them: the string tokens are json's strings and the depth is
+    the document's."""
+    rng = random.Random(7)
+    for _ in range(3000):
+        value = _random_value(rng, 4)
+        text = json.dumps(value, ensure_ascii=ensure_ascii)
+        assert _nesting(text) == _depth(value)
+        found = [json.loads(m.group()) for m in _tokens(text) if m.group().startswith('"')]
+        assert found == _strings(value)
 
 
 def test_peer_text_is_sanitized_and_bounded_on_decode():

@@ -170,3 +170,50 @@ def test_under_dp_the_federation_neither_screens_nor_clips_and_fixes_m_per_round
     got = fed.finish_round(rnd)
     moved = Layout.of(got).flatten(got)[0] - task.base_floats
     assert float(moved.double().norm()) == pytest.approx(0.5 / 2, rel=1e-4)
+
+
+class FailingFromRound2(Federation):
+    """Round 1 completes (two clients report); every attempt of round 2 gets no update."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.attempts: list[tuple[int, int]] = []
+        for i in range(2):
+            self.sessions[i] = Session(Peer(i, 100, {}), f"t:{i}")
+
+    def run_round(self, number: int, attempt: int = 0):
+        self.attempts.append((number, attempt))
+        if len(self.attempts) > 8:  # a run without the cap would retry forever: end it here
+            self.stop.set()
+        rnd, task = self.open_round(number, attempt, dict(self.sessions))
+        for s in self.sessions.values() if number == 1 else ():
+            local = {k: v + 0.01 if v.is_floating_point() else v for k, v in task.base.items()}
+            self.submit(s, task, {"round": number, "num_samples": 100, "metrics": {}, "quantized": False,
+                                  "flat": Layout.of(local).pack(local)}, 1, 1)
+        self.close_round(rnd)
+        return rnd
+
+
+def test_a_round_that_keeps_failing_stops_the_run_at_max_attempts_and_keeps_the_checkpoint(tmp_path, caplog):
+    config, _ = server.parse_args(["--rounds", "5", "--max-attempts", "3", "--round-timeout", "0.1",
+                                   "--checkpoint", str(tmp_path / "c.pt"), "--metrics", str(tmp_path / "m.jsonl"),
+                                   "--no-progress", "--quiet"])
+    fed = FailingFromRound2(config, strategies.make("fedavg"))
+    fed.start_round = 0
+    test_set = (torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+    with caplog.at_level("ERROR", logger="server"):
+        status = app.run(fed, config, ckpt.History(), test_set)
+    assert status == 1
+    assert fed.attempts == [(1, 0), (2, 0), (2, 1), (2, 2)]  # three attempts of round 2, no fourth
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert lines == ["round 2 failed 3 attempts in a row (--max-attempts 3): stopping; the checkpoint keeps round 1"]
+    saved = ckpt.load(config.checkpoint)
+    assert saved["round"] == 1 and len(saved["metrics"]) == 1  # round 1, written before the run stopped
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_max_attempts_below_one_is_one_line_and_exit_2(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        server.parse_args(["--max-attempts", value])
+    assert exit_.value.code == 2 and "--max-attempts must be at least 1" in capsys.readouterr().err
+    assert server.parse_args([])[0].max_attempts == 10

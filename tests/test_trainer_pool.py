@@ -2,7 +2,13 @@
 exactly the updates they would send training in the worker itself."""
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +18,11 @@ from fl.client import participant
 from fl.client.config import ClientConfig
 from fl.client.host import Host
 from fl.client.trainer_pool import TrainerPool
+from fl.learning.config import TrainingConfig
 from fl.learning.data import load_mnist
 from fl.learning.model import ImprovedCNN
+
+TESTS = Path(__file__).resolve().parent
 
 
 def updates_of(host: Host, clients: dict[int, ClientConfig], state: dict,
@@ -72,6 +81,67 @@ def test_a_pool_holds_one_slot_per_process():
     Host.__init__(pool, None, None, torch.device("cpu"), slots=2)
     assert pool.lock.acquire(blocking=False) and pool.lock.acquire(blocking=False)
     assert not pool.lock.acquire(blocking=False)  # a third client waits for a free process
+
+
+def test_no_model_is_moved_to_shared_memory_while_other_threads_read_it(synthetic_mnist_dir, tmp_path):
+    """Each round a participant publishes a new model and trains it on the pool while the
+    other participants compare theirs with it (on the training thread, as ``ViewCache``
+    does) and read it on their own threads (as secure aggregation's flatten does). With a
+    fixed mmap threshold glibc unmaps every freed model-sized buffer at once, so a buffer
+    freed under a reader faults (SIGSEGV) instead of being read stale."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536",
+           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    code = f"import test_trainer_pool as t; t.stress({str(synthetic_mnist_dir)!r}, rounds=20)"
+    out = tmp_path / "stress.log"
+    with out.open("w") as log:  # a file, not a pipe: a crashed run's training process would hold a pipe open
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=TESTS, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            status = proc.wait(timeout=300)
+        finally:  # a crashed run leaves its training process behind: end the session it started
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = out.read_text()
+    assert status == 0, f"exit status {status}: {text[-2000:]}"
+    assert text.strip().splitlines()[-1] == "20 rounds"
+
+
+class _Client:
+    client_id, indices, config = 0, torch.arange(8), ClientConfig(seed=1, progress=False)
+
+
+def stress(data_dir: str, rounds: int) -> None:
+    """Publish and train a new model each round under readers of it (run in its own process)."""
+    pool = TrainerPool(1, data_dir, False, torch.device("cpu"))
+    state = ImprovedCNN().state_dict()
+    config = TrainingConfig(epochs=1, batch_size=8)
+    wrong: list[str] = []
+    try:
+        for r in range(rounds):
+            base = pool.compute(pool.views.share, r, {k: v.clone() for k, v in state.items()})
+            copy = {k: v.clone() for k, v in state.items()}
+            done = threading.Event()
+
+            def compare(r: int = r, copy: dict = copy, base: dict = base) -> None:  # another participant
+                while not done.is_set():
+                    if pool.compute(pool.views.share, r, copy) is not base:
+                        wrong.append(f"round {r}: an equal model was not recognised")
+
+            def read(base: dict = base) -> None:  # a participant's own thread reading the model
+                while not done.is_set():
+                    if not all(torch.equal(base[k], state[k]) for k in state):
+                        wrong.append(f"round {r}: the model read differs from the one published")
+
+            readers = [threading.Thread(target=compare), threading.Thread(target=read)]
+            for t in readers:
+                t.start()
+            pool.fit(_Client, r, config, base)
+            done.set()
+            for t in readers:
+                t.join()
+    finally:
+        pool.close()
+    print(wrong[0] if wrong else f"{rounds} rounds")
 
 
 def same(a: object, b: object) -> bool:

@@ -33,16 +33,26 @@ class ViewCache:
     Every participant decodes its own MODEL (each frame is authenticated with its own
     session key), then swaps the result for the copy already held if it is the same view
     with equal tensors, so N idle clients keep one model alive, not N. Equality is checked,
-    not assumed from the view id, because a restarted server numbers its views anew."""
+    not assumed from the view id, because a restarted server numbers its views anew.
 
-    def __init__(self) -> None:
+    With ``shared_memory`` (a ``TrainerPool``), a new state is moved into shared memory
+    here, before any other thread can see it. Pickling it for a training process would
+    otherwise do that move in place on the pool's feeder thread, freeing each tensor's old
+    buffer while other participants read it (``torch.equal`` below, an 8-bit delta, secure
+    aggregation's flatten): a use-after-free."""
+
+    def __init__(self, shared_memory: bool = False) -> None:
         self._lock = threading.Lock()
         self._last: tuple[Any, dict[str, torch.Tensor]] | None = None
+        self.shared_memory = shared_memory
 
     def share(self, view_id: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with self._lock:
             if self._last is not None and self._last[0] == view_id and _same_state(self._last[1], state):
                 return self._last[1]
+            if self.shared_memory:  # still private to the caller: nobody else reads it yet
+                for tensor in state.values():
+                    tensor.share_memory_()
             self._last = (view_id, state)
             return state
 

@@ -16,6 +16,14 @@ round) alone (``local.fit``): which process trains a client changes nothing.
 Each process loads MNIST once, holds one model and uses ``threads`` intra-op threads. The
 processes are spawned, not forked: forking a process whose torch thread pools are running
 can deadlock.
+
+The model travels in shared memory. Pickling a tensor for a process moves its storage into
+shared memory in place, on the executor's feeder thread, and frees the old buffer: done to
+a model other participants are reading, that is a use-after-free. So the host's
+``ViewCache`` shares each new model before publishing it (one copy per model a worker
+receives, as before, just on the thread that owns it), and ``fit`` sends a private copy of
+any tensor not yet shared (none on the participant's path). A private copy per job instead
+would cost two copies of the model for each client trained.
 """
 from __future__ import annotations
 
@@ -28,7 +36,7 @@ from typing import Any
 
 import torch
 
-from fl.client.host import Host, Shard
+from fl.client.host import Host, Shard, ViewCache
 from fl.client.local import Fitted, fit
 from fl.learning.config import TrainingConfig
 
@@ -42,6 +50,7 @@ class TrainerPool(Host):
         if processes < 1:
             raise ValueError(f"a trainer pool needs at least one process, got {processes}")
         super().__init__(None, None, device, slots=processes)
+        self.views = ViewCache(shared_memory=True)
         self.processes = processes
         self.executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=start_trainer, initargs=(data_dir, download, str(device), threads))
@@ -56,6 +65,7 @@ class TrainerPool(Host):
 
     def fit(self, client: Shard, round_num: int, config: TrainingConfig,
             base: dict[str, torch.Tensor], attempt: int = 0) -> Fitted:
+        base = {k: v if v.is_shared() else v.clone() for k, v in base.items()}  # see the module's docstring
         future = self.executor.submit(fit_job, client.indices, client.client_id, client.config.seed,
                                       round_num, config, base, attempt)
         return _fitted(*future.result())

@@ -229,7 +229,7 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
                disable=not config.progress, dynamic_ncols=True)
     evaluator = Evaluator(config, test_set, history, bar, on_failure=fed.stop.set)
     number, attempt = fed.start_round + 1, 0
-    reason = "server stopping"
+    reason, status = "server stopping", 0
     while number <= config.rounds and not fed.stop.is_set():
         bar.set_description(f"round {number}")
         if evaluator.reached is not None:
@@ -250,6 +250,11 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
         state = fed.finish_round(rnd)
         if state is None:
             attempt += 1
+            if attempt >= config.max_attempts:
+                log.error("round %d failed %d attempts in a row (--max-attempts %d): stopping; the checkpoint "
+                          "keeps round %d", number, attempt, config.max_attempts, number - 1)
+                reason, status = f"server stopping (round {number} failed {attempt} attempts)", 1
+                break
             continue
         strategy_state = {k: v.clone() if isinstance(v, torch.Tensor) else v
                           for k, v in fed.strategy.state_dict().items()}
@@ -269,4 +274,4 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
     time.sleep(0.2)  # let the handlers close their sockets after the last DONE
     if not config.quiet:
         print("\nsummary\n" + summary(history, time.monotonic() - started, config), file=sys.stderr)
-    return 0
+    return status

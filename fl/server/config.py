@@ -36,6 +36,7 @@ class ServerConfig:
     min_fit: int = 1
     fraction: float = 1.0
     round_timeout: float = 600.0
+    max_attempts: int = 10  # a round that fails this many times in a row stops the run (exit status 1)
     quantize_broadcast: bool = False
     training: TrainingConfig = field(default_factory=TrainingConfig)  # round 1's; lr is the schedule's start
     lr_schedule: str = "cosine"
@@ -52,7 +53,7 @@ class ServerConfig:
     clip_norm: float | None = None
     max_samples: int = MNIST_TRAIN_SIZE
     norm_ratio: float | None = 4.0  # None: no screening of update norms
-    screen_hold: int = 3
+    screen_hold: int = 11  # reports the norm screen holds: robust to fewer than half of them colluding
     # differential privacy (privacy/): on when dp_noise_multiplier is set
     dp_noise_multiplier: float | None = None
     dp_clipping: str = "server"

@@ -4,7 +4,9 @@ and ERROR.
 Everything a peer can send before it has authenticated is one of these, so none of it
 ever reaches ``torch.load``: a control payload is at most ``CONTROL_MAX_FRAME`` bytes of
 ASCII JSON, its nesting is measured before ``json.loads`` sees it (``"[[[["`` would
-otherwise recurse), numbers are short integers (no floats, NaN or 4000-digit ints), keys
+otherwise recurse) in one left-to-right pass that examines each character once, whatever
+the text (a pattern that failed on an unterminated string and retried from the next quote
+would make a pre-auth message quadratic), numbers are short integers (no floats, NaN or 4000-digit ints), keys
 are unique, and each message has a fixed schema checked field by field: integers in
 range, nonces and proofs as fixed-length lowercase hex, option names and values from a
 closed list, unknown keys refused. Free text from the peer (DONE and ERROR reasons) is
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 from fl.common.logs import sanitize
 from fl.wire.errors import ProtocolError
@@ -34,8 +36,10 @@ PROOF_SIZE = 32  # HMAC-SHA256
 REASON_LIMIT = 256  # any reason a peer sends (ERROR, DONE, a SECAGG abort); with its "...[N more chars]" note < 300
 DEVICES = ("auto", "cpu", "cuda")
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_BRACKET = re.compile(r"[\[\]{}]")
+# One token at every position, so finditer never fails and retries: a string (to its
+# closing quote, or to the end when it has none; possessive, no backtracking), a run of
+# other characters, or one bracket.
+_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*+"?|[^"\[\]{}]++|.', re.DOTALL)
 _HEX = re.compile(r"[0-9a-f]*")
 
 
@@ -187,13 +191,22 @@ def decode_control(name: str, raw: bytes | bytearray | memoryview) -> dict[str, 
     return SCHEMAS[name].check(value, name)
 
 
+def _tokens(text: str) -> Iterator[re.Match[str]]:
+    """``text`` cut into consecutive tokens (``_TOKEN``) that cover it exactly once."""
+    return _TOKEN.finditer(text)
+
+
 def _nesting(text: str) -> int:
     """How deep arrays and objects nest, counted without parsing (brackets inside strings
-    do not count); linear in the text, no recursion."""
+    do not count); one pass over the tokens, no recursion."""
     depth = peak = 0
-    for m in _BRACKET.finditer(_STRING.sub("", text)):
-        depth += 1 if m.group() in "[{" else -1
-        peak = max(peak, depth)
+    for m in _tokens(text):
+        bracket = m.group()
+        if bracket in ("[", "{"):
+            depth += 1
+            peak = max(peak, depth)
+        elif bracket in ("]", "}"):
+            depth -= 1
     return peak
 
 

@@ -16,7 +16,9 @@ written by ``torch.save`` as uncompressed zip entries, so a payload must pass:
 2. ``scan_pickle``: every opcode of ``data.pkl`` from the few ``torch.save`` emits for
    such values (no BUILD, NEWOBJ, bytes, sets), every GLOBAL one of
    ``_rebuild_tensor_v2``, ``OrderedDict`` (the empty backward-hooks argument) and the
-   storage classes of real dtypes.
+   storage classes of real dtypes, and at most ``MAX_TENSORS`` tensors: each costs the
+   unpickler far more than the few pickle bytes that can rebuild one more view of a
+   memoized storage.
 3. ``torch.load(weights_only=True)``, as before.
 4. ``check_tree``: the decoded value is plain containers, bounded in depth and acyclic,
    and each tensor is exactly ``torch.Tensor`` with an empty ``__dict__``, no grad, no
@@ -48,12 +50,14 @@ MAX_NAME = 128
 MAX_EXTRA = 1024  # torch.save pads local headers so records are 64-byte aligned
 MAX_SMALL_RECORD = 64  # version, byteorder, .format_version, serialization id ...
 MAX_DEPTH = 8  # a message nests four deep: body -> delta -> name -> {q, lo, scale}
+MAX_TENSORS = 128  # the most a message holds is ImprovedCNN's 8-bit delta: 50
 
 STORAGE_DTYPES = {"Float": torch.float32, "Double": torch.float64, "Half": torch.float16,
                   "BFloat16": torch.bfloat16, "Byte": torch.uint8, "Char": torch.int8,
                   "Short": torch.int16, "Int": torch.int32, "Long": torch.int64, "Bool": torch.bool}
 ALLOWED_DTYPES = frozenset(STORAGE_DTYPES.values())
-ALLOWED_GLOBALS = frozenset({"torch._utils _rebuild_tensor_v2", "collections OrderedDict"}
+REBUILD = "torch._utils _rebuild_tensor_v2"
+ALLOWED_GLOBALS = frozenset({REBUILD, "collections OrderedDict"}
                             | {f"torch {name}Storage" for name in STORAGE_DTYPES})
 # What torch.save (pickle protocol 2) writes for dicts, lists, tuples, str, int, float,
 # bool, None and tensors; the memo ops only name objects already built.
@@ -214,8 +218,10 @@ def scan_pickle(data: bytes) -> None:
         raise ProtocolError(f"pickle of {len(data)} bytes (at most {MAX_PICKLE})")
     last = ("", -1)
     failure = None
+    tensors = _TensorCount()
     try:
         for op, arg, pos in pickletools.genops(data):
+            tensors.see(op.name, arg)
             if op.name not in ALLOWED_OPS:
                 raise ProtocolError(f"pickle opcode {op.name} is not allowed")
             if pos == 0 and (op.name != "PROTO" or arg != 2):
@@ -231,6 +237,27 @@ def scan_pickle(data: bytes) -> None:
         raise ProtocolError(failure)
     if last != ("STOP", len(data) - 1):
         raise ProtocolError("pickle does not end with STOP at its last byte")
+
+
+class _TensorCount:
+    """Counts the times ``_rebuild_tensor_v2`` is pushed, which bounds the tensors a pickle
+    builds: only REDUCE calls, it pops the callable, and no allowed opcode takes one out
+    of a container, so each call needs its own push (GLOBAL, or a GET of a memo slot that
+    holds it). A PUT stores the top of the stack; every other opcode replaces it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.slots: set[int] = set()  # memo slots holding the callable
+        self.on_top = False
+
+    def see(self, name: str, arg: Any) -> None:
+        if name in ("BINPUT", "LONG_BINPUT"):
+            (self.slots.add if self.on_top else self.slots.discard)(arg)
+            return
+        self.on_top = (name == "GLOBAL" and arg == REBUILD) or (name in ("BINGET", "LONG_BINGET") and arg in self.slots)
+        self.count += self.on_top
+        if self.count > MAX_TENSORS:
+            raise ProtocolError(f"pickle builds more than {MAX_TENSORS} tensors")
 
 
 # --- 4. the decoded value -----------------------------------------------------------------
