@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from fl import privacy, strategies
 from fl.common.cli import HelpFormatter
@@ -129,7 +130,8 @@ def add_output_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     io = p.add_argument_group("data and output")
     io.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
     io.add_argument("--no-download", action="store_true", help="never try to download MNIST")
-    io.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only (quick runs)")
+    io.add_argument("--test-limit", type=int, default=None,
+                    help="evaluate on the first N test images only (quick runs)")
     io.add_argument("--checkpoint", default=d.checkpoint, help="global model, round, metrics and strategy state, "
                                                               "written after every round (never any credential)")
     setting(io, d, "resume", "continue from --checkpoint after its last completed round (the metrics file "
@@ -296,20 +298,14 @@ def check_training(p: argparse.ArgumentParser, a: argparse.Namespace) -> Trainin
 
 def to_config(a: argparse.Namespace, training: TrainingConfig, params: dict[str, object],
               secagg: dict[str, object]) -> ServerConfig:
+    """Every ServerConfig field that has a flag of its name takes the flag's value; the
+    rest are derived here (credentials never enter the config)."""
+    flags = {f.name: getattr(a, f.name) for f in fields(ServerConfig) if hasattr(a, f.name)}
     dp = a.dp_noise_multiplier is not None
-    return ServerConfig(
-        host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, max_connections=a.max_connections,
-        max_pending=a.max_pending, max_pending_per_address=a.max_pending_per_address, max_frame_mb=a.max_frame_mb,
-        handshake_timeout=a.handshake_timeout, rounds=a.rounds, target_accuracy=a.target_accuracy, min_clients=a.min_clients, min_fit=a.min_fit,
-        fraction=a.fraction, round_timeout=a.round_timeout, max_attempts=a.max_attempts, quantize_broadcast=a.quantize_broadcast,
-        training=training, num_shards=a.num_shards, partition=a.partition, alpha=a.alpha,
-        freeze_bn_after=a.freeze_bn_after, lr_schedule=a.lr_schedule, seed=a.seed, strategy=a.strategy, strategy_params=params,
-        weighting=a.weighting or ("uniform" if dp else "samples"), clip_norm=a.clip_norm, max_samples=a.max_samples, norm_ratio=a.norm_ratio or None,
-        data_dir=a.data_dir, download=not a.no_download, test_limit=a.test_limit, checkpoint=a.checkpoint,
-        dp_noise_multiplier=a.dp_noise_multiplier, dp_clipping=a.dp_clipping, dp_adaptive=a.dp_adaptive,
-        dp_target_quantile=a.dp_target_quantile, dp_clip_lr=a.dp_clip_lr, dp_delta=a.dp_delta,
-        dp_population=a.dp_population, target_epsilon=a.target_epsilon, dp_seed=a.dp_seed, resume=a.resume, overwrite=a.overwrite, metrics=a.metrics, threads=a.threads, quiet=a.quiet, verbose=a.verbose,
-        progress=not (a.no_progress or a.quiet), **secagg)
+    derived = dict(training=training, strategy_params=params, weighting=a.weighting or ("uniform" if dp else "samples"),
+                   norm_ratio=a.norm_ratio or None, download=not a.no_download,
+                   progress=not (a.no_progress or a.quiet))
+    return ServerConfig(**{**flags, **secagg, **derived})
 
 
 def main(argv: list[str] | None = None) -> int:
