@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from fl.common.cli import HelpFormatter
+from fl.common.cli import HelpFormatter, add_secret_arguments
 from fl.common.ids import format_ids  # worker.py's --client-ids form
 from fl.learning.config import TrainingConfig
 from fl.server.config import ServerConfig
@@ -150,12 +150,7 @@ def add_worker_flags(run: argparse._ArgumentGroup) -> None:
 
 def add_output_flags(out: argparse._ArgumentGroup) -> None:
     out.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
-    secret = out.add_mutually_exclusive_group()
-    secret.add_argument("--secret-file", default=None, metavar="PATH",
-                        help="file holding the run's shared secret (default: $FL_SECRET, else a fresh random one)")
-    secret.add_argument("--secret", default=None,
-                        help="the shared secret itself: visible in the process list, so prefer --secret-file "
-                             "or $FL_SECRET")
+    add_secret_arguments(out, "the run's shared secret", ", else a fresh random one")
     out.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
     out.add_argument("--resume", action="store_true",
                      help="continue the run in --out from its checkpoint, up to --rounds (passed to server.py)")

@@ -55,6 +55,29 @@ def start_worker(tmp: Path, port: int, ids: str, num: int, data: Path, *extra: o
     return start("tests/secagg_helper.py" if helper else "worker.py", *args, log=log, **env), log
 
 
+def run_with_fault(tmp: Path, port: int, data: Path, rounds: int, clients: int, steady: str, faulty: str,
+                   fault: str, *server_extra: object, record_faulty: bool = True,
+                   wait_faulty: bool = True) -> tuple[str, Path, Path, Path]:
+    """A secure-aggregation run to its end: honest clients ``steady`` and clients ``faulty``
+    with ``secagg_helper``'s ``fault``; both record what they send in ``rec`` (the faulty
+    ones unless ``record_faulty`` is False). Returns the server's log text, the two worker
+    logs and ``rec``."""
+    rec = tmp / "rec"
+    rec.mkdir()
+    server, slog = start_server(tmp, port, data, rounds, clients, *server_extra)
+    honest, wlog = start_worker(tmp, port, steady, clients, data, FL_TEST_SECAGG_RECORD=str(rec))
+    recording = {"FL_TEST_SECAGG_RECORD": str(rec)} if record_faulty else {}
+    odd, flog = start_worker(tmp, port, faulty, clients, data, name="faulty", FL_TEST_SECAGG_FAULT=fault, **recording)
+    try:
+        expect_exit(server, slog)
+        expect_exit(honest, wlog)
+        if wait_faulty:
+            expect_exit(odd, flog)
+    finally:
+        stop(server, honest, odd)
+    return log_of(slog), wlog, flog, rec
+
+
 def records(folder: Path, ids) -> dict[int, dict]:
     return {u: torch.load(folder / f"client{u}.pt", weights_only=True) for u in ids}
 
@@ -135,21 +158,9 @@ def test_clients_killed_mid_round(tmp_path, synthetic_mnist_dir, free_port, faul
     """(c) one or two clients die after sending their masked input (their process exits
     before the unmasking): the round completes and equals the sum of every client whose
     masked input arrived; a client that hangs up before its masked input is left out."""
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 1, 5, "--secagg-threshold", 3)
-    stay = f"0-{4 - killed}"
-    faulty = f"{5 - killed}-4"
-    survivors, wlog = start_worker(tmp_path, free_port, stay, 5, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
-    doomed, dlog = start_worker(tmp_path, free_port, faulty, 5, synthetic_mnist_dir, name="doomed",
-                                FL_TEST_SECAGG_RECORD=str(rec), FL_TEST_SECAGG_FAULT=fault)
-    try:
-        expect_exit(server, slog)
-        expect_exit(survivors, wlog)
-        expect_exit(doomed, dlog)
-    finally:
-        stop(server, survivors, doomed)
-    stext = log_of(slog)
+    stay, faulty = f"0-{4 - killed}", f"{5 - killed}-4"
+    stext, _, _, rec = run_with_fault(tmp_path, free_port, synthetic_mnist_dir, 1, 5, stay, faulty, fault,
+                                      "--secagg-threshold", 3)
     assert f"secure sum of {counted} masked updates (threshold 3)" in stext, stext[-3000:]
     if fault == "exit-after-masked":
         assert f"{killed} dropped after it, still counted" in stext
@@ -168,19 +179,8 @@ def test_below_threshold_the_round_is_retried_and_nothing_is_used(tmp_path, synt
     """(d) two of four clients hang up before their masked input with threshold 3: the
     attempt aborts before anyone reveals a share, the model is kept, the round is retried
     (the two reconnect) and the retry's sum is committed, as if the first never happened."""
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 1, 4, "--secagg-threshold", 3)
-    steady, wlog = start_worker(tmp_path, free_port, "0-1", 4, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
-    flaky, flog = start_worker(tmp_path, free_port, "2-3", 4, synthetic_mnist_dir, name="flaky",
-                               FL_TEST_SECAGG_RECORD=str(rec), FL_TEST_SECAGG_FAULT="drop-before-masked")
-    try:
-        expect_exit(server, slog)
-        expect_exit(steady, wlog)
-        expect_exit(flaky, flog)
-    finally:
-        stop(server, steady, flaky)
-    stext = log_of(slog)
+    stext, wlog, flog, rec = run_with_fault(tmp_path, free_port, synthetic_mnist_dir, 1, 4, "0-1", "2-3",
+                                            "drop-before-masked", "--secagg-threshold", 3)
     assert stext.count("secure aggregation failed") == 1, stext[-3000:]
     assert "2 clients sent masked inputs, 3 needed" in stext and "retrying the round" in stext
     assert "round 1, attempt 2: the same sample as the last attempt, 4 of its 4 clients (0 gone" in stext
@@ -252,19 +252,8 @@ def test_a_participant_that_skips_its_clip_never_moves_the_model_beyond_the_boun
     (beyond 3 x --clip-norm 1, or beyond 3 x --secagg-clip in some coordinate), the round is
     retried with the same sample and fresh training, and the committed model is the honest
     retry's: within --clip-norm of the model the clients trained from."""
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 1, 3, "--clip-norm", 1)
-    honest, wlog = start_worker(tmp_path, free_port, "0-1", 3, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
-    cheat, clog = start_worker(tmp_path, free_port, "2", 3, synthetic_mnist_dir, name="cheat",
-                               FL_TEST_SECAGG_RECORD=str(rec), FL_TEST_SECAGG_FAULT="boost-once")
-    try:
-        expect_exit(server, slog)
-        expect_exit(honest, wlog)
-        expect_exit(cheat, clog)
-    finally:
-        stop(server, honest, cheat)
-    stext = log_of(slog)
+    stext, _, clog, rec = run_with_fault(tmp_path, free_port, synthetic_mnist_dir, 1, 3, "0-1", "2", "boost-once",
+                                         "--clip-norm", 1)
     assert stext.count("refused the secure sum of 3 updates") == 1, stext[-3000:]
     assert "round 1, attempt 2: the same sample as the last attempt, 3 of its 3 clients" in stext
     assert log_of(clog).count("test: skipping the clip") == 1
@@ -286,18 +275,8 @@ def test_a_share_cheater_is_named_and_excluded_and_the_round_completes(tmp_path,
     refused by id (the share is not the one client 1 committed to), the secrets are rebuilt
     from the honest shares and round 1 completes with all four inputs; client 0 is never
     sampled again, and round 2 runs with the three others."""
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 2, 4, "--round-timeout", 20)
-    honest, wlog = start_worker(tmp_path, free_port, "1-3", 4, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
-    cheat, clog = start_worker(tmp_path, free_port, "0", 4, synthetic_mnist_dir, name="cheat",
-                               FL_TEST_SECAGG_RECORD=str(rec), FL_TEST_SECAGG_FAULT="bad-shares")
-    try:
-        expect_exit(server, slog)
-        expect_exit(honest, wlog)
-    finally:
-        stop(server, honest, cheat)
-    stext = log_of(slog)
+    stext, _, _, rec = run_with_fault(tmp_path, free_port, synthetic_mnist_dir, 2, 4, "1-3", "0", "bad-shares",
+                                      "--round-timeout", 20, wait_faulty=False)
     assert stext.count("client 0 is excluded for the rest of the run") == 1, stext[-3000:]
     assert "client 0 revealed a share of client 1's self-mask seed that is not the one dealt to it" in stext
     assert "secure aggregation failed" not in stext
@@ -315,19 +294,8 @@ def test_a_dealer_of_garbage_shares_is_left_out_and_the_round_completes(tmp_path
     Now they go on without its shares; its self-mask seed cannot be rebuilt, the attempt
     aborts naming it a suspect, and the retry (the same sample less client 0, trained
     afresh) commits the sum of the three others."""
-    rec = tmp_path / "rec"
-    rec.mkdir()
-    server, slog = start_server(tmp_path, free_port, synthetic_mnist_dir, 1, 4)
-    honest, wlog = start_worker(tmp_path, free_port, "1-3", 4, synthetic_mnist_dir, FL_TEST_SECAGG_RECORD=str(rec))
-    cheat, clog = start_worker(tmp_path, free_port, "0", 4, synthetic_mnist_dir, name="cheat",
-                               FL_TEST_SECAGG_FAULT="garbage-shares")
-    try:
-        expect_exit(server, slog)
-        expect_exit(honest, wlog)
-        expect_exit(cheat, clog)
-    finally:
-        stop(server, honest, cheat)
-    stext = log_of(slog)
+    stext, wlog, _, rec = run_with_fault(tmp_path, free_port, synthetic_mnist_dir, 1, 4, "1-3", "0", "garbage-shares",
+                                         record_faulty=False)
     assert stext.count("secure aggregation failed") == 1, stext[-3000:]
     assert "3 holder(s) could not open the shares it dealt" in stext
     assert "client(s) 0 left out of this round's next attempts" in stext

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fl.common.cli import HelpFormatter
+from fl.common.cli import HelpFormatter, add_secret_arguments
 from fl.learning.config import SCHEMES, Split
 from fl.wire.credentials import resolve_secret
 from fl.wire.tls import client_tls_context
@@ -35,12 +35,7 @@ def add_client_arguments(p: argparse.ArgumentParser, server_split: bool = False)
     net = p.add_argument_group("network")
     net.add_argument("--host", default=d.host, help="server address")
     net.add_argument("--port", type=int, default=d.port, help="server port")
-    secret = net.add_mutually_exclusive_group()
-    secret.add_argument("--secret-file", default=None, metavar="PATH",
-                        help="file holding this client's secret on one line (default: $FL_SECRET)")
-    secret.add_argument("--secret", default=None,
-                        help="the secret itself: visible to other users in the process list, "
-                             "prefer --secret-file or $FL_SECRET")
+    add_secret_arguments(net, "this client's secret on one line", "")
     net.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify a TLS server; enables TLS")
     net.add_argument("--connect-timeout", type=float, default=d.connect_timeout,
                      help="seconds to keep retrying to reach the server (at start and after a lost connection)")

@@ -17,3 +17,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in text or action.default is None or action.default is False:
             return text
         return super()._get_help_string(action)
+
+
+def add_secret_arguments(group: argparse._ActionsContainer, holding: str, unset: str) -> None:
+    """``--secret-file`` and ``--secret``, one of them: the file is the way to pass a secret,
+    the value shows in the process list. ``holding`` says whose secret the file holds,
+    ``unset`` what happens with neither (and no $FL_SECRET)."""
+    secret = group.add_mutually_exclusive_group()
+    secret.add_argument("--secret-file", default=None, metavar="PATH",
+                        help=f"file holding {holding} (default: $FL_SECRET{unset})")
+    secret.add_argument("--secret", default=None,
+                        help="the secret itself: visible to other users in the process list, "
+                             "so prefer --secret-file or $FL_SECRET")
