@@ -22,7 +22,7 @@ from dataclasses import fields
 from fl import privacy, strategies
 from fl.common.cli import HelpFormatter
 from fl.learning.config import OPTIMIZERS, SCHEMES, TrainingConfig
-from fl.server import app
+from fl.server import app, tensorboard
 from fl.server import secagg as secagg_server
 from fl.server.config import MIN_SHARDS, ServerConfig
 from fl.strategies.base import StrategyError
@@ -139,6 +139,7 @@ def add_output_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     setting(io, d, "overwrite", "start afresh even where --checkpoint or --metrics already exist (without it "
                                 "or --resume, the server refuses to replace them)")
     io.add_argument("--metrics", default=d.metrics, help="JSON Lines file, one object per round")
+    setting(io, d, "tensorboard", "folder for TensorBoard event files of every round's scalars (default: none)")
     io.add_argument("--threads", type=int, default=None, help="torch threads for evaluation (default: torch's choice)")
     io.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     io.add_argument("-v", "--verbose", action="store_true", help="debug logging (every join, every update)")
@@ -207,6 +208,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     check_split(p, a)
     params = check_aggregation(p, a)
     check_privacy(p, a)
+    if a.tensorboard and not tensorboard.available():
+        p.error(tensorboard.MISSING)
     config = to_config(a, check_training(p, a), params, secagg)
     try:
         app.build_strategy(config)

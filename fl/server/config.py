@@ -79,6 +79,7 @@ class ServerConfig:
     resume: bool = False
     overwrite: bool = False  # start afresh where a previous run's files are (outputs.py)
     metrics: str = "metrics.jsonl"
+    tensorboard: str = ""  # a folder for every round's scalars as TensorBoard event files (tensorboard.py); "": none
     threads: int | None = None
     quiet: bool = False
     verbose: bool = False

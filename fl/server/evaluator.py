@@ -22,6 +22,7 @@ from fl.learning.training import evaluate
 from fl.server import checkpoint as ckpt
 from fl.server.config import ServerConfig
 from fl.server.federation import RoundState
+from fl.server.tensorboard import RoundScalars
 from fl.wire.frames import MIB
 
 log = logging.getLogger("server")
@@ -72,6 +73,8 @@ class Evaluator:
         self.test_images, self.test_labels = test_set
         self.model = ImprovedCNN()
         self.reached: tuple[int, float] | None = None  # (round, accuracy %) that met --target-accuracy
+        first = history[-1]["round"] + 1 if history else 1
+        self.scalars = RoundScalars(config.tensorboard, first) if config.tensorboard else None
         self.jobs: "queue.Queue[Finished | None]" = queue.Queue()
         self.thread = threading.Thread(target=self._work, name="evaluator", daemon=True)
         self.thread.start()
@@ -82,6 +85,8 @@ class Evaluator:
     def close(self) -> None:
         self.jobs.put(None)
         self.thread.join()
+        if self.scalars is not None:
+            self.scalars.close()
 
     def _work(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -103,6 +108,8 @@ class Evaluator:
         ckpt.save(cfg.checkpoint, job.state, rnd.number, self.history, cfg.public(), strategy=job.strategy_state,
                   privacy=job.privacy)
         ckpt.append_metrics(cfg.metrics, record)
+        if self.scalars is not None:
+            self.scalars.write(record)
         rejected = f" | {len(rnd.rejected)} rejected" if rnd.rejected else ""
         if "epsilon" in record:
             rejected += f" | epsilon {record['epsilon']:.3f}"
