@@ -15,8 +15,8 @@ Flags this launcher does not know go to ``server.py`` unchanged (``--strategy fe
 
 Picks a free port, shares the CPU cores between the workers, shows the server's progress,
 keeps each worker's log in the run folder (``runs/<timestamp>/`` with the metrics, the
-checkpoint and a plot), and returns the server's exit status. When a worker fails, on
-Ctrl-C, or when the server fails, it stops everything it started.
+checkpoint, a plot and TensorBoard event files), and returns the server's exit status.
+When a worker fails, on Ctrl-C, or when the server fails, it stops everything it started.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from typing import Any, TextIO
 from fl.common.cli import HelpFormatter, add_secret_arguments
 from fl.common.ids import format_ids  # worker.py's --client-ids form
 from fl.learning.config import TrainingConfig
+from fl.server import tensorboard
 from fl.server.config import ServerConfig
 from fl.server.outputs import OutputsError, check_outputs
 from fl.wire.credentials import CredentialError, resolve_secret
@@ -157,6 +158,10 @@ def add_output_flags(out: argparse._ArgumentGroup) -> None:
     out.add_argument("--overwrite", action="store_true",
                      help="start afresh even where --out holds a previous run's checkpoint or metrics")
     out.add_argument("--no-plot", action="store_true", help="skip the PNG plot at the end")
+    out.add_argument("--tensorboard", default=None, metavar="DIR",
+                     help="TensorBoard event files of every round (default: <run folder>/tensorboard when the "
+                          "tensorboard package is installed, else none)")
+    out.add_argument("--no-tensorboard", action="store_true", help="write no TensorBoard event files")
 
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, server_extra: list[str]) -> None:
@@ -176,10 +181,23 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, server_extr
         p.error(f"{own[0].split('=', 1)[0]} is set by the launcher (see --port, --host, --out, --secret)")
     if args.resume and not args.out:
         p.error("--resume needs --out: the folder of the run to continue")
+    if args.tensorboard and args.no_tensorboard:
+        p.error("--tensorboard and --no-tensorboard exclude each other")
+    if args.tensorboard and not tensorboard.available():
+        p.error(tensorboard.MISSING)
 
 
 def listen_host(args: argparse.Namespace) -> str:
     return args.host or ("0.0.0.0" if args.ray_address else "127.0.0.1")
+
+
+def tensorboard_dir(args: argparse.Namespace, out: Path) -> Path | None:
+    """Where the server writes TensorBoard event files; None: nowhere."""
+    if args.no_tensorboard:
+        return None
+    if args.tensorboard:
+        return Path(args.tensorboard)
+    return out / "tensorboard" if tensorboard.available() else None
 
 
 def build_commands(args: argparse.Namespace, server_extra: list[str], port: int, out: Path,
@@ -207,6 +225,8 @@ def build_commands(args: argparse.Namespace, server_extra: list[str], port: int,
     if args.strategy is not None:
         server += ["--strategy", args.strategy]
     server += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    if (events := tensorboard_dir(args, out)) is not None:
+        server += ["--tensorboard", str(events)]
     server += server_extra  # last, so an explicit server flag wins over the launcher's choice
     quantized = args.clients if args.quantization else (args.quantized_clients or 0)
     threads = threads_per_worker(workers, cores)
@@ -479,8 +499,15 @@ def main(argv: list[str] | None = None) -> int:
             engine.stop()
     if status == 0 and not args.no_plot:
         make_plot(out)
-    print(f"metrics: {out / 'metrics.jsonl'}\ncheckpoint: {out / 'checkpoint.pt'}", file=sys.stderr)
+    print_outputs(args, out)
     return status
+
+
+def print_outputs(args: argparse.Namespace, out: Path) -> None:
+    """Where the run's files are, last, so they are what a user sees when it ends."""
+    print(f"metrics: {out / 'metrics.jsonl'}\ncheckpoint: {out / 'checkpoint.pt'}", file=sys.stderr)
+    if (events := tensorboard_dir(args, out)) is not None:
+        print(f"tensorboard: tensorboard --logdir {events}", file=sys.stderr)
 
 
 def run_secret(args: argparse.Namespace) -> str:

@@ -1,6 +1,6 @@
 """--tensorboard: every round's scalars in event files, read back with TensorBoard's own
 reader and compared with metrics.jsonl; under DP only what the record releases; a missing
-package is one line and exit 2."""
+package is one line and exit 2, on the server and on the launcher."""
 from __future__ import annotations
 
 import json
@@ -8,11 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from procs import server_args, start, stop
+from procs import run, server_args, start, stop
 from tensorboard.backend.event_processing.event_accumulator import SCALARS as SCALAR_EVENTS
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import server
+import simulate
 from fl.server.evaluator import DP_RECORD_KEYS
 from fl.server.tensorboard import MISSING, SCALARS, RoundScalars
 
@@ -103,6 +104,21 @@ def test_dp_server_run_writes_epsilon_and_nothing_per_client(tmp_path, synthetic
     assert got == expected(metrics)
 
 
+def test_launcher_writes_into_its_run_folder_and_an_overwrite_starts_the_lines_afresh(tmp_path, synthetic_mnist_dir):
+    """The launcher's default: RUN/tensorboard. Run again with --overwrite for one round: the
+    folder still holds the first run's files, yet TensorBoard reads only the new round."""
+    out = tmp_path / "run"
+    common = ["--clients", 2, "--limit", 20, "--test-limit", 100, "--data-dir", synthetic_mnist_dir, "--out", out,
+              "--no-plot"]
+    for extra in (["--rounds", 2], ["--rounds", 1, "--overwrite"]):
+        r = run("simulate.py", *common, *extra, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"tensorboard --logdir {out / 'tensorboard'}" in r.stderr
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(metrics) == extra[1] and read_scalars(out / "tensorboard") == expected(metrics)
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
+
+
 # --- the flags ------------------------------------------------------------------------------
 
 def test_server_without_the_package_refuses_tensorboard_in_one_line(monkeypatch, capsys):
@@ -112,3 +128,21 @@ def test_server_without_the_package_refuses_tensorboard_in_one_line(monkeypatch,
     assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {MISSING}")
     config, _ = server.parse_args([])  # without the flag the server runs as before
     assert config.tensorboard == ""
+
+
+def test_simulate_writes_into_the_run_folder_unless_told_not_to(monkeypatch, capsys):
+    out = Path("runs/a")
+    args, extra = simulate.parse_args([])
+    command, _ = simulate.build_commands(args, extra, 9999, out, cores=2)
+    assert command[command.index("--tensorboard") + 1] == str(out / "tensorboard")
+    args, extra = simulate.parse_args(["--tensorboard", "elsewhere"])
+    command, _ = simulate.build_commands(args, extra, 9999, out, cores=2)
+    assert command[command.index("--tensorboard") + 1] == "elsewhere"
+    args, extra = simulate.parse_args(["--no-tensorboard"])
+    assert "--tensorboard" not in simulate.build_commands(args, extra, 9999, out, cores=2)[0]
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    args, extra = simulate.parse_args([])  # not installed: no event files by default, and no error
+    assert "--tensorboard" not in simulate.build_commands(args, extra, 9999, out, cores=2)[0]
+    with pytest.raises(SystemExit) as exit_:
+        simulate.parse_args(["--tensorboard", "elsewhere"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.splitlines()[-1].endswith(f"error: {MISSING}")
