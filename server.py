@@ -208,8 +208,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     check_split(p, a)
     params = check_aggregation(p, a)
     check_privacy(p, a)
-    if a.tensorboard and not tensorboard.available():
-        p.error(tensorboard.MISSING)
+    if a.tensorboard and (problem := tensorboard.problem(a.tensorboard)):
+        p.error(problem)
     config = to_config(a, check_training(p, a), params, secagg)
     try:
         app.build_strategy(config)

@@ -183,8 +183,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, server_extr
         p.error("--resume needs --out: the folder of the run to continue")
     if args.tensorboard and args.no_tensorboard:
         p.error("--tensorboard and --no-tensorboard exclude each other")
-    if args.tensorboard and not tensorboard.available():
-        p.error(tensorboard.MISSING)
+    if args.tensorboard and (problem := tensorboard.problem(args.tensorboard)):
+        p.error(problem)
 
 
 def listen_host(args: argparse.Namespace) -> str:

@@ -130,6 +130,17 @@ def test_server_without_the_package_refuses_tensorboard_in_one_line(monkeypatch,
     assert config.tensorboard == ""
 
 
+def test_a_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    for parse_args in (server.parse_args, simulate.parse_args):
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["--tensorboard", str(tmp_path / "file" / "tb")])
+        line = capsys.readouterr().err.splitlines()[-1]
+        assert exit_.value.code == 2 and line.endswith(f"{tmp_path / 'file'} is not a folder this user can write to")
+    config, _ = server.parse_args(["--tensorboard", str(tmp_path / "new" / "tb")])  # a folder still to be made
+    assert config.tensorboard == str(tmp_path / "new" / "tb") and not (tmp_path / "new").exists()
+
+
 def test_simulate_writes_into_the_run_folder_unless_told_not_to(monkeypatch, capsys):
     out = Path("runs/a")
     args, extra = simulate.parse_args([])

@@ -7,6 +7,8 @@ The scalars are read from the round's record, so under DP only what the record r
 when a writer is made, so the server and the launcher run without it."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 MISSING = "--tensorboard needs the tensorboard package: pip install tensorboard"
@@ -25,6 +27,19 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def problem(log_dir: str) -> str | None:
+    """Why event files cannot go to ``log_dir``, in one line, or None: checked before the
+    run starts, since the writer is made once the server already listens."""
+    if not available():
+        return MISSING
+    path = Path(log_dir).absolute()
+    while not path.exists():
+        path = path.parent
+    if not (path.is_dir() and os.access(path, os.W_OK | os.X_OK)):
+        return f"--tensorboard {log_dir}: {path} is not a folder this user can write to"
+    return None
 
 
 class RoundScalars:
