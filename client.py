@@ -1,4 +1,4 @@
-"""Federated-learning client: trains the global model on its own MNIST shard.
+"""Federated-learning client: trains the global model on its own shard of the run's dataset.
 
 Each round the server sends the global model and a training config; the client trains
 locally with augmentation and sends back its new weights, or with ``--quantization`` the
@@ -30,7 +30,8 @@ from fl.client.host import Host
 from fl.client.participant import Participant, Unreachable, join
 from fl.common.logs import setup_logging
 from fl.learning.config import Split
-from fl.learning.data import DataError, load_mnist, resolve_data_dir, split_shard, subset
+from fl.learning.data import DataError, resolve_data_dir, split_shard, subset
+from fl.learning.datasets import check_trainable, load_dataset
 from fl.wire.errors import RemoteError
 from fl.wire.handshake import AuthError, BadWelcome
 
@@ -38,7 +39,7 @@ log = logging.getLogger("client")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p, groups = client_parser("Federated-learning client: trains on its MNIST shard, sends updates to the server.",
+    p, groups = client_parser("Federated-learning client: trains on its shard of the run's dataset, sends updates to the server.",
                               server_split=True)
     groups["federation"].add_argument("--client-id", type=int, default=None,
                                       help="this client's shard, 0..N-1 (default: the lowest free one, "
@@ -63,11 +64,16 @@ def _dest(flag: str) -> str:
 def find_shard(args: argparse.Namespace, config: ClientConfig) -> tuple[int, Split]:
     """This client's id and the split it cuts its shard with: its own with --num-clients
     (no question to the server), else the server's with --partition/--alpha/--seed
-    overriding. Raises what ``participant.join`` does, or ValueError for a bad override."""
+    overriding. Raises what ``participant.join`` does, or ValueError for a bad override or
+    a --dataset other than the server's."""
     if args.num_clients is not None:
         own = {name: getattr(args, _dest(flag)) for name, flag in SPLIT_FLAGS.items()}
+        own.update(dataset=args.dataset, test_fraction=args.test_fraction)
         return args.client_id, Split(**{k: v for k, v in own.items() if v is not None})
     cid, split = join(config, args.client_id)
+    if args.dataset is not None and args.dataset != split.dataset:
+        raise ValueError(f"--dataset {args.dataset}: the server trains on {split.dataset}; "
+                         f"drop --dataset or give the server --dataset {args.dataset}")
     overrides = {name: getattr(args, _dest(flag)) for name, flag in SPLIT_FLAGS.items() if name != "num_shards"}
     return cid, dataclasses.replace(split, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -80,12 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ClientConfig.from_args(args)
         device = pick_device(args.device)
-        images, labels = load_mnist(resolve_data_dir(args.data_dir), train=True, download=not args.no_download)
+        if args.dataset is not None:
+            check_trainable(args.dataset)
     except (DataError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     try:
         cid, split = find_shard(args, config)
+        check_trainable(split.dataset)
+        images, labels = load_dataset(split.dataset, resolve_data_dir(args.data_dir), train=True,
+                                      download=not args.no_download, test_fraction=split.test_fraction)
         idx = split_shard(labels, split, cid)
     except (AuthError, RemoteError, ssl.SSLError) as exc:
         log.error("refused: %s", exc)
@@ -93,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Unreachable, BadWelcome) as exc:
         log.error("%s", exc)
         return 1
-    except ValueError as exc:
+    except (DataError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     idx = subset(idx, args.limit, split.seed * 1009 + cid)
@@ -101,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(split.seed + cid)
     random.seed(split.seed + cid)
     participant = Participant(cid, Host(images, labels, device), dataclasses.replace(config, seed=split.seed))
-    log.info("client %d of %d: %d samples (%s split, alpha %g, seed %d%s) on %s", cid, split.num_shards,
+    log.info("client %d of %d: %d samples (%s split, alpha %g, seed %d%s) of %s on %s", cid, split.num_shards,
              len(labels), split.scheme, split.alpha, split.seed,
-             ", from the server" if args.num_clients is None else "", device)
+             ", from the server" if args.num_clients is None else "", split.dataset, device)
     return participant.run()
 
 

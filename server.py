@@ -21,7 +21,9 @@ from dataclasses import fields
 
 from fl import privacy, strategies
 from fl.common.cli import HelpFormatter
-from fl.learning.config import OPTIMIZERS, SCHEMES, TrainingConfig
+from fl.learning.config import DATASETS, OPTIMIZERS, SCHEMES, TrainingConfig
+from fl.learning.data import DataError
+from fl.learning.datasets import check_trainable
 from fl.server import app, tensorboard
 from fl.server import secagg as secagg_server
 from fl.server.config import MIN_SHARDS, ServerConfig
@@ -124,12 +126,17 @@ def add_split_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
                    help="how the shards are drawn: IID, label-skewed Dirichlet(alpha), or the FedAvg "
                         "paper's pathological split (sorted by label, two shards per client)")
     setting(g, d, "alpha", "Dirichlet concentration for --partition dirichlet (smaller = more label skew)")
+    g.add_argument("--dataset", choices=DATASETS, default=d.dataset, metavar="NAME",
+                   help="what the clients train on and the server tests on: " + ", ".join(DATASETS) +
+                        " (folder: --data-dir holds one subfolder of images per class, or train/ and test/ "
+                        "holding those; made 1-channel 28x28)")
+    setting(g, d, "test_fraction", "--dataset folder without train/ and test/: the share held out for testing")
 
 
 def add_output_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     io = p.add_argument_group("data and output")
-    io.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
-    io.add_argument("--no-download", action="store_true", help="never try to download MNIST")
+    io.add_argument("--data-dir", default=None, help="folder with the --dataset files (default: $MNIST_DATA_DIR or ./data)")
+    io.add_argument("--no-download", action="store_true", help="never try to download the --dataset files")
     io.add_argument("--test-limit", type=int, default=None,
                     help="evaluate on the first N test images only (quick runs)")
     io.add_argument("--checkpoint", default=d.checkpoint, help="global model, round, metrics and strategy state, "
@@ -250,10 +257,14 @@ def check_split(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     """Split holds the checks; fewer shards than --min-clients could never start a round."""
     try:
         split = ServerConfig(num_shards=a.num_shards, min_clients=a.min_clients, partition=a.partition,
-                             alpha=a.alpha, seed=a.seed).split()
+                             alpha=a.alpha, seed=a.seed, dataset=a.dataset, test_fraction=a.test_fraction).split()
+        check_trainable(split.dataset)
+    except DataError as exc:
+        p.error(str(exc))
     except ValueError as exc:  # "num_shards must be ..." -> "--num-shards must be ..."
         key, _, rest = str(exc).partition(" ")
-        p.error(f"--{key.replace('_', '-')} {rest}" if key in ("num_shards", "alpha", "seed") else str(exc))
+        keys = ("num_shards", "alpha", "seed", "test_fraction")
+        p.error(f"--{key.replace('_', '-')} {rest}" if key in keys else str(exc))
     if split.num_shards < a.min_clients:
         p.error(f"--num-shards {split.num_shards} is below --min-clients {a.min_clients}: clients given a "
                 "shard could never start a round")

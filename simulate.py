@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 from fl.common.cli import HelpFormatter, add_secret_arguments
 from fl.common.ids import format_ids  # worker.py's --client-ids form
-from fl.learning.config import TrainingConfig
+from fl.learning.config import DATASETS, TrainingConfig
 from fl.server import tensorboard
 from fl.server.config import ServerConfig
 from fl.server.outputs import OutputsError, check_outputs
@@ -150,7 +150,10 @@ def add_worker_flags(run: argparse._ArgumentGroup) -> None:
 
 
 def add_output_flags(out: argparse._ArgumentGroup) -> None:
-    out.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
+    out.add_argument("--data-dir", default=None,
+                     help="folder with the --dataset files (default: $MNIST_DATA_DIR or ./data)")
+    out.add_argument("--dataset", choices=DATASETS, default="mnist", metavar="NAME",
+                     help="passed to server.py and the workers: " + ", ".join(DATASETS))
     add_secret_arguments(out, "the run's shared secret", ", else a fresh random one")
     out.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
     out.add_argument("--resume", action="store_true",
@@ -206,7 +209,7 @@ def build_commands(args: argparse.Namespace, server_extra: list[str], port: int,
     interpreter, so a Ray actor can run them in its own process)."""
     cores = cores or os.cpu_count() or 1
     workers = min(args.clients, args.workers or default_workers(args.clients, cores))
-    data = ["--data-dir", args.data_dir] if args.data_dir else []
+    data = (["--data-dir", args.data_dir] if args.data_dir else []) + ["--dataset", args.dataset]
     server = [sys.executable, str(HERE / "server.py"), "--host", listen_host(args), "--port", str(port),
               "--rounds", str(args.rounds), "--min-clients", str(args.clients),
               "--max-connections", str(max(128, args.clients + 32)),  # room for reconnects
@@ -251,13 +254,16 @@ def build_commands(args: argparse.Namespace, server_extra: list[str], port: int,
     return server, worker_args
 
 
-def prepare_data(data_dir: str | None) -> str | None:
-    """Fetch or check MNIST once here, rather than racing every worker's download; the
+def prepare_data(data_dir: str | None, dataset: str = "mnist") -> str | None:
+    """Fetch or check the dataset once here, rather than racing every worker's download; the
     error line, or None. In a child process, so the launcher never holds torch (~0.5 GB)."""
-    code = ("import sys\nfrom fl.learning.data import DataError, load_mnist, resolve_data_dir\n"
-            "try:\n    [load_mnist(resolve_data_dir(sys.argv[1] or None), train=t) for t in (True, False)]\n"
+    code = ("import sys\nfrom fl.learning.data import DataError, resolve_data_dir\n"
+            "from fl.learning.datasets import check_trainable, load_dataset\n"
+            "try:\n    check_trainable(sys.argv[2])\n"
+            "    [load_dataset(sys.argv[2], resolve_data_dir(sys.argv[1] or None), train=t) for t in (True, False)]\n"
             "except DataError as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
-    r = subprocess.run([sys.executable, "-c", code, data_dir or ""], cwd=HERE, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-c", code, data_dir or "", dataset], cwd=HERE, capture_output=True,
+                       text=True)
     if r.returncode == 0:
         return None
     lines = r.stderr.strip().splitlines()
@@ -459,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CredentialError, OutputsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    error = prepare_data(args.data_dir)
+    error = prepare_data(args.data_dir, args.dataset)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -37,7 +37,8 @@ from fl.client.trainer_pool import RayTrainers, TrainerPool
 from fl.common.ids import format_ids, parse_ids
 from fl.common.limits import raise_open_files
 from fl.common.logs import setup_logging
-from fl.learning.data import DataError, load_mnist, partition, resolve_data_dir, subset
+from fl.learning.data import DataError, partition, resolve_data_dir, subset
+from fl.learning.datasets import check_trainable, load_dataset
 
 log = logging.getLogger("worker")
 
@@ -119,7 +120,11 @@ def build(args: argparse.Namespace, ray_trainers: list[Any] | None = None) -> Wo
     (or train on --trainers processes, or on ``ray_trainers`` actors).
     Raises DataError or ValueError (bad data, split, secret or --tls-ca), one line."""
     device = pick_device(args.device)
-    images, labels = load_mnist(resolve_data_dir(args.data_dir), train=True, download=not args.no_download)
+    check_trainable(args.dataset)
+    if args.dataset != "mnist" and (ray_trainers or args.trainers > 1):
+        raise ValueError(f"--dataset {args.dataset}: training processes (--trainers, Ray) read MNIST only for now")
+    images, labels = load_dataset(args.dataset, resolve_data_dir(args.data_dir), train=True,
+                                  download=not args.no_download, test_fraction=args.test_fraction)
     parts = partition(labels, args.num_clients, args.partition, args.alpha, args.seed)
     config = ClientConfig.from_args(args)
     host: Host

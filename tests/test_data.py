@@ -341,7 +341,8 @@ def test_subset_draws_across_the_whole_shard_not_its_head():
 # --- Split: the server's settings for the shards, on the wire -----------------------------
 
 @pytest.mark.parametrize("split", [Split(), Split(10, "dirichlet", 0.1, 7), Split(3, "shards", 1e-05, -2),
-                                   Split(2, "dirichlet", 0.30000000000000004, 2**63 - 1)])
+                                   Split(2, "dirichlet", 0.30000000000000004, 2**63 - 1),
+                                   Split(4, dataset="fashion-mnist"), Split(5, dataset="folder", test_fraction=0.25)])
 def test_split_travels_as_control_json_and_reads_back_as_the_same_shards(split: Split) -> None:
     wire = split.to_wire()
     assert decode_control("WELCOME", encode_control("WELCOME", {"proof": None, "client_id": 0, "split": wire}))[
@@ -360,6 +361,8 @@ def test_split_travels_as_control_json_and_reads_back_as_the_same_shards(split: 
     ({"alpha": 0.0}, "alpha must be a positive number, got 0.0"),
     ({"alpha": float("nan")}, "alpha must be a positive number"),
     ({"seed": 2**63}, "seed must be a 64-bit integer"),
+    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
+    ({"test_fraction": 1.0}, r"test_fraction must be a number in \(0, 1\), got 1.0"),
 ])
 def test_split_refuses_bad_settings_in_one_line(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -371,6 +374,8 @@ def test_split_refuses_bad_settings_in_one_line(kwargs: dict, match: str) -> Non
     ("alpha", 0.5, r"non-integer number 0.5 in a control message"),
     ("scheme", "IID!", r"WELCOME.split.scheme must be a scheme's name"),
     ("num_shards", 0, r"WELCOME.split.num_shards = 0 is out of range"),
+    ("dataset", "MNIST; rm", r"WELCOME.split.dataset must be a dataset's name"),
+    ("test_fraction", 0.1, r"non-integer number 0.1 in a control message"),
 ])
 def test_a_malformed_split_on_the_wire_is_a_protocol_error(field: str, value, match: str) -> None:
     wire = {**Split().to_wire(), field: value}
@@ -384,3 +389,13 @@ def test_a_split_with_a_scheme_this_client_does_not_know_is_refused_by_its_meani
         Split.from_wire({**Split().to_wire(), "scheme": "zipf"})
     with pytest.raises(ValueError, match="alpha must be a positive number"):
         Split.from_wire({**Split().to_wire(), "alpha": "0"})
+
+
+def test_an_mnist_split_sends_what_older_clients_read_and_another_dataset_says_which() -> None:
+    assert set(Split(3).to_wire()) == {"num_shards", "scheme", "alpha", "seed"}
+    assert Split(3, dataset="kmnist").to_wire()["dataset"] == "kmnist"
+    assert "test_fraction" not in Split(3, dataset="kmnist").to_wire()  # it only cuts a folder
+    assert Split.from_wire({**Split(3).to_wire(), "dataset": "folder", "test_fraction": "0.2"}) == \
+        Split(3, dataset="folder", test_fraction=0.2)
+    with pytest.raises(ValueError, match="unknown dataset 'svhn'"):
+        Split.from_wire({**Split().to_wire(), "dataset": "svhn"})

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fl.common.cli import HelpFormatter, add_secret_arguments
-from fl.learning.config import SCHEMES, Split
+from fl.learning.config import DATASETS, SCHEMES, Split
 from fl.wire.credentials import resolve_secret
 from fl.wire.tls import client_tls_context
 
@@ -30,7 +30,7 @@ def client_parser(description: str, server_split: bool = False,
 def add_client_arguments(p: argparse.ArgumentParser, server_split: bool = False) -> dict[str, argparse._ArgumentGroup]:
     """The flags client.py and worker.py share; returns the groups so a caller can add its own."""
     d = ClientConfig()
-    own = dataclasses.asdict(Split()) if not server_split else dict.fromkeys(SPLIT_FLAGS)
+    own = dataclasses.asdict(Split()) if not server_split else dict.fromkeys([*SPLIT_FLAGS, "dataset", "test_fraction"])
     theirs = " (with --client-id; default: the server's)" if server_split else ""
     net = p.add_argument_group("network")
     net.add_argument("--host", default=d.host, help="server address")
@@ -53,9 +53,17 @@ def add_client_arguments(p: argparse.ArgumentParser, server_split: bool = False)
     fl.add_argument("--limit", type=int, default=None, help="train on at most N samples of the shard (quick runs)")
     fl.add_argument("--seed", type=int, default=own["seed"],
                     help="seed of the data split (same on all clients) and of training" + theirs)
+    fl.add_argument("--dataset", choices=DATASETS, default=own["dataset"], metavar="NAME",
+                    help="what to train on: " + ", ".join(DATASETS) + (" (default: the server's; another than "
+                         "the server's is refused)" if server_split else "") + "; folder: --data-dir holds one "
+                         "subfolder of images per class (or train/ and test/ holding those), made 1-channel 28x28")
+    fl.add_argument("--test-fraction", type=float, default=own["test_fraction"],
+                    help="--dataset folder without train/ and test/: the share held out for the server's tests"
+                         + (" (with --num-clients; default: the server's)" if server_split else ""))
     run = p.add_argument_group("compute and output")
-    run.add_argument("--data-dir", default=None, help="folder with the MNIST files (default: $MNIST_DATA_DIR or ./data)")
-    run.add_argument("--no-download", action="store_true", help="never try to download MNIST")
+    run.add_argument("--data-dir", default=None,
+                     help="folder with the --dataset files (default: $MNIST_DATA_DIR or ./data)")
+    run.add_argument("--no-download", action="store_true", help="never try to download the --dataset files")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="where to train")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     run.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
@@ -70,6 +78,8 @@ def check_client_arguments(p: argparse.ArgumentParser, args: argparse.Namespace)
         p.error("--num-clients must be at least 1")
     if args.alpha is not None and not args.alpha > 0:
         p.error("--alpha must be positive")
+    if args.test_fraction is not None and not 0 < args.test_fraction < 1:
+        p.error("--test-fraction must be in (0, 1)")
     if args.limit is not None and args.limit < 1:
         p.error("--limit must be at least 1")
     if args.threads is not None and args.threads < 1:

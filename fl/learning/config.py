@@ -15,6 +15,9 @@ from typing import Any, Mapping
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEMES = ("iid", "dirichlet", "shards")  # how ``data.partition`` splits the training set among clients
+# what ``--dataset`` names (``datasets.py`` reads each): IDX sets, torchvision's CIFAR batches, a class-folder tree
+DATASETS = ("mnist", "fashion-mnist", "kmnist", "emnist-digits", "emnist-mnist", "emnist-letters", "emnist-balanced",
+            "emnist-bymerge", "emnist-byclass", "cifar10", "folder")
 MAX_SHARDS = 1_000_000  # one per client id (control.MAX_CLIENT_ID + 1)
 _AS = {"lr": float, "momentum": float, "mu": float, "dp_clip_norm": float, "optimizer": str,
        "augment": bool, "hflip": bool, "freeze_bn": bool}  # what from_wire makes of a sent value
@@ -101,8 +104,15 @@ class Split:
     scheme: str = "iid"  # SCHEMES
     alpha: float = 0.5  # Dirichlet concentration (smaller: more label skew)
     seed: int = 0
+    dataset: str = "mnist"  # DATASETS: what is cut, so every client cuts the same images
+    test_fraction: float = 0.1  # --dataset folder without train/ and test/: the held-out share
 
     def __post_init__(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r} (expected one of {', '.join(DATASETS)})")
+        if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, (int, float)) \
+                or not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be a number in (0, 1), got {self.test_fraction!r}")
         if isinstance(self.num_shards, bool) or not isinstance(self.num_shards, int) \
                 or not 1 <= self.num_shards <= MAX_SHARDS:
             raise ValueError(f"num_shards must be an integer in 1..{MAX_SHARDS}, got {self.num_shards!r}")
@@ -116,15 +126,24 @@ class Split:
 
     def to_wire(self) -> dict[str, Any]:
         """WELCOME's ``split``. Control messages carry no floats, so alpha travels as its
-        shortest decimal text, which reads back as the same float (the same shards)."""
-        return {"num_shards": self.num_shards, "scheme": self.scheme, "alpha": repr(float(self.alpha)),
+        shortest decimal text, which reads back as the same float (the same shards). The
+        dataset only when not MNIST, so an MNIST run's WELCOME is what older clients read."""
+        wire = {"num_shards": self.num_shards, "scheme": self.scheme, "alpha": repr(float(self.alpha)),
                 "seed": self.seed}
+        if self.dataset != Split.dataset:
+            wire["dataset"] = self.dataset
+        if self.dataset == "folder":
+            wire["test_fraction"] = repr(float(self.test_fraction))
+        return wire
 
     @classmethod
     def from_wire(cls, wire: Mapping[str, Any]) -> "Split":
         """The split a server sent (its shape already checked by the control schema)."""
-        try:
-            alpha = float(wire["alpha"])
-        except (TypeError, ValueError):
-            raise ValueError(f"alpha must be a number, got {wire['alpha']!r}") from None
-        return cls(wire["num_shards"], wire["scheme"], alpha, wire["seed"])
+        numbers = {}
+        for key in ("alpha", "test_fraction"):
+            try:
+                numbers[key] = float(wire.get(key, getattr(cls, key)))
+            except (TypeError, ValueError):
+                raise ValueError(f"{key} must be a number, got {wire[key]!r}") from None
+        return cls(wire["num_shards"], wire["scheme"], numbers["alpha"], wire["seed"],
+                   wire.get("dataset", cls.dataset), numbers["test_fraction"])

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from fl import privacy, strategies
 from fl.common.limits import limit_malloc_arenas, raise_open_files
 from fl.common.logs import sanitize, setup_logging
-from fl.learning.data import DataError, load_mnist, resolve_data_dir
+from fl.learning.data import DataError, resolve_data_dir
+from fl.learning.datasets import load_dataset
 from fl.learning.model import ImprovedCNN
 from fl.server import checkpoint as ckpt
 from fl.server import secagg as secagg_server
@@ -147,7 +148,8 @@ def main(config: ServerConfig, args: argparse.Namespace) -> int:
 
 def load_test_set(config: ServerConfig) -> tuple[torch.Tensor, torch.Tensor]:
     try:
-        images, labels = load_mnist(resolve_data_dir(config.data_dir), train=False, download=config.download)
+        images, labels = load_dataset(config.dataset, resolve_data_dir(config.data_dir), train=False,
+                                      download=config.download, test_fraction=config.test_fraction)
     except DataError as exc:
         raise StartupError(str(exc)) from None
     if config.test_limit:

@@ -46,6 +46,8 @@ class ServerConfig:
     num_shards: int | None = None  # None: max(min_clients, MIN_SHARDS)
     partition: str = Split.scheme
     alpha: float = Split.alpha
+    dataset: str = Split.dataset  # learning/datasets.py reads it, here the test set, on the clients their shards
+    test_fraction: float = Split.test_fraction
     # aggregation
     strategy: str = "fedavg"
     strategy_params: dict[str, Any] = field(default_factory=dict)
@@ -91,7 +93,8 @@ class ServerConfig:
 
     def split(self) -> Split:
         """How the training set is cut into the clients' shards; ValueError for a bad setting."""
-        return Split(self.num_shards or max(self.min_clients, MIN_SHARDS), self.partition, self.alpha, self.seed)
+        return Split(self.num_shards or max(self.min_clients, MIN_SHARDS), self.partition, self.alpha, self.seed,
+                     self.dataset, self.test_fraction)
 
     def bn_frozen(self, round_num: int) -> bool:
         """Whether BatchNorm's statistics are fixed in this round (FixBN's calibration phase)."""

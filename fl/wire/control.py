@@ -144,9 +144,11 @@ OPTIONS = Obj({"quantization": Bool(), "device": Choice(DEVICES), "secagg": Bool
 _REASON = Obj({"reason": Text(REASON_LIMIT)}, frozenset({"reason"}))
 _PROOF = Obj({"proof": Hex(PROOF_SIZE, nullable=True)})
 # The data split (learning/config.py's Split): its meaning is checked there, its shape here.
+_DECIMAL = Pattern(r"[0-9]{1,20}(\.[0-9]{1,20})?(e[-+]?[0-9]{1,3})?", "a decimal number such as 0.5")
 SPLIT = Obj({"num_shards": Int(1, MAX_CLIENT_ID + 1), "scheme": Pattern(r"[a-z]{1,16}", "a scheme's name"),
-             "alpha": Pattern(r"[0-9]{1,20}(\.[0-9]{1,20})?(e[-+]?[0-9]{1,3})?", "a decimal number such as 0.5"),
-             "seed": Int(-2**63, 2**63 - 1)})
+             "alpha": _DECIMAL, "seed": Int(-2**63, 2**63 - 1),
+             "dataset": Pattern(r"[a-z0-9-]{1,24}", "a dataset's name"), "test_fraction": _DECIMAL},
+            frozenset({"dataset", "test_fraction"}))
 SCHEMAS: dict[str, Obj] = {
     # No client_id: "give me a free one" (with join only, which asks for the split).
     "HELLO": Obj({"client_id": Int(0, MAX_CLIENT_ID), "num_samples": Int(0, MAX_NUM_SAMPLES),
