@@ -154,6 +154,7 @@ def load_test_set(config: ServerConfig) -> tuple[torch.Tensor, torch.Tensor]:
         raise StartupError(str(exc)) from None
     if config.test_limit:
         images, labels = images[:config.test_limit], labels[:config.test_limit]
+    log.info("test set: %d images of %s", len(labels), config.dataset)
     return images, labels
 
 
