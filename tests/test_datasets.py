@@ -190,3 +190,14 @@ def test_a_cifar_batch_that_would_run_code_is_refused_not_run(tmp_path):
         load_dataset("cifar10", tmp_path, train=False, download=False)
     with pytest.raises(DataError, match=r"cifar10 not found .*put the cifar-10-batches-py folder"):
         load_dataset("cifar10", tmp_path / "none", train=True, download=False)
+
+
+@pytest.mark.parametrize("script", ["server.py", "client.py", "simulate.py"])
+def test_cifar10_with_improved_cnn_is_one_line_and_exit_2_on_every_command(script, tmp_path):
+    from procs import run
+
+    extra = ["--out", tmp_path / "run", "--no-plot"] if script == "simulate.py" else ["--no-download"]
+    done = run(script, "--dataset", "cifar10", "--data-dir", tmp_path, *extra)
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "--dataset cifar10 (3x32x32 images, 10 classes) needs another model" in lines[-1]
