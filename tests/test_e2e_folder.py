@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from procs import expect_exit, log_of, run, start, stop
 
-from fl.learning.data import load_mnist
+import worker
+from fl.learning.data import load_mnist, partition
 from fl.learning.datasets import load_dataset
 
 TRAIN, TEST, LIMIT = 3000, 500, 600
@@ -86,3 +87,15 @@ def test_a_client_naming_another_dataset_than_the_servers_is_refused_in_one_line
     assert "--dataset mnist: the server trains on folder; drop --dataset or give the server --dataset mnist" \
         in errors[0]
     assert "Traceback" not in log_of(log)
+
+
+def test_a_worker_cuts_its_clients_shards_from_the_folder_it_is_given(png_dir):
+    args = worker.parse_args(["--client-ids", "0-2", "--num-clients", "3", "--dataset", "folder",
+                              "--data-dir", str(png_dir), "--no-download"])
+    built = worker.build(args)
+    _, labels = load_dataset("folder", png_dir, train=True)
+    parts = partition(labels, 3, "iid", 0.5, 0)
+    assert [p.indices.tolist() for p in built.participants] == [q.tolist() for q in parts]
+    args.trainers = 2  # training processes load MNIST only: refused, not trained on the wrong images
+    with pytest.raises(ValueError, match="--dataset folder: training processes .* read MNIST only"):
+        worker.build(args)
