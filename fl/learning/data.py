@@ -83,7 +83,8 @@ def find_mnist_file(data_dir: Path, stem: str) -> Path | None:
     return None
 
 
-def _read_idx_file(path: Path) -> torch.Tensor:
+def read_idx_file(path: Path) -> torch.Tensor:
+    """One IDX file, gzipped or not; DataError (one line) naming the file."""
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         return parse_idx(raw)
@@ -122,7 +123,7 @@ def load_mnist(
             f"MNIST not found in {data_dir} ({why}): put {', '.join(MNIST_FILES)} there, "
             f"or pass --data-dir / set {DATA_DIR_ENV}"
         )
-    images, labels = (_read_idx_file(p) for p in paths)
+    images, labels = (read_idx_file(p) for p in paths)
     if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28):
         raise DataError(f"{paths[0]}: expected images of shape [N,28,28], got {list(images.shape)}")
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:

@@ -9,7 +9,6 @@ until the model seam lands); ``cifar10`` reads torchvision's python batches.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import pickle
 import socket
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 
 from fl.learning.config import DATASETS, Split
-from fl.learning.data import DATA_DIR_ENV, DataError, load_mnist, parse_idx
+from fl.learning.data import DATA_DIR_ENV, DataError, load_mnist, read_idx_file
 
 MODEL_SHAPE, MODEL_CLASSES = (1, 28, 28), 10  # what ImprovedCNN takes and gives
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
@@ -119,21 +118,13 @@ def load_idx_set(name: str, data_dir: Path, train: bool) -> tuple[torch.Tensor, 
     found = [next((f / n for f in folders for n in (stem, f"{stem}.gz") if (f / n).is_file()), None) for stem in stems]
     if None in found:
         raise FileNotFoundError("put " + ", ".join(f"{stem}.gz" for stem in stems) + " there")
-    images, labels = (_read_idx(p) for p in found)
+    images, labels = (read_idx_file(p) for p in found)
     if images.dim() != 3 or tuple(images.shape[1:]) != (28, 28) or labels.shape != images.shape[:1]:
         raise DataError(f"{found[0]}: expected [N,28,28] images and N labels, got {list(images.shape)} "
                         f"and {list(labels.shape)}")
     if name.startswith("emnist-"):
         images = images.transpose(1, 2).contiguous()  # EMNIST's files hold the images transposed
     return images, _checked_labels(labels.long(), spec(name).classes, found[1])
-
-
-def _read_idx(path: Path) -> torch.Tensor:
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        return parse_idx(raw)
-    except (OSError, EOFError, DataError) as e:
-        raise DataError(f"cannot read {path}: {e}") from e
 
 
 def _checked_labels(labels: torch.Tensor, classes: int, where: object) -> torch.Tensor:
