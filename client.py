@@ -30,7 +30,7 @@ from fl.client.host import Host
 from fl.client.participant import Participant, Unreachable, join
 from fl.common.logs import setup_logging
 from fl.learning.config import Split
-from fl.learning.data import DataError, resolve_data_dir, split_shard, subset
+from fl.learning.data import MNIST_FILES, DataError, resolve_data_dir, split_shard, subset
 from fl.learning.datasets import check_trainable, load_dataset
 from fl.wire.errors import RemoteError
 from fl.wire.handshake import AuthError, BadWelcome
@@ -78,6 +78,15 @@ def find_shard(args: argparse.Namespace, config: ClientConfig) -> tuple[int, Spl
     return cid, dataclasses.replace(split, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def check_data_dir(args: argparse.Namespace) -> None:
+    """Offline, a data folder that is not there fails now, not after asking the server which
+    dataset the run trains on: no dataset can be read from it."""
+    data_dir = resolve_data_dir(args.data_dir)
+    if args.no_download and not data_dir.is_dir():
+        raise DataError(f"{data_dir} does not exist and --no-download is given: put the run's dataset there "
+                        f"(for MNIST: {', '.join(MNIST_FILES)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.quiet, args.verbose)
@@ -88,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         device = pick_device(args.device)
         if args.dataset is not None:
             check_trainable(args.dataset)
+        check_data_dir(args)
     except (DataError, ValueError) as exc:
         log.error("%s", exc)
         return 2
