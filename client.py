@@ -26,14 +26,15 @@ import sys
 import torch
 
 from fl.client.config import SPLIT_FLAGS, ClientConfig, check_client_arguments, client_parser, pick_device
-from fl.client.host import Host
+from fl.client.host import Host, build_task
 from fl.client.participant import Participant, Unreachable, join
 from fl.common.logs import setup_logging
+from fl.learning import augment, models
 from fl.learning.config import Split
 from fl.learning.data import MNIST_FILES, DataError, resolve_data_dir, split_shard, subset
-from fl.learning.datasets import check_trainable, load_dataset
+from fl.learning.datasets import load_dataset
 from fl.wire.errors import RemoteError
-from fl.wire.handshake import AuthError, BadWelcome
+from fl.wire.handshake import AuthError, BadWelcome, Mismatch, Terms
 
 log = logging.getLogger("client")
 
@@ -61,21 +62,33 @@ def _dest(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
 
-def find_shard(args: argparse.Namespace, config: ClientConfig) -> tuple[int, Split]:
-    """This client's id and the split it cuts its shard with: its own with --num-clients
-    (no question to the server), else the server's with --partition/--alpha/--seed
-    overriding. Raises what ``participant.join`` does, or ValueError for a bad override or
-    a --dataset other than the server's."""
+def find_shard(args: argparse.Namespace, config: ClientConfig) -> tuple[int, Split, Terms | None]:
+    """This client's id, the split it cuts its shard with and what the server trains: its
+    own split with --num-clients (no question to the server; the terms come at connecting),
+    else the server's with --partition/--alpha/--seed overriding. Raises what
+    ``participant.join`` does, or ValueError for a bad override or a --dataset other than
+    the server's."""
     if args.num_clients is not None:
         own = {name: getattr(args, _dest(flag)) for name, flag in SPLIT_FLAGS.items()}
         own.update(dataset=args.dataset, test_fraction=args.test_fraction)
-        return args.client_id, Split(**{k: v for k, v in own.items() if v is not None})
-    cid, split = join(config, args.client_id)
+        return args.client_id, Split(**{k: v for k, v in own.items() if v is not None}), None
+    cid, split, terms = join(config, args.client_id)
     if args.dataset is not None and args.dataset != split.dataset:
         raise ValueError(f"--dataset {args.dataset}: the server trains on {split.dataset}; "
                          f"drop --dataset or give the server --dataset {args.dataset}")
     overrides = {name: getattr(args, _dest(flag)) for name, flag in SPLIT_FLAGS.items() if name != "num_shards"}
-    return cid, dataclasses.replace(split, **{k: v for k, v in overrides.items() if v is not None})
+    return cid, dataclasses.replace(split, **{k: v for k, v in overrides.items() if v is not None}), terms
+
+
+def model_name(given: str | None, server: Terms | None) -> str:
+    """--model, else the server's when it is a built-in (adopted, as the dataset is), else
+    the default. A server's package.module:factory must be given here too: Mismatch."""
+    if given is not None or server is None:
+        return given or models.DEFAULT
+    if server.model not in models.BUILTIN:
+        raise Mismatch(f"the server trains --model {server.model}: start this client with --model {server.model} "
+                       "(importable here too, e.g. on PYTHONPATH)")
+    return server.model
 
 
 def check_data_dir(args: argparse.Namespace) -> None:
@@ -95,15 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ClientConfig.from_args(args)
         device = pick_device(args.device)
+        if args.model is not None:
+            models.factory(args.model)  # a factory that cannot be imported fails before the server is asked
         if args.dataset is not None:
-            check_trainable(args.dataset)
+            models.check_trainable(args.dataset, args.model or models.DEFAULT)
         check_data_dir(args)
     except (DataError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     try:
-        cid, split = find_shard(args, config)
-        check_trainable(split.dataset)
+        cid, split, server = find_shard(args, config)
+        model, terms = build_task(model_name(args.model, server), split.dataset, resolve_data_dir(args.data_dir),
+                                  split.test_fraction)
+        if server is not None:
+            terms.check(server)  # another model: refused here, before the data is even read
         images, labels = load_dataset(split.dataset, resolve_data_dir(args.data_dir), train=True,
                                       download=not args.no_download, test_fraction=split.test_fraction)
         idx = split_shard(labels, split, cid)
@@ -113,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     except (Unreachable, BadWelcome) as exc:
         log.error("%s", exc)
         return 1
+    except Mismatch as exc:
+        log.error("%s", exc)
+        return 2
     except (DataError, ValueError) as exc:
         log.error("%s", exc)
         return 2
@@ -120,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     images, labels = images[idx].to(device), labels[idx].to(device)
     torch.manual_seed(split.seed + cid)
     random.seed(split.seed + cid)
-    participant = Participant(cid, Host(images, labels, device), dataclasses.replace(config, seed=split.seed))
-    log.info("client %d of %d: %d samples (%s split, alpha %g, seed %d%s) of %s on %s", cid, split.num_shards,
+    host = Host(images, labels, device, model=model, terms=terms, augment=augment.for_dataset(split.dataset))
+    participant = Participant(cid, host, dataclasses.replace(config, seed=split.seed))
+    log.info("client %d of %d: %d samples (%s split, alpha %g, seed %d%s) of %s on %s, %s", cid, split.num_shards,
              len(labels), split.scheme, split.alpha, split.seed,
-             ", from the server" if args.num_clients is None else "", split.dataset, device)
+             ", from the server" if args.num_clients is None else "", split.dataset, device,
+             models.describe(terms.model, model))
     return participant.run()
 
 

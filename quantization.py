@@ -1,8 +1,8 @@
 """8-bit quantization of model updates (``client.py --quantization``, ``server.py
 --quantize-broadcast``): per-output-channel affine codes, about a quarter of float32's bytes.
 
-Its code is ``fl/learning/quantization.py``. ``python quantization.py`` quantizes a random
-ImprovedCNN-sized update and prints the bytes saved and the error.
+Its code is ``fl/learning/quantization.py``. ``python quantization.py [--model NAME]``
+quantizes a random update of the model's size and prints the bytes saved and the error.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import argparse
 
 import torch
 
-from fl.learning.model import ImprovedCNN
+from fl.learning import models
 from fl.learning.quantization import (
     QuantizationError,
     apply_delta,
@@ -24,9 +24,11 @@ __all__ = ["QuantizationError", "apply_delta", "dequantize_state", "packed_nbyte
 
 
 def main(argv: list[str] | None = None) -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=models.DEFAULT, help=f"{', '.join(models.BUILTIN)} (for MNIST's images)")
+    args = p.parse_args(argv)
     g = torch.Generator().manual_seed(0)
-    base = ImprovedCNN().state_dict()
+    base = models.for_dataset(args.model, "mnist").state_dict()
     local = {k: v + 1e-3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()}
     delta = state_delta(local, base)
     packed = quantize_state(delta)

@@ -1,9 +1,9 @@
-"""Federated-learning server: holds the global ImprovedCNN and runs federated rounds over TCP.
+"""Federated-learning server: holds the global model and runs federated rounds over TCP.
 
 Each round the strategy's clients are sampled from those connected, sent the global model,
 and their updates validated, screened and aggregated as they arrive (FedAvg weighted by
 sample count by default; ``--strategy`` picks another). The new model goes out at once and
-the finished round is evaluated on the MNIST test set in the background, checkpointed
+the finished round is evaluated on the dataset's test set in the background, checkpointed
 atomically and logged as one JSON line.
 
     python server.py --rounds 5 --min-clients 3 [--strategy fedadam --fraction 0.5]
@@ -21,9 +21,9 @@ from dataclasses import fields
 
 from fl import privacy, strategies
 from fl.common.cli import HelpFormatter
+from fl.learning import models
 from fl.learning.config import DATASETS, OPTIMIZERS, SCHEMES, TrainingConfig
 from fl.learning.data import DataError
-from fl.learning.datasets import check_trainable
 from fl.server import app, tensorboard
 from fl.server import secagg as secagg_server
 from fl.server.config import MIN_SHARDS, ServerConfig
@@ -131,6 +131,10 @@ def add_split_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
                         " (folder: --data-dir holds one subfolder of images per class, or train/ and test/ "
                         "holding those; made 1-channel 28x28)")
     setting(g, d, "test_fraction", "--dataset folder without train/ and test/: the share held out for testing")
+    g.add_argument("--model", default=d.model, metavar="NAME",
+                   help="what the clients train: " + ", ".join(models.BUILTIN) + ", or package.module:factory (a "
+                        "function of (input_shape, num_classes) returning a torch.nn.Module, importable here and "
+                        "on every client); a client with another model is refused")
 
 
 def add_output_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
@@ -258,7 +262,7 @@ def check_split(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     try:
         split = ServerConfig(num_shards=a.num_shards, min_clients=a.min_clients, partition=a.partition,
                              alpha=a.alpha, seed=a.seed, dataset=a.dataset, test_fraction=a.test_fraction).split()
-        check_trainable(split.dataset)
+        models.check_trainable(split.dataset, a.model)
     except DataError as exc:
         p.error(str(exc))
     except ValueError as exc:  # "num_shards must be ..." -> "--num-shards must be ..."

@@ -154,6 +154,9 @@ def add_output_flags(out: argparse._ArgumentGroup) -> None:
                      help="folder with the --dataset files (default: $MNIST_DATA_DIR or ./data)")
     out.add_argument("--dataset", choices=DATASETS, default="mnist", metavar="NAME",
                      help="passed to server.py and the workers: " + ", ".join(DATASETS))
+    out.add_argument("--model", default="improved-cnn", metavar="NAME",
+                     help="passed to server.py and the workers: improved-cnn, resnet-small, mlp, or "
+                          "package.module:factory (importable: on PYTHONPATH)")
     add_secret_arguments(out, "the run's shared secret", ", else a fresh random one")
     out.add_argument("--out", default=None, help="run folder (default: runs/<timestamp>)")
     out.add_argument("--resume", action="store_true",
@@ -209,7 +212,7 @@ def build_commands(args: argparse.Namespace, server_extra: list[str], port: int,
     interpreter, so a Ray actor can run them in its own process)."""
     cores = cores or os.cpu_count() or 1
     workers = min(args.clients, args.workers or default_workers(args.clients, cores))
-    data = (["--data-dir", args.data_dir] if args.data_dir else []) + ["--dataset", args.dataset]
+    data = (["--data-dir", args.data_dir] if args.data_dir else []) + ["--dataset", args.dataset, "--model", args.model]
     server = [sys.executable, str(HERE / "server.py"), "--host", listen_host(args), "--port", str(port),
               "--rounds", str(args.rounds), "--min-clients", str(args.clients),
               "--max-connections", str(max(128, args.clients + 32)),  # room for reconnects
@@ -254,15 +257,15 @@ def build_commands(args: argparse.Namespace, server_extra: list[str], port: int,
     return server, worker_args
 
 
-def prepare_data(data_dir: str | None, dataset: str = "mnist") -> str | None:
+def prepare_data(data_dir: str | None, dataset: str = "mnist", model: str = "improved-cnn") -> str | None:
     """Fetch or check the dataset once here, rather than racing every worker's download; the
     error line, or None. In a child process, so the launcher never holds torch (~0.5 GB)."""
     code = ("import sys\nfrom fl.learning.data import DataError, resolve_data_dir\n"
-            "from fl.learning.datasets import check_trainable, load_dataset\n"
-            "try:\n    check_trainable(sys.argv[2])\n"
+            "from fl.learning.datasets import load_dataset\nfrom fl.learning.models import check_trainable\n"
+            "try:\n    check_trainable(sys.argv[2], sys.argv[3])\n"
             "    [load_dataset(sys.argv[2], resolve_data_dir(sys.argv[1] or None), train=t) for t in (True, False)]\n"
-            "except DataError as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
-    r = subprocess.run([sys.executable, "-c", code, data_dir or "", dataset], cwd=HERE, capture_output=True,
+            "except (DataError, ValueError) as e:\n    print(e, file=sys.stderr); sys.exit(2)\n")
+    r = subprocess.run([sys.executable, "-c", code, data_dir or "", dataset, model], cwd=HERE, capture_output=True,
                        text=True)
     if r.returncode == 0:
         return None
@@ -358,7 +361,8 @@ class RayEngine:
         on that many trainer actors."""
         ray = self.ray
         argv = worker_args[0]
-        setup = [argv[argv.index(f) + 1] if f in argv else None for f in ("--data-dir", "--device", "--threads")]
+        setup = [argv[argv.index(f) + 1] if f in argv else None
+                 for f in ("--data-dir", "--device", "--threads", "--dataset", "--model")]
         trainer_actors = [ray.remote(num_cpus=1)(RayTrainer).remote(*setup, run_env) for _ in range(trainers)] \
             if trainers > 1 else []
         self.actors += trainer_actors
@@ -418,14 +422,17 @@ class RayWorker:
 class RayTrainer:
     """A Ray actor's body: one training process of a worker (``trainer_pool``), one thread."""
 
-    def __init__(self, data_dir: str | None, device: str | None, threads: str | None, run_env: dict[str, str]) -> None:
+    def __init__(self, data_dir: str | None, device: str | None, threads: str | None, dataset: str | None,
+                 model: str | None, run_env: dict[str, str]) -> None:
         os.environ.update(run_env)
         from fl.client import trainer_pool
         from fl.client.config import pick_device
         from fl.learning.data import resolve_data_dir
 
+        default = trainer_pool.DEFAULT_TASK
+        task = trainer_pool.Task(model or default.model, dataset or default.dataset)  # the worker's flags
         trainer_pool.start_trainer(str(resolve_data_dir(data_dir)), True, str(pick_device(device or "cpu")),
-                                   int(threads or 1))
+                                   int(threads or 1), task)
 
     def ready(self) -> bool:
         return True
@@ -465,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CredentialError, OutputsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    error = prepare_data(args.data_dir, args.dataset)
+    error = prepare_data(args.data_dir, args.dataset, args.model)
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 2

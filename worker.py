@@ -31,14 +31,15 @@ from typing import Any
 import torch
 
 from fl.client.config import ClientConfig, check_client_arguments, client_parser, pick_device
-from fl.client.host import Host
+from fl.client.host import Host, build_task
 from fl.client.participant import Participant
-from fl.client.trainer_pool import RayTrainers, TrainerPool
+from fl.client.trainer_pool import RayTrainers, Task, TrainerPool
 from fl.common.ids import format_ids, parse_ids
 from fl.common.limits import raise_open_files
 from fl.common.logs import setup_logging
+from fl.learning import augment, models
 from fl.learning.data import DataError, partition, resolve_data_dir, subset
-from fl.learning.datasets import check_trainable, load_dataset
+from fl.learning.datasets import load_dataset
 
 log = logging.getLogger("worker")
 
@@ -120,23 +121,23 @@ def build(args: argparse.Namespace, ray_trainers: list[Any] | None = None) -> Wo
     (or train on --trainers processes, or on ``ray_trainers`` actors).
     Raises DataError or ValueError (bad data, split, secret or --tls-ca), one line."""
     device = pick_device(args.device)
-    check_trainable(args.dataset)
-    if args.dataset != "mnist" and (ray_trainers or args.trainers > 1):
-        raise ValueError(f"--dataset {args.dataset}: training processes (--trainers, Ray) read MNIST only for now")
+    name = args.model or models.DEFAULT
+    models.check_trainable(args.dataset, name)
+    model, terms = build_task(name, args.dataset, resolve_data_dir(args.data_dir), args.test_fraction)
     images, labels = load_dataset(args.dataset, resolve_data_dir(args.data_dir), train=True,
                                   download=not args.no_download, test_fraction=args.test_fraction)
     parts = partition(labels, args.num_clients, args.partition, args.alpha, args.seed)
     config = ClientConfig.from_args(args)
     host: Host
     if ray_trainers:  # the data stays in the training processes; this one keeps the shards' indices
-        host = RayTrainers(ray_trainers, device)
+        host = RayTrainers(ray_trainers, device, model=model, terms=terms)
         del images
     elif args.trainers > 1:
         host = TrainerPool(args.trainers, str(resolve_data_dir(args.data_dir)), not args.no_download, device,
-                                 args.threads)
+                           args.threads, Task(name, args.dataset, args.test_fraction), terms=terms)
         del images
     else:
-        host = Host(images, labels, device)
+        host = Host(images, labels, device, model=model, terms=terms, augment=augment.for_dataset(args.dataset))
     participants = []
     for cid in args.client_ids:
         idx = subset(parts[cid], args.limit, args.seed * 1009 + cid)

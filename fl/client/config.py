@@ -12,6 +12,7 @@ import torch
 
 from fl.common.cli import HelpFormatter, add_secret_arguments
 from fl.learning.config import DATASETS, SCHEMES, Split
+from fl.learning.models import BUILTIN as BUILTIN_MODELS
 from fl.wire.credentials import resolve_secret
 from fl.wire.tls import client_tls_context
 
@@ -57,6 +58,11 @@ def add_client_arguments(p: argparse.ArgumentParser, server_split: bool = False)
                     help="what to train on: " + ", ".join(DATASETS) + (" (default: the server's; another than "
                          "the server's is refused)" if server_split else "") + "; folder: --data-dir holds one "
                          "subfolder of images per class (or train/ and test/ holding those), made 1-channel 28x28")
+    fl.add_argument("--model", default=None, metavar="NAME",
+                    help="the model trained: " + ", ".join(BUILTIN_MODELS) + " or package.module:factory; must be the "
+                         "server's (checked when joining: another is refused, exit 2)" + (
+                             " (default: the server's when a built-in, else improved-cnn)" if server_split
+                             else " (default: improved-cnn)"))
     fl.add_argument("--test-fraction", type=float, default=own["test_fraction"],
                     help="--dataset folder without train/ and test/: the share held out for the server's tests"
                          + (" (with --num-clients; default: the server's)" if server_split else ""))
@@ -100,6 +106,7 @@ class ClientConfig:
     quantization: bool = False
     stochastic_rounding: bool = False
     seed: int = Split.seed  # of training (and of the split, for a client with its own)
+    model: str | None = None  # --model (learning/models/); None: the server's built-in, else the default
     device: str = "auto"  # the --device choice, as announced to the server in HELLO
     secagg: bool = True  # announce secure-aggregation support in HELLO (secagg_client.py)
     progress: bool = True
@@ -114,7 +121,7 @@ class ClientConfig:
         return cls(host=args.host, port=args.port, secret=resolve_secret(args.secret, args.secret_file), tls=tls,
                    connect_timeout=args.connect_timeout, quantization=args.quantization,
                    stochastic_rounding=args.stochastic_rounding,
-                   seed=cls.seed if args.seed is None else args.seed, device=args.device,
+                   seed=cls.seed if args.seed is None else args.seed, model=args.model, device=args.device,
                    progress=not (args.no_progress or args.quiet))
 
 

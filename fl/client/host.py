@@ -13,8 +13,11 @@ import torch
 
 from fl.client.config import ClientConfig
 from fl.client.local import Fitted, fit
+from fl.common.layout import Layout
+from fl.learning import models
+from fl.learning.augment import Augment, augment_batch
 from fl.learning.config import TrainingConfig
-from fl.learning.model import ImprovedCNN
+from fl.wire.handshake import Terms
 
 T = TypeVar("T")
 
@@ -62,6 +65,13 @@ def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
         a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
+def build_task(model: str, dataset: str, data_dir: Any, test_fraction: float) -> tuple[torch.nn.Module, Terms]:
+    """The model a client process trains on ``dataset``, and the terms its participants
+    check the server's WELCOME against; ValueError or DataError, one line."""
+    net = models.for_dataset(model, dataset, data_dir, test_fraction)
+    return net, Terms(model, Layout.of(net.state_dict()).fingerprint, dataset)
+
+
 class Host:
     """The training images, one model, one lock and one training thread, shared by a
     process's participants.
@@ -69,13 +79,20 @@ class Host:
     ``images``/``labels`` are the whole training set (a worker: participants hold indices
     into it) or one client's shard already on its device (client.py). All the tensor work
     runs on the one training thread: oneDNN and the allocators keep per-thread scratch
-    buffers (~15 MB a thread here), which would otherwise grow with the number of clients."""
+    buffers (~15 MB a thread here), which would otherwise grow with the number of clients.
+
+    ``model`` is the run's (default: ImprovedCNN for MNIST), ``augment`` its dataset's;
+    ``terms`` what its participants check the server's WELCOME against (None: nothing)."""
 
     def __init__(self, images: torch.Tensor | None, labels: torch.Tensor | None, device: torch.device,
-                 slots: int = 1) -> None:
+                 slots: int = 1, model: torch.nn.Module | None = None, terms: Terms | None = None,
+                 augment: Augment = augment_batch) -> None:
         self.images, self.labels = images, labels
         self.device = device
-        self.model = ImprovedCNN().to(device) if images is not None else None
+        model = model if model is not None else models.build(models.DEFAULT, (1, 28, 28), 10)
+        self.layout = Layout.of(model.state_dict())  # sizes the connection's limits (frames.frame_limit)
+        self.terms, self.augment = terms, augment
+        self.model = model.to(device) if images is not None else None
         # How many participants may read, train and encode at once: one model here, one
         # per training process in a TrainerPool.
         self.lock = threading.BoundedSemaphore(slots)
@@ -96,7 +113,8 @@ class Host:
         """Train ``client`` from ``base``; called by a participant holding a slot of
         ``lock``. The extension point: ``trainer_pool.TrainerPool`` trains in other processes."""
         return self.compute(fit, self.model, self.images, self.labels, client.indices, client.client_id,
-                            client.config.seed, round_num, config, base, client.config.progress, attempt)
+                            client.config.seed, round_num, config, base, client.config.progress, attempt,
+                            self.augment)
 
     def _train_loop(self) -> None:
         while True:

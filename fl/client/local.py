@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from fl.learning.augment import Augment, augment_batch
 from fl.learning.config import TrainingConfig
 from fl.learning.training import TrainResult, train
 
@@ -32,7 +33,7 @@ def round_seed(seed: int, client_id: int, round_num: int, attempt: int = 0) -> i
 
 def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None,
         client_id: int, seed: int, round_num: int, config: TrainingConfig, base: dict[str, torch.Tensor],
-        progress: bool = False, attempt: int = 0) -> Fitted:
+        progress: bool = False, attempt: int = 0, augment: Augment = augment_batch) -> Fitted:
     """One client's local training from ``base``: (a copy of the local state, the training
     result, the round's generator, the sample count). The generator goes on to the update
     steps: stochastic rounding draws from it."""
@@ -42,7 +43,8 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indi
     torch.manual_seed(rs + 1_000_000_007)  # dropout draws from the global generator
     if indices is not None:
         images, labels = images[indices], labels[indices]
-    result = train(model, images, labels, config, generator=generator, progress=progress, desc=f"round {round_num}")
+    result = train(model, images, labels, config, generator=generator, progress=progress, desc=f"round {round_num}",
+                   augment=augment)
     # A copy even on the CPU (where .cpu() would alias the model's own tensors): the next
     # client trained on this model must not change what this one returns.
     local = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

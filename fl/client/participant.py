@@ -30,11 +30,13 @@ from fl.client import steps
 from fl.client.config import ClientConfig
 from fl.client.host import Host
 from fl.client.local import Fitted, log_round, train_metrics
+from fl.common.layout import Layout
 from fl.learning.config import Split, TrainingConfig
 from fl.learning.quantization import QuantizationError, apply_delta, dequantize_state
 from fl.wire.errors import ConnectionClosed, ProtocolError, RemoteError
-from fl.wire.frames import Connection, MsgType, field, wait_readable
-from fl.wire.handshake import AuthError, BadWelcome, client_handshake
+from fl.wire.frames import Connection, MsgType, field, frame_limit, wait_readable
+from fl.wire.handshake import AuthError, BadWelcome, Mismatch, Terms, client_handshake
+from fl.wire.safe_decode import Limits
 
 log = logging.getLogger("client")
 
@@ -53,7 +55,8 @@ class Participant:
 
     ``run()`` is the whole life of a client (connect, serve rounds, reconnect after a lost
     connection) and returns an exit status: 0 when the server said DONE, 1 when the server
-    is unreachable, refuses us, or breaks the protocol."""
+    is unreachable, refuses us, or breaks the protocol; 2 when it trains another model or
+    dataset than this client's host (told in WELCOME, before any training)."""
 
     def __init__(self, client_id: int, host: Host, config: ClientConfig,
                  indices: torch.Tensor | None = None, log_prefix: str = "") -> None:
@@ -69,8 +72,10 @@ class Participant:
         self._secagg_warned = False  # the note that secure aggregation overrides --quantization
 
     def connect(self) -> Connection:
-        """Connect and authenticate with this client's id, retrying within the window."""
-        return connect(self.config, self.client_id, self.num_samples, self.log)[0]
+        """Connect and authenticate with this client's id, retrying within the window;
+        Mismatch when the server trains another model or dataset than the host's."""
+        return connect(self.config, self.client_id, self.num_samples, self.log, terms=self.host.terms,
+                       layout=self.host.layout)[0]
 
     def serve(self, conn: Connection) -> str:
         """Answer MODEL messages with updates until the server says DONE; returns its reason."""
@@ -176,6 +181,9 @@ class Participant:
             except BadWelcome as exc:
                 self.log.error("protocol error: %s", exc)
                 return 1
+            except Mismatch as exc:  # a setting to change, before any training
+                self.log.error("%s", exc)
+                return 2
             self.log.info("joined the federation at %s:%d", cfg.host, cfg.port)
             try:
                 reason = self.serve(conn)
@@ -194,10 +202,12 @@ class Participant:
             return 0
 
 
-def connect(cfg: ClientConfig, client_id: int | None, num_samples: int, log: Any,
-            join: bool = False) -> tuple[Connection, dict[str, Any]]:
+def connect(cfg: ClientConfig, client_id: int | None, num_samples: int, log: Any, join: bool = False,
+            terms: Terms | None = None, layout: Layout | None = None) -> tuple[Connection, dict[str, Any]]:
     """Connect and authenticate, retrying with exponential backoff within the window; the
-    connection and WELCOME's fields. A refusal or a bad WELCOME is final: no retry."""
+    connection and WELCOME's fields. A refusal, a bad WELCOME or one whose terms differ
+    from ``terms`` (Mismatch) is final: no retry. ``layout`` sizes the frames and payloads
+    the connection accepts (the strict limits without one)."""
     deadline = time.monotonic() + cfg.connect_timeout
     delay, attempt = 0.2, 0
     options = {"quantization": cfg.quantization, "device": cfg.device, "secagg": cfg.secagg}
@@ -209,11 +219,13 @@ def connect(cfg: ClientConfig, client_id: int | None, num_samples: int, log: Any
             if cfg.tls is not None:
                 sock = cfg.tls.wrap_socket(sock, server_hostname=cfg.host)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(sock)
+            conn = Connection(sock) if layout is None else Connection(sock, frame_limit(layout), Limits.of(layout))
             welcome = client_handshake(conn, client_id, num_samples, options, cfg.secret,
                                        timeout=cfg.handshake_timeout, join=join)
+            if terms is not None:
+                terms.check(Terms.of(welcome))
             return conn, welcome
-        except (AuthError, BadWelcome, ssl.SSLCertVerificationError, RemoteError):
+        except (AuthError, BadWelcome, Mismatch, ssl.SSLCertVerificationError, RemoteError):
             _close(sock)
             raise
         except (OSError, ProtocolError) as exc:
@@ -228,10 +240,10 @@ def connect(cfg: ClientConfig, client_id: int | None, num_samples: int, log: Any
             delay = min(delay * 2, 5.0)
 
 
-def join(cfg: ClientConfig, client_id: int | None, log: Any = log) -> tuple[int, Split]:
+def join(cfg: ClientConfig, client_id: int | None, log: Any = log) -> tuple[int, Split, Terms | None]:
     """Ask the server for this client's shard: its id (the lowest free one when
-    ``client_id`` is None; the server checks a given one against its shards) and the split
-    of the run, on one short connection. The session follows with that id (``Participant``),
+    ``client_id`` is None; the server checks a given one against its shards), the split
+    of the run and what it trains (None from a server that does not say), on one short connection. The session follows with that id (``Participant``),
     and so does every reconnection: a client keeps its shard. Raises what ``connect`` does
     (Unreachable, AuthError, RemoteError when refused, BadWelcome)."""
     conn, welcome = connect(cfg, client_id, 0, log, join=True)
@@ -246,7 +258,7 @@ def join(cfg: ClientConfig, client_id: int | None, log: Any = log) -> tuple[int,
     cid = welcome["client_id"]
     if (client_id is not None and cid != client_id) or not cid < split.num_shards:
         raise BadWelcome(f"the server gave client id {cid} (asked: {client_id}) of {split.num_shards} shards")
-    return cid, split
+    return cid, split, Terms.of(welcome)
 
 
 def _close(sock: socket.socket | None) -> None:

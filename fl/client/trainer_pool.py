@@ -13,7 +13,8 @@ the MODEL, building the UPDATE, secure aggregation's stages) stays in the worker
 pooled client is the same client to the server. Training is seeded from (seed, client id,
 round) alone (``local.fit``): which process trains a client changes nothing.
 
-Each process loads MNIST once, holds one model and uses ``threads`` intra-op threads. The
+Each process loads the run's dataset once, holds one model of the run's and uses
+``threads`` intra-op threads. The
 processes are spawned, not forked: forking a process whose torch thread pools are running
 can deadlock.
 
@@ -32,29 +33,44 @@ import os
 import queue
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from fl.client.host import Host, Shard, ViewCache
 from fl.client.local import Fitted, fit
-from fl.learning.config import TrainingConfig
+from fl.learning import augment, models
+from fl.learning.config import Split, TrainingConfig
+from fl.wire.handshake import Terms
 
 _trainer: dict[str, Any] = {}  # this training process's data and model (set by start_trainer)
+
+
+class Task(NamedTuple):
+    """What a training process trains: the model's name on the dataset's images (picklable)."""
+
+    model: str = models.DEFAULT
+    dataset: str = Split.dataset
+    test_fraction: float = Split.test_fraction
+
+
+DEFAULT_TASK = Task()
 
 
 class TrainerPool(Host):
     """A Host that trains on ``processes`` spawned processes, as many clients at once."""
 
-    def __init__(self, processes: int, data_dir: str, download: bool, device: torch.device, threads: int = 1) -> None:
+    def __init__(self, processes: int, data_dir: str, download: bool, device: torch.device, threads: int = 1,
+                 task: Task = DEFAULT_TASK, terms: Terms | None = None) -> None:
         if processes < 1:
             raise ValueError(f"a trainer pool needs at least one process, got {processes}")
-        super().__init__(None, None, device, slots=processes)
+        super().__init__(None, None, device, slots=processes, model=task_model(task, data_dir), terms=terms)
         self.views = ViewCache(shared_memory=True)
         self.processes = processes
         self.executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=start_trainer, initargs=(data_dir, download, str(device), threads))
-        # Start every process now (each imports torch and loads MNIST), so the first round
+                                            initializer=start_trainer,
+                                            initargs=(data_dir, download, str(device), threads, task))
+        # Start every process now (each imports torch and loads the dataset), so the first round
         # does not wait for them and a process that cannot start fails the worker here.
         try:
             for started in [self.executor.submit(os.getpid) for _ in range(processes)]:
@@ -78,10 +94,11 @@ class RayTrainers(Host):
     """A Host that trains on Ray actors (``simulate.RayTrainer``: ``start_trainer`` and
     ``fit_job`` in an actor), wherever Ray placed them, each client on whichever is free."""
 
-    def __init__(self, actors: list[Any], device: torch.device) -> None:
+    def __init__(self, actors: list[Any], device: torch.device, model: torch.nn.Module | None = None,
+                 terms: Terms | None = None) -> None:
         import ray  # noqa: PLC0415 - an optional extra, needed only here
 
-        super().__init__(None, None, device, slots=len(actors))
+        super().__init__(None, None, device, slots=len(actors), model=model, terms=terms)
         self.ray = ray
         self.idle: queue.SimpleQueue[Any] = queue.SimpleQueue()  # never waits: a slot of lock is held
         for actor in actors:
@@ -108,19 +125,26 @@ def _fitted(local: dict[str, torch.Tensor], result: Any, generator_state: torch.
     return local, result, generator, samples
 
 
-def start_trainer(data_dir: str, download: bool, device: str, threads: int) -> None:
-    """Set up a training process: its thread count, MNIST and one model."""
-    from fl.learning.data import load_mnist  # noqa: PLC0415 - only the training processes need it
-    from fl.learning.model import ImprovedCNN  # noqa: PLC0415
+def task_model(task: Task, data_dir: str) -> torch.nn.Module:
+    """A fresh model of the task's, for its dataset's images (ValueError or DataError)."""
+    return models.for_dataset(task.model, task.dataset, data_dir, task.test_fraction)
+
+
+def start_trainer(data_dir: str, download: bool, device: str, threads: int, task: Task = DEFAULT_TASK) -> None:
+    """Set up a training process: its thread count, the task's dataset, its model and augmentation."""
+    from fl.learning.datasets import load_dataset  # noqa: PLC0415 - only the training processes need it
 
     torch.set_num_threads(threads)
-    images, labels = load_mnist(data_dir, train=True, download=download)
-    _trainer.update(images=images, labels=labels, model=ImprovedCNN().to(device))
+    images, labels = load_dataset(task.dataset, data_dir, train=True, download=download,
+                                  test_fraction=task.test_fraction)
+    _trainer.update(images=images, labels=labels, model=task_model(task, data_dir).to(device),
+                    augment=augment.for_dataset(task.dataset))
 
 
 def fit_job(indices: torch.Tensor, client_id: int, seed: int, round_num: int, config: TrainingConfig,
             base: dict[str, torch.Tensor], attempt: int = 0) -> tuple[dict[str, torch.Tensor], Any, torch.Tensor, int]:
     """One client's training in a training process; the generator travels as its state."""
     local, result, generator, samples = fit(_trainer["model"], _trainer["images"], _trainer["labels"], indices,
-                                            client_id, seed, round_num, config, base, attempt=attempt)
+                                            client_id, seed, round_num, config, base, attempt=attempt,
+                                            augment=_trainer["augment"])
     return local, result, generator.get_state(), samples

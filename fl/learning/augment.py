@@ -1,4 +1,7 @@
-"""Random affine augmentation of whole normalised batches, inside the training loop.
+"""Random augmentation of whole normalised batches, inside the training loop, chosen per
+dataset (``for_dataset``): small affine moves for digits and letters, which a mirror would
+turn into another or no character; random crops (padding 4) and horizontal flips for
+natural images (CIFAR-10), as the ResNet papers train them.
 
 One sampling grid + one ``grid_sample`` call cover the batch, instead of a per-sample
 PIL/torchvision pipeline.
@@ -6,6 +9,7 @@ PIL/torchvision pipeline.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -63,3 +67,32 @@ def augment_batch(
     grid = _batched_affine_grid(theta, h, w)
     out = F.grid_sample(x - bg, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out + bg
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, *, pad: int = 4,
+              hflip: bool = True) -> torch.Tensor:
+    """A random ``pad``-pixel shift of each sample (a random crop of the image padded by
+    ``pad``, the padding at the sample's background) and, half the time, a mirror image.
+    Natural images are flipped whatever ``hflip`` says: a mirrored cat is still a cat."""
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"expected a float batch [B,C,H,W], got {x.dtype} {list(x.shape)}")
+    b, _, h, w = x.shape
+    u = torch.rand(b, 3, generator=generator, dtype=torch.float64)  # on CPU: same draws on any device
+    shift = torch.floor(u[:, :2] * (2 * pad + 1)) - pad  # whole pixels in -pad..pad
+    theta = torch.zeros(b, 2, 3, dtype=torch.float64)
+    theta[:, 0, 0] = torch.where(u[:, 2] < 0.5, -1.0, 1.0)
+    theta[:, 1, 1] = 1.0
+    theta[:, 0, 2], theta[:, 1, 2] = 2 * shift[:, 0] / w, 2 * shift[:, 1] / h  # grid coordinates span 2
+    theta = theta.to(device=x.device, dtype=x.dtype)
+    bg = x.amin(dim=(1, 2, 3), keepdim=True)
+    grid = _batched_affine_grid(theta, h, w)
+    return F.grid_sample(x - bg, grid, mode="nearest", padding_mode="zeros", align_corners=False) + bg
+
+
+Augment = Callable[..., torch.Tensor]  # (batch, generator, *, hflip) -> augmented batch
+NATURAL_IMAGES = frozenset({"cifar10"})  # datasets augmented by crop_flip; the rest by augment_batch
+
+
+def for_dataset(name: str) -> Augment:
+    """The augmentation a dataset's training batches get."""
+    return crop_flip if name in NATURAL_IMAGES else augment_batch

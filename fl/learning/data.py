@@ -22,6 +22,7 @@ from fl.learning.config import SCHEMES, Split
 DATA_DIR_ENV = "MNIST_DATA_DIR"
 DEFAULT_DATA_DIR = "data"
 MEAN, STD = 0.1307, 0.3081
+RGB_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # CIFAR-10's train set
 
 _STEMS = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -262,8 +263,12 @@ def split_shard(labels: torch.Tensor, split: Split, client_id: int) -> torch.Ten
 
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
-    """Normalise with the MNIST train statistics the model is trained and evaluated with."""
+    """Normalise: 1-channel images with the MNIST train statistics the models have always
+    been trained and evaluated with, 3-channel ones with CIFAR-10's per-channel statistics."""
     x = images_u8.unsqueeze(1) if images_u8.dim() == 3 else images_u8
-    if x.dim() != 4 or x.shape[1] != 1:
-        raise ValueError(f"expected [B,28,28] or [B,1,28,28], got {list(images_u8.shape)}")
-    return (x.float() / 255.0 - MEAN) / STD
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"expected [B,H,W], [B,1,H,W] or [B,3,H,W] images, got {list(images_u8.shape)}")
+    if x.shape[1] == 1:
+        return (x.float() / 255.0 - MEAN) / STD
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in RGB_STATS)
+    return (x.float() / 255.0 - mean) / std

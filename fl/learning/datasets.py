@@ -3,8 +3,9 @@
 Every loader returns (uint8 images [N,H,W] or [N,C,H,W], int64 labels [N]), decoded once
 so a batch is a tensor slice. The IDX sets (MNIST and the sets torchvision stores the same
 way) share ``data.parse_idx``; ``folder`` reads a user's class-folder tree of images as
-torchvision's ``ImageFolder`` does, made 1-channel 28x28 (the one shape ImprovedCNN takes
-until the model seam lands); ``cifar10`` reads torchvision's python batches.
+torchvision's ``ImageFolder`` does, made 1-channel 28x28 (as predict.py makes a user's
+images); ``cifar10`` reads torchvision's python batches. Which model can train on which
+images is ``models.check_trainable``'s to say.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from PIL import Image
 from fl.learning.config import DATASETS, Split
 from fl.learning.data import DATA_DIR_ENV, DataError, load_mnist, read_idx_file
 
-MODEL_SHAPE, MODEL_CLASSES = (1, 28, 28), 10  # what ImprovedCNN takes and gives
+DIGITS = (1, 28, 28)  # the IDX sets' images, and a folder's as they are read
+MAX_FOLDER_CLASSES = 1000  # ImageNet's: a folder tree with more is most likely the wrong folder
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
 HOLDOUT_SEED = 0  # not --seed: a client's own --seed must never move test images into its training set
 _DOWNLOAD_TIMEOUT_S = 15.0
@@ -43,21 +45,12 @@ def spec(name: str) -> Spec:
     if name not in DATASETS:
         raise ValueError(f"unknown --dataset {name!r} (expected one of {', '.join(DATASETS)})")
     if name.startswith("emnist-"):
-        return Spec(MODEL_SHAPE, _EMNIST_CLASSES[name[7:]], "EMNIST", "EMNIST/raw")
-    return {"mnist": Spec(MODEL_SHAPE, 10, "MNIST", "MNIST/raw"),
-            "fashion-mnist": Spec(MODEL_SHAPE, 10, "FashionMNIST", "FashionMNIST/raw"),
-            "kmnist": Spec(MODEL_SHAPE, 10, "KMNIST", "KMNIST/raw"),
+        return Spec(DIGITS, _EMNIST_CLASSES[name[7:]], "EMNIST", "EMNIST/raw")
+    return {"mnist": Spec(DIGITS, 10, "MNIST", "MNIST/raw"),
+            "fashion-mnist": Spec(DIGITS, 10, "FashionMNIST", "FashionMNIST/raw"),
+            "kmnist": Spec(DIGITS, 10, "KMNIST", "KMNIST/raw"),
             "cifar10": Spec((3, 32, 32), 10, "CIFAR10", "cifar-10-batches-py"),
-            "folder": Spec(MODEL_SHAPE, None, None, "")}[name]
-
-
-def check_trainable(name: str) -> None:
-    """Refuse a dataset ImprovedCNN cannot train on: DataError, one line."""
-    s = spec(name)
-    if s.shape != MODEL_SHAPE or (s.classes or 0) > MODEL_CLASSES:
-        shape = "x".join(map(str, s.shape))
-        raise DataError(f"--dataset {name} ({shape} images, {s.classes} classes) needs another model: ImprovedCNN "
-                        f"takes 1x28x28 images of at most {MODEL_CLASSES} classes (the model seam, issue 23)")
+            "folder": Spec(DIGITS, None, None, "")}[name]
 
 
 def load_dataset(name: str, data_dir: str | Path, train: bool, download: bool = True,
@@ -140,9 +133,9 @@ def folder_classes(root: Path) -> list[str]:
         raise DataError(f"--dataset folder: {root} is not a folder (give --data-dir a folder with one "
                         "subfolder of images per class, or train/ and test/ folders holding those)")
     classes = sorted(p.name for p in top.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not 2 <= len(classes) <= MODEL_CLASSES:
-        raise DataError(f"--dataset folder: {top} has {len(classes)} class subfolders; ImprovedCNN needs "
-                        f"2..{MODEL_CLASSES} (one subfolder of images per class)")
+    if not 2 <= len(classes) <= MAX_FOLDER_CLASSES:
+        raise DataError(f"--dataset folder: {top} has {len(classes)} class subfolders; a run needs "
+                        f"2..{MAX_FOLDER_CLASSES} (one subfolder of images per class)")
     return classes
 
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from fl.learning.augment import augment_batch
+from fl.learning.augment import Augment, augment_batch
 from fl.learning.config import OPTIMIZERS, TrainingConfig
 from fl.learning.data import to_float
 
@@ -30,7 +30,8 @@ class TrainResult:
 
 
 def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: TrainingConfig, *,
-          generator: torch.Generator, progress: bool = True, desc: str = "train") -> TrainResult:
+          generator: torch.Generator, progress: bool = True, desc: str = "train",
+          augment: Augment = augment_batch) -> TrainResult:
     """Adam (or SGD) from a fresh state each round: optimizer moments from an old global
     model would point the wrong way after aggregation.
 
@@ -67,7 +68,8 @@ def train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: 
     loss_sum = correct = torch.zeros((), device=device)
     for epoch in range(1, config.epochs + 1):
         loss_sum, correct = train_epoch(model, opt, images, labels, config, generator, proximal,
-                                        progress=progress, desc=f"{desc} epoch {epoch}/{config.epochs}")
+                                        progress=progress, desc=f"{desc} epoch {epoch}/{config.epochs}",
+                                        augment=augment)
     return TrainResult(loss=loss_sum.item() / n, accuracy=correct.item() / n,
                        samples=n * config.epochs, seconds=time.perf_counter() - start)
 
@@ -86,7 +88,7 @@ Proximal = tuple[Sequence[torch.Tensor], Sequence[torch.Tensor], float]  # param
 
 def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
                 config: TrainingConfig, generator: torch.Generator, proximal: Proximal | None, *,
-                progress: bool, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
+                progress: bool, desc: str, augment: Augment = augment_batch) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass over the data in the generator's order: (summed loss, correct count) as
     tensors on the device, read once at the end rather than synchronising every step."""
     device = labels.device
@@ -101,7 +103,7 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tens
         idx = order[step * batch_size:(step + 1) * batch_size]
         x, y = to_float(images[idx]), labels[idx]
         if config.augment:
-            x = augment_batch(x, generator, hflip=config.hflip)  # draws on the CPU: same on any device
+            x = augment(x, generator, hflip=config.hflip)  # the dataset's; draws on the CPU: same on any device
         out, loss = train_step(model, opt, x, y, proximal)
         loss_sum += loss.detach() * len(y)
         correct += (out.argmax(1) == y).sum()

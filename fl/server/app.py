@@ -18,13 +18,13 @@ from tqdm import tqdm
 from fl import privacy, strategies
 from fl.common.limits import limit_malloc_arenas, raise_open_files
 from fl.common.logs import sanitize, setup_logging
+from fl.learning import models
 from fl.learning.data import DataError, resolve_data_dir
 from fl.learning.datasets import load_dataset
-from fl.learning.model import ImprovedCNN
 from fl.server import checkpoint as ckpt
 from fl.server import secagg as secagg_server
 from fl.server.config import ServerConfig
-from fl.server.evaluator import Evaluator, Finished, summary
+from fl.server.evaluator import Evaluator, Finished, build_model, summary
 from fl.server.federation import Federation
 from fl.server.outputs import OutputsError, check_outputs
 from fl.server.sampling import SECRET_SAMPLING, sample_size
@@ -68,6 +68,7 @@ def resume(fed: Federation, config: ServerConfig, accountant: Any = None) -> ckp
     """Load and check the checkpoint, restore model, strategy, accountant and RNG;
     ValueError/OSError if unusable."""
     saved = ckpt.load(config.checkpoint)
+    ckpt.check_run(saved, config.model, config.dataset, fed.layout.fingerprint)
     ckpt.check(saved, fed.global_state, config.rounds)
     state = saved.get("strategy") or {}
     if state.get("strategy", fed.strategy.name) != fed.strategy.name or (not state and fed.strategy.state_dict()):
@@ -166,7 +167,12 @@ def build_federation(config: ServerConfig) -> tuple[Federation, ckpt.History, An
     strategy = build_strategy(config)
     accountant = build_accountant(config, strategy)
     fed_class = secagg_server.SecAggFederation if config.secure_aggregation else Federation
-    fed = fed_class(config, strategy, {k: v.detach().clone() for k, v in ImprovedCNN().state_dict().items()})
+    try:
+        model = build_model(config)
+    except (ValueError, DataError) as exc:
+        raise StartupError(str(exc)) from None
+    log.info("%s", models.describe(config.model, model))
+    fed = fed_class(config, strategy, {k: v.detach().clone() for k, v in model.state_dict().items()})
     fed.start_round = 0
     history = ckpt.History()
     if config.resume:

@@ -83,15 +83,19 @@ class History:
 
 def save(path: str | Path, model: dict[str, torch.Tensor], round_num: int,
          metrics: History | Iterable[dict[str, Any]], config: dict[str, Any],
-         strategy: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None) -> None:
+         strategy: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
+         layout: int | None = None) -> None:
     """Metrics, settings and the Python RNG state go in as JSON text: pickled, every dict
     and number would cost ``torch.save`` a Python callback. ``strategy`` is the strategy's
     state (server momentum, Adam moments); ``privacy`` the DP accountant's (the rounds it
-    charged), None without DP. No credentials are ever passed in here."""
+    charged), None without DP; ``layout`` the model's layout fingerprint (its name and
+    dataset are in ``config``). No credentials are ever passed in here."""
     metrics_json = metrics.to_json() if isinstance(metrics, History) else json.dumps(list(metrics))
     state = {"format": FORMAT, "round": round_num, "model": model, "metrics": metrics_json,
              "config": json.dumps(config), "strategy": strategy or {}, "privacy": json.dumps(privacy),
              "torch_rng": torch.get_rng_state(), "python_rng": json.dumps(random.getstate())}
+    if layout is not None:
+        state["layout"] = layout
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -117,6 +121,19 @@ def load(path: str | Path) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError, RecursionError):
             raise ValueError("checkpoint metrics, settings, RNG or privacy state are not valid JSON") from None
     return state
+
+
+def check_run(state: dict[str, Any], model: str, dataset: str, layout: int) -> None:
+    """A checkpoint resumes only the run it was written by: the same model (name and layout
+    fingerprint) on the same dataset. ValueError, one line naming both. A checkpoint from
+    before the model seam trained the default model on MNIST."""
+    settings = state.get("config") if isinstance(state.get("config"), dict) else {}
+    saved = (settings.get("model", "improved-cnn"), settings.get("dataset", "mnist"))
+    if saved != (model, dataset) or state.get("layout", layout) != layout:
+        raise ValueError(f"it trained --model {saved[0]} on --dataset {saved[1]}, this run --model {model} on "
+                         f"--dataset {dataset}" + ("" if saved != (model, dataset) else " (the factory's model "
+                                                   "differs: another layout)") + "; start a new run or resume "
+                         f"with --model {saved[0]} --dataset {saved[1]}")
 
 
 def check(state: dict[str, Any], reference: dict[str, torch.Tensor], max_round: int) -> None:

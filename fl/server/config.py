@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fl.learning import models
 from fl.learning.config import Split, TrainingConfig
 
 MNIST_TRAIN_SIZE = 60_000
@@ -48,6 +49,7 @@ class ServerConfig:
     alpha: float = Split.alpha
     dataset: str = Split.dataset  # learning/datasets.py reads it, here the test set, on the clients their shards
     test_fraction: float = Split.test_fraction
+    model: str = models.DEFAULT  # a built-in's name or package.module:factory (learning/models/); told in WELCOME
     # aggregation
     strategy: str = "fedavg"
     strategy_params: dict[str, Any] = field(default_factory=dict)

@@ -17,7 +17,9 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from fl.learning.model import ImprovedCNN
+from fl.common.layout import Layout
+from fl.learning import models
+from fl.learning.data import resolve_data_dir
 from fl.learning.training import evaluate
 from fl.server import checkpoint as ckpt
 from fl.server.config import ServerConfig
@@ -66,12 +68,19 @@ def round_record(rnd: RoundState, loss: float, accuracy: float, eval_s: float, d
     return {k: record[k] for k in DP_RECORD_KEYS} if dp else record
 
 
+def build_model(config: ServerConfig) -> torch.nn.Module:
+    """The run's model (``--model``) for its dataset's images and classes (a folder's are
+    its subfolders); ValueError or DataError, one line, when it cannot be built."""
+    return models.for_dataset(config.model, config.dataset, resolve_data_dir(config.data_dir), config.test_fraction)
+
+
 class Evaluator:
     def __init__(self, config: ServerConfig, test_set: tuple[torch.Tensor, torch.Tensor], history: ckpt.History,
                  bar: tqdm, on_failure: Callable[[], None]) -> None:
         self.config, self.history, self.bar, self.on_failure = config, history, bar, on_failure
         self.test_images, self.test_labels = test_set
-        self.model = ImprovedCNN()
+        self.model = build_model(config)
+        self.layout = Layout.of(self.model.state_dict()).fingerprint  # the checkpoint records it
         self.reached: tuple[int, float] | None = None  # (round, accuracy %) that met --target-accuracy
         first = history[-1]["round"] + 1 if history else 1
         self.scalars = RoundScalars(config.tensorboard, first) if config.tensorboard else None
@@ -106,7 +115,7 @@ class Evaluator:
         if cfg.target_accuracy is not None and accuracy >= cfg.target_accuracy and self.reached is None:
             self.reached = (rnd.number, 100 * accuracy)
         ckpt.save(cfg.checkpoint, job.state, rnd.number, self.history, cfg.public(), strategy=job.strategy_state,
-                  privacy=job.privacy)
+                  privacy=job.privacy, layout=self.layout)
         ckpt.append_metrics(cfg.metrics, record)
         if self.scalars is not None:
             self.scalars.write(record)

@@ -32,7 +32,7 @@ import torch
 from fl.common.layout import Layout
 from fl.common.logs import sanitize, short_ids
 from fl.common.vectors import InvalidUpdate, clip_by_norm
-from fl.learning.model import ImprovedCNN
+from fl.learning import models
 from fl.learning.quantization import QuantizationError, apply_delta, dequantize_state, quantize_state, state_delta
 from fl.learning.training import round_lr
 from fl.privacy import global_counters
@@ -43,7 +43,7 @@ from fl.server.screening import NormScreen
 from fl.strategies.base import Aggregator, Strategy
 from fl.wire.errors import ProtocolError
 from fl.wire.frames import encode_payload
-from fl.wire.handshake import Peer, Refused
+from fl.wire.handshake import Peer, Refused, Terms
 
 log = logging.getLogger("server")
 
@@ -123,8 +123,10 @@ class Federation:
                  initial_state: dict[str, torch.Tensor] | None = None) -> None:
         self.config = config
         self.strategy = strategy
-        state = initial_state or {k: v.detach().clone() for k, v in ImprovedCNN().state_dict().items()}
+        state = initial_state or {k: v.detach().clone() for k, v in
+                                  models.for_dataset(config.model, config.dataset).state_dict().items()}
         self.layout = Layout.of(state)
+        self.terms = Terms(config.model, self.layout.fingerprint, config.dataset)  # in every WELCOME
         self.global_state = self.layout.unflatten(*self.layout.flatten(state))
         self.sessions: dict[int, Session] = {}
         self.split = config.split()  # how the training set is cut into shards, one per client id
@@ -146,11 +148,12 @@ class Federation:
     # --- called from handler threads ---------------------------------------------------
 
     def join(self, peer: Peer) -> dict[str, Any]:
-        """WELCOME's fields for an authenticated peer: for one that asks to join, the split
-        and its id (the lowest never given out, when it brings none). Refused, with the one
-        line the client prints, when its id is outside the shards or none is free."""
+        """WELCOME's fields for an authenticated peer: what the run trains (``Terms``), and
+        for one that asks to join, the split and its id (the lowest never given out, when it
+        brings none). Refused, with the one line the client prints, when its id is outside
+        the shards or none is free."""
         if not peer.joining:
-            return {}
+            return self.terms.to_wire()
         n = self.split.num_shards
         with self.lock:
             cid = peer.client_id if peer.client_id is not None else self._free_shard()
@@ -161,7 +164,7 @@ class Federation:
             self.assigned.add(cid)
         log.info("%s shard %d of %d (%s split) to a joining client", "confirmed" if peer.client_id is not None
                  else "assigned", cid, n, self.split.scheme)
-        return {"client_id": cid, "split": self.split.to_wire()}
+        return {**self.terms.to_wire(), "client_id": cid, "split": self.split.to_wire()}
 
     def _free_shard(self) -> int:
         """The lowest id neither given out nor connected (called with the lock held)."""

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from fl.wire.errors import ProtocolError
 from fl.wire.frames import decode_payload
+from fl.wire.safe_decode import STRICT, Limits
 
 log = logging.getLogger("server")
 
@@ -23,8 +24,9 @@ Submit = Callable[[Any, Any, dict[str, Any], int, int], None]
 
 
 class Ingest:
-    def __init__(self, submit: Submit, slots: int, frame_size: int) -> None:
+    def __init__(self, submit: Submit, slots: int, frame_size: int, limits: Limits = STRICT) -> None:
         self.submit = submit
+        self.limits = limits
         self.buffers: "queue.Queue[bytearray]" = queue.Queue()
         for _ in range(slots):
             self.buffers.put(bytearray(frame_size))
@@ -68,7 +70,7 @@ class Ingest:
         """Kept apart from the loop so no frame of it (and no exception traceback) outlives
         the update: a failed decode must not keep its objects alive."""
         try:
-            body = decode_payload(payload)
+            body = decode_payload(payload, self.limits)
         except ProtocolError as exc:
             failure.append(ProtocolError(str(exc)))
             return

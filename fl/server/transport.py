@@ -30,8 +30,9 @@ from fl.server.federation import Federation, RoundTask, Session, Stop
 from fl.server.ingest import Ingest
 from fl.wire.credentials import KeyRing
 from fl.wire.errors import ProtocolError
-from fl.wire.frames import MIB, Connection, MsgType, readable, wait_readable
+from fl.wire.frames import MIB, Connection, MsgType, frame_limit, readable, wait_readable
 from fl.wire.handshake import AuthError, server_handshake
+from fl.wire.safe_decode import Limits
 
 log = logging.getLogger("server")
 INGEST_WAIT_S = 2.0  # longest a handler waits for a receive buffer before reading into new memory
@@ -131,7 +132,7 @@ class ClientHandler(socketserver.BaseRequestHandler):
         end = time.monotonic() + cfg.handshake_timeout  # one budget for TLS and authentication
         if self.server.tls is not None:
             sock = self.server.tls.wrap_socket(sock, server_side=True)
-        conn = Connection(sock, max_frame=cfg.max_frame_mb * MIB)
+        conn = Connection(sock, max_frame=max(cfg.max_frame_mb * MIB, self.server.max_frame), limits=self.server.limits)
         try:
             peer = server_handshake(conn, self.server.keyring, timeout=max(0.01, end - time.monotonic()),
                                     join=self.server.federation.join)
@@ -218,7 +219,8 @@ class FLServer(socketserver.ThreadingTCPServer):
         self.tls = tls
         layout = federation.layout  # a float update's frame is this plus a little metadata
         self.slot_size = 4 * layout.float_numel + 8 * layout.int_numel + 64 * 1024
-        self.ingest = Ingest(federation.submit, INGEST_SLOTS, self.slot_size)
+        self.limits, self.max_frame = Limits.of(layout), frame_limit(layout)  # the strict ones for the default model
+        self.ingest = Ingest(federation.submit, INGEST_SLOTS, self.slot_size, self.limits)
         self.trim_due = False
         self.trimmed_at = 0.0
         self.sessions = threading.BoundedSemaphore(config.max_connections)

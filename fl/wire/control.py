@@ -12,9 +12,10 @@ range, nonces and proofs as fixed-length lowercase hex, option names and values 
 closed list, unknown keys refused. Free text from the peer (DONE and ERROR reasons) is
 bounded and sanitized as it is decoded, so no caller can log it raw.
 
-A client that asks to join (HELLO ``join``) is told in WELCOME the data split of the run
-and, when it brought no ``client_id``, the id (shard) the server gave it; a client that
-does not ask is sent the WELCOME every client has always read.
+Every WELCOME names what the server trains (the model, its layout fingerprint, the
+dataset), so a client with another model stops before training. A client that asks to
+join (HELLO ``join``) is also told the data split of the run and, when it brought no
+``client_id``, the id (shard) the server gave it.
 """
 from __future__ import annotations
 
@@ -149,14 +150,19 @@ SPLIT = Obj({"num_shards": Int(1, MAX_CLIENT_ID + 1), "scheme": Pattern(r"[a-z]{
              "alpha": _DECIMAL, "seed": Int(-2**63, 2**63 - 1),
              "dataset": Pattern(r"[a-z0-9-]{1,24}", "a dataset's name"), "test_fraction": _DECIMAL},
             frozenset({"dataset", "test_fraction"}))
+# What the server trains (handshake.Terms), in every WELCOME: a model is a built-in's name or
+# package.module:factory, its layout the fingerprint of its state_dict (common/layout.py).
+TERMS = {"model": Pattern(r"[a-z0-9-]{1,32}|[A-Za-z_][A-Za-z0-9_.]{0,150}:[A-Za-z_][A-Za-z0-9_]{0,48}",
+                          "a model's name or package.module:factory"),
+         "layout": Int(0, 2**63 - 1), "dataset": Pattern(r"[a-z0-9-]{1,24}", "a dataset's name")}
 SCHEMAS: dict[str, Obj] = {
     # No client_id: "give me a free one" (with join only, which asks for the split).
     "HELLO": Obj({"client_id": Int(0, MAX_CLIENT_ID), "num_samples": Int(0, MAX_NUM_SAMPLES),
                   "options": OPTIONS, "nonce": Hex(NONCE_SIZE), "join": Bool()}, frozenset({"client_id", "join"})),
     "CHALLENGE": Obj({"nonce": Hex(NONCE_SIZE), "auth": Bool()}),
     "AUTH": _PROOF,
-    "WELCOME": Obj({"proof": Hex(PROOF_SIZE, nullable=True), "client_id": Int(0, MAX_CLIENT_ID), "split": SPLIT},
-                   frozenset({"client_id", "split"})),
+    "WELCOME": Obj({"proof": Hex(PROOF_SIZE, nullable=True), "client_id": Int(0, MAX_CLIENT_ID), "split": SPLIT,
+                    **TERMS}, frozenset({"client_id", "split", *TERMS})),
     "DONE": _REASON,
     "ERROR": _REASON,
 }

@@ -31,10 +31,12 @@ from typing import Any, Iterable
 
 import torch
 
+from fl.common.layout import Layout
 from fl.common.logs import sanitize
 from fl.wire import safe_decode
 from fl.wire.control import CONTROL_MAX_FRAME, REASON_LIMIT, decode_control, encode_control
 from fl.wire.errors import ConnectionClosed, ProtocolError, RemoteError
+from fl.wire.safe_decode import STRICT, Limits
 
 MAGIC = b"FLMN"
 VERSION = 2  # 2: JSON control messages, per-direction session keys
@@ -44,7 +46,8 @@ TAG_SIZE = 32
 FLAG_TAGGED = 0x1
 MIB = 1 << 20
 # The float32 ImprovedCNN is 1.7 MB on the wire (its 8-bit update 0.45 MB): 8 MiB is
-# ~5x headroom and still refuses absurd lengths before anything is allocated.
+# ~5x headroom and still refuses absurd lengths before anything is allocated. A larger
+# model's frames may be twice its float32 state (``frame_limit``).
 DEFAULT_MAX_FRAME = 8 * MIB
 # Control messages (everything before authentication, DONE, ERROR) are JSON of < 2 KB.
 HANDSHAKE_MAX_FRAME = CONTROL_MAX_FRAME
@@ -131,10 +134,17 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def decode_payload(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+def decode_payload(raw: bytes | bytearray | memoryview, limits: Limits = STRICT) -> dict[str, Any]:
     """Decode an untrusted MODEL or UPDATE payload: a dict of plain values and plain CPU
     tensors, or ProtocolError("undecodable payload: ...") that keeps nothing alive."""
-    return safe_decode.load(raw)
+    return safe_decode.load(raw, limits)
+
+
+def frame_limit(layout: Layout) -> int:
+    """The largest frame a peer training a model of ``layout`` needs: ``DEFAULT_MAX_FRAME``,
+    or twice the float32 state with its pickle for a larger model."""
+    state = 4 * layout.float_numel + 8 * layout.int_numel
+    return max(DEFAULT_MAX_FRAME, 2 * state + Limits.of(layout).pickle)
 
 
 def encode_body(msg_type: MsgType, body: dict[str, Any]) -> bytes:
@@ -144,10 +154,10 @@ def encode_body(msg_type: MsgType, body: dict[str, Any]) -> bytes:
     return encode_payload(body)
 
 
-def decode_body(msg_type: MsgType, raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+def decode_body(msg_type: MsgType, raw: bytes | bytearray | memoryview, limits: Limits = STRICT) -> dict[str, Any]:
     if msg_type in CONTROL_TYPES:
         return decode_control(msg_type.name, raw)
-    return decode_payload(raw)
+    return decode_payload(raw, limits)
 
 
 def frame_tag(key: bytes, seq: int, header: bytes, payload: bytes | bytearray | memoryview) -> bytes:
@@ -208,9 +218,10 @@ class Connection:
     keeps TLS sockets safe (OpenSSL objects must not be read and written concurrently).
     """
 
-    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, sock: socket.socket, max_frame: int = DEFAULT_MAX_FRAME, limits: Limits = STRICT) -> None:
         self.sock = sock
         self.max_frame = max_frame
+        self.limits = limits  # what a MODEL or UPDATE payload may hold (safe_decode)
         self.send_key: bytes | None = None
         self.recv_key: bytes | None = None
         self.send_seq = 0
@@ -259,7 +270,7 @@ class Connection:
     ) -> Message:
         """Receive and decode one message. ``timeout`` bounds the whole frame, not each recv call."""
         frame = self.recv_frame(expect, timeout, max_size)
-        body, refusal = _try_decode(frame.type, frame.payload)
+        body, refusal = _try_decode(frame.type, frame.payload, self.limits)
         if refusal is None:
             return Message(frame.type, body, frame.nbytes, frame.payload)
         del frame  # a refused payload must not live on in this frame's traceback
@@ -323,10 +334,11 @@ class Connection:
         self.sock.close()
 
 
-def _try_decode(msg_type: MsgType, raw: bytes | bytearray | memoryview) -> tuple[Any, str | None]:
+def _try_decode(msg_type: MsgType, raw: bytes | bytearray | memoryview,
+                limits: Limits = STRICT) -> tuple[Any, str | None]:
     """(body, None) or (None, reason): the exception stays here, with its frames."""
     try:
-        return decode_body(msg_type, raw), None
+        return decode_body(msg_type, raw, limits), None
     except ProtocolError as exc:
         return None, str(exc)
 

@@ -8,9 +8,11 @@ reflected back to its sender fails. Its messages are bounded JSON (``control.py`
 nothing from an unauthenticated peer reaches ``torch.load``. TLS, when configured, adds
 confidentiality underneath.
 
-A client that asks to join (``join``) is told the run's data split and, when it brought
-no id, the one the server gave it, in WELCOME; the server's proof then covers those
-fields too, so they cannot be altered in flight. It comes back with that id on a
+Every WELCOME says what the server trains (``Terms``: model, layout fingerprint, dataset),
+and a client whose model has another layout stops there (``Mismatch``), before any
+training. A client that asks to join (``join``) is also told the run's data split and,
+when it brought no id, the one the server gave it. The server's proof covers all of
+WELCOME's fields, so none can be altered in flight. It comes back with that id on a
 connection of its own, and again after any lost connection, so it keeps its shard.
 """
 from __future__ import annotations
@@ -42,6 +44,45 @@ class Refused(ProtocolError):
 
 class BadWelcome(ProtocolError):
     """The server's WELCOME is malformed or unusable: the client stops, it does not retry."""
+
+
+class Mismatch(ProtocolError):
+    """The server trains another model (or dataset) than this client: a setting to fix, not
+    a fault to retry; the client prints the one line and exits 2."""
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What a run trains, as every WELCOME tells it: the model's name (a built-in, or
+    package.module:factory), its state_dict's layout fingerprint, the dataset."""
+
+    model: str
+    layout: int
+    dataset: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"model": self.model, "layout": self.layout, "dataset": self.dataset}
+
+    @classmethod
+    def of(cls, welcome: dict[str, Any]) -> "Terms | None":
+        """The server's terms from WELCOME's fields; None from a server that sends none."""
+        if not all(k in welcome for k in ("model", "layout", "dataset")):
+            return None
+        return cls(welcome["model"], welcome["layout"], welcome["dataset"])
+
+    def check(self, server: "Terms | None") -> None:
+        """Mismatch, one line naming both sides, unless the server trains what we would."""
+        if server is None:
+            raise Mismatch(f"the server does not say which model it trains; this client trains {self.model} "
+                           "(the server predates the model seam: update it)")
+        if server.dataset != self.dataset:
+            raise Mismatch(f"the server trains on --dataset {server.dataset}, this client on {self.dataset}: "
+                           f"start the client with --dataset {server.dataset}")
+        if server.layout != self.layout:
+            same = " (the same name: the factory differs on the two machines)" if server.model == self.model else ""
+            raise Mismatch(f"the server trains --model {server.model} (layout {server.layout:016x}), this client "
+                           f"has --model {self.model} (layout {self.layout:016x}){same}: start the client with "
+                           f"--model {server.model}")
 
 
 class SessionKeys(NamedTuple):
@@ -153,7 +194,7 @@ def client_handshake(
 ) -> dict[str, Any]:
     """Run the client side; refuses a server that cannot prove the secret when we hold one.
     ``join`` asks for the split (and an id, when ``client_id`` is None); returns WELCOME's
-    fields besides the proof (``client_id``, ``split``), checked in shape only."""
+    fields besides the proof (``client_id``, ``split``, the ``Terms``), checked in shape only."""
     hello = {"num_samples": num_samples, "options": options, "nonce": secrets.token_hex(NONCE_SIZE)}
     if client_id is not None:
         hello["client_id"] = client_id
@@ -179,8 +220,9 @@ def client_handshake(
     except ProtocolError as exc:  # a schema error: retrying would only get the same again
         raise BadWelcome(f"the server's WELCOME is malformed: {exc}") from None
     extras = {k: v for k, v in welcome.body.items() if k != "proof"}
-    if extras and not join:
-        raise BadWelcome(f"the server's WELCOME has {sorted(extras)[0]!r}, which this client did not ask for")
+    asked = [k for k in ("client_id", "split") if k in extras]
+    if asked and not join:
+        raise BadWelcome(f"the server's WELCOME has {asked[0]!r}, which this client did not ask for")
     if secret is not None:
         given = welcome.body["proof"]
         expected = proof(secret, b"fl-server", welcome_hash(digest, extras))

@@ -16,7 +16,7 @@ written by ``torch.save`` as uncompressed zip entries, so a payload must pass:
 2. ``scan_pickle``: every opcode of ``data.pkl`` from the few ``torch.save`` emits for
    such values (no BUILD, NEWOBJ, bytes, sets), every GLOBAL one of
    ``_rebuild_tensor_v2``, ``OrderedDict`` (the empty backward-hooks argument) and the
-   storage classes of real dtypes, and at most ``MAX_TENSORS`` tensors: each costs the
+   storage classes of real dtypes, and at most ``Limits.tensors`` tensors: each costs the
    unpickler far more than the few pickle bytes that can rebuild one more view of a
    memoized storage.
 3. ``torch.load(weights_only=True)``, as before.
@@ -37,13 +37,17 @@ import struct
 import traceback
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
 
+from fl.common.layout import Layout
 from fl.common.logs import sanitize
 from fl.wire.errors import ProtocolError
 
+# The strict limits, those of the default model (ImprovedCNN, 18 state tensors); a model
+# with more tensors gets limits in proportion (``Limits.of``), never fewer than these.
 MAX_ENTRIES = 256  # the 8-bit delta of ImprovedCNN has 56 (three tensors per layer)
 MAX_PICKLE = 64 * 1024  # its data.pkl is 3.6 KB; the flat float update's 0.4 KB
 MAX_NAME = 128
@@ -51,6 +55,26 @@ MAX_EXTRA = 1024  # torch.save pads local headers so records are 64-byte aligned
 MAX_SMALL_RECORD = 64  # version, byteorder, .format_version, serialization id ...
 MAX_DEPTH = 8  # a message nests four deep: body -> delta -> name -> {q, lo, scale}
 MAX_TENSORS = 128  # the most a message holds is ImprovedCNN's 8-bit delta: 50
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one payload may hold: archive entries, tensors built, pickle bytes."""
+
+    entries: int = MAX_ENTRIES
+    tensors: int = MAX_TENSORS
+    pickle: int = MAX_PICKLE
+
+    @classmethod
+    def of(cls, layout: Layout) -> "Limits":
+        """Twice what the largest message of a model of this layout holds (its 8-bit
+        delta: three tensors per state entry, a record each, about 1 KB of pickle per
+        tensor at most), and never below the strict limits."""
+        most = 3 * len(layout.entries) + 8
+        return cls(max(MAX_ENTRIES, 2 * most + 16), max(MAX_TENSORS, 2 * most), max(MAX_PICKLE, 1024 * most))
+
+
+STRICT = Limits()
 
 STORAGE_DTYPES = {"Float": torch.float32, "Double": torch.float64, "Half": torch.float16,
                   "BFloat16": torch.bfloat16, "Byte": torch.uint8, "Char": torch.int8,
@@ -84,9 +108,9 @@ _NAME = re.compile(r"([A-Za-z0-9_.-]{1,64})/(data\.pkl|\.format_version|\.storag
 
 # --- 1. the archive -----------------------------------------------------------------------
 
-def check_archive(view: memoryview) -> memoryview:
+def check_archive(view: memoryview, limits: Limits = STRICT) -> memoryview:
     """Check the zip structure of a ``torch.save`` payload; returns a view of ``data.pkl``."""
-    total, cd_offset, cd_end = _directory_bounds(view)
+    total, cd_offset, cd_end = _directory_bounds(view, limits.entries)
     names: dict[str, tuple[int, int]] = {}  # record (lower case) -> (start, size)
     prefix: str | None = None
     pos, cd = 0, cd_offset  # each local record must start where the previous one ended
@@ -100,7 +124,7 @@ def check_archive(view: memoryview) -> memoryview:
         pos = end
     if cd != cd_end or pos != cd_offset:
         raise ProtocolError("archive entry sizes do not add up to the payload")
-    return _pickle_record(view, names)
+    return _pickle_record(view, names, limits.pickle)
 
 
 class _Entry(NamedTuple):
@@ -113,7 +137,7 @@ class _Entry(NamedTuple):
     offset: int
 
 
-def _directory_bounds(view: memoryview) -> tuple[int, int, int]:
+def _directory_bounds(view: memoryview, max_entries: int) -> tuple[int, int, int]:
     """(entries, central directory offset, its end) from the end records at the payload's
     tail, which must describe one disk and no comment, as ``torch.save`` writes them."""
     n = len(view)
@@ -132,8 +156,8 @@ def _directory_bounds(view: memoryview) -> tuple[int, int, int]:
         if (sig, size, disk, cd_disk, count64, total64, size64, offset64) != \
                 (SIG_END64, _END64.size - 12, 0, 0, count, total, cd_size, cd_offset):
             raise ProtocolError("zip64 end record disagrees with the end of central directory")
-    if not 0 < total <= MAX_ENTRIES:
-        raise ProtocolError(f"archive of {total} entries (at most {MAX_ENTRIES})")
+    if not 0 < total <= max_entries:
+        raise ProtocolError(f"archive of {total} entries (at most {max_entries})")
     if cd_offset + cd_size != cd_end:
         raise ProtocolError("central directory does not end where the end record starts")
     return total, cd_offset, cd_end
@@ -193,7 +217,7 @@ def _record_name(name: bytes, prefix: str | None, names: dict[str, tuple[int, in
     return prefix, record
 
 
-def _pickle_record(view: memoryview, names: dict[str, tuple[int, int]]) -> memoryview:
+def _pickle_record(view: memoryview, names: dict[str, tuple[int, int]], max_pickle: int) -> memoryview:
     """``data.pkl``'s bytes, once the small records are small and the byte order is ours."""
     for record, (start, size) in names.items():
         if not record.startswith("data") and size > MAX_SMALL_RECORD:
@@ -205,20 +229,20 @@ def _pickle_record(view: memoryview, names: dict[str, tuple[int, int]]) -> memor
     if "data.pkl" not in names:
         raise ProtocolError("archive has no data.pkl")
     start, size = names["data.pkl"]
-    if size > MAX_PICKLE:
-        raise ProtocolError(f"data.pkl of {size} bytes (at most {MAX_PICKLE})")
+    if size > max_pickle:
+        raise ProtocolError(f"data.pkl of {size} bytes (at most {max_pickle})")
     return view[start:start + size]
 
 
 # --- 2. the pickle ------------------------------------------------------------------------
 
-def scan_pickle(data: bytes) -> None:
+def scan_pickle(data: bytes, limits: Limits = STRICT) -> None:
     """Refuse any opcode or GLOBAL outside what ``torch.save`` writes for our messages."""
-    if len(data) > MAX_PICKLE:
-        raise ProtocolError(f"pickle of {len(data)} bytes (at most {MAX_PICKLE})")
+    if len(data) > limits.pickle:
+        raise ProtocolError(f"pickle of {len(data)} bytes (at most {limits.pickle})")
     last = ("", -1)
     failure = None
-    tensors = _TensorCount()
+    tensors = _TensorCount(limits.tensors)
     try:
         for op, arg, pos in pickletools.genops(data):
             tensors.see(op.name, arg)
@@ -245,7 +269,8 @@ class _TensorCount:
     of a container, so each call needs its own push (GLOBAL, or a GET of a memo slot that
     holds it). A PUT stores the top of the stack; every other opcode replaces it."""
 
-    def __init__(self) -> None:
+    def __init__(self, most: int = MAX_TENSORS) -> None:
+        self.most = most
         self.count = 0
         self.slots: set[int] = set()  # memo slots holding the callable
         self.on_top = False
@@ -256,8 +281,8 @@ class _TensorCount:
             return
         self.on_top = (name == "GLOBAL" and arg == REBUILD) or (name in ("BINGET", "LONG_BINGET") and arg in self.slots)
         self.count += self.on_top
-        if self.count > MAX_TENSORS:
-            raise ProtocolError(f"pickle builds more than {MAX_TENSORS} tensors")
+        if self.count > self.most:
+            raise ProtocolError(f"pickle builds more than {self.most} tensors")
 
 
 # --- 4. the decoded value -----------------------------------------------------------------
@@ -323,21 +348,21 @@ def _check_tensor(t: torch.Tensor, storages: dict[int, int]) -> int:
 
 # --- all together -------------------------------------------------------------------------
 
-def load(raw: bytes | bytearray | memoryview) -> dict[str, Any]:
+def load(raw: bytes | bytearray | memoryview, limits: Limits = STRICT) -> dict[str, Any]:
     """Decode an untrusted ``torch.save`` payload that must hold a dict (see the module
-    docstring); ``ProtocolError("undecodable payload: ...")`` otherwise."""
-    body, reason = _load(raw)
+    docstring) within ``limits``; ``ProtocolError("undecodable payload: ...")`` otherwise."""
+    body, reason = _load(raw, limits)
     del raw  # the exception below must not keep the payload alive through this frame
     if reason is not None:
         raise ProtocolError(f"undecodable payload: {reason}")
     return body
 
 
-def _load(raw: bytes | bytearray | memoryview) -> tuple[Any, str | None]:
+def _load(raw: bytes | bytearray | memoryview, limits: Limits) -> tuple[Any, str | None]:
     """(body, None) or (None, reason); never raises, and leaves no frame holding data."""
     try:
         view = memoryview(raw).cast("B")
-        scan_pickle(bytes(check_archive(view)))
+        scan_pickle(bytes(check_archive(view, limits)), limits)
         body = torch.load(_BufferReader(view), map_location="cpu", weights_only=True)
         if type(body) is not dict:
             return None, f"payload is a {sanitize(type(body).__name__, 40)}, expected a dict"
