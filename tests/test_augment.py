@@ -108,3 +108,25 @@ def test_rejects_non_batch_input() -> None:
         augment_batch(torch.zeros(1, 28, 28))
     with pytest.raises(ValueError):
         augment_batch(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+
+
+def test_natural_images_get_whole_pixel_crops_and_flips_digits_the_affine_moves():
+    from fl.learning.augment import crop_flip, for_dataset
+
+    assert for_dataset("cifar10") is crop_flip and for_dataset("mnist") is augment_batch
+    assert for_dataset("emnist-letters") is augment_batch and for_dataset("folder") is augment_batch
+    x = torch.rand(64, 3, 8, 8) + 1.0  # background (each sample's minimum) well above 0
+    out = crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    flips = 0
+    for a, b in zip(x, out):  # each output is the input moved by whole pixels (|shift| <= 2), maybe mirrored
+        found = [(dx, dy, f) for f in (False, True) for dx in range(-2, 3) for dy in range(-2, 3)
+                 if torch.equal(_moved(a.flip(-1) if f else a, dx, dy)[:, 2:6, 2:6], b[:, 2:6, 2:6])]
+        assert found, "not a whole-pixel crop of the padded image"
+        flips += found[0][2]
+    assert 16 < flips < 48  # about half mirrored
+    again = crop_flip(x, torch.Generator().manual_seed(0), pad=2)
+    assert torch.equal(out, again)  # seeded: the same draws
+
+
+def _moved(img: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    return torch.roll(img, shifts=(dy, dx), dims=(1, 2))

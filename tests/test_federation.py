@@ -415,15 +415,16 @@ def joining(cid: int | None = None) -> Peer:
 def test_join_gives_the_lowest_shard_never_given_and_keeps_ids_taken_by_sessions():
     fed = make_federation(num_shards=4, partition="dirichlet", alpha=0.3, seed=7)
     split = Split(4, "dirichlet", 0.3, 7).to_wire()
-    assert fed.join(Peer(0, 600, {})) == {}  # a client with its own split is told nothing new
+    terms = {"model": "improved-cnn", "layout": fed.layout.fingerprint, "dataset": "mnist"}
+    assert fed.join(Peer(0, 600, {})) == terms  # a client with its own split is told only what the run trains
     fed.register(session(1, 600))  # an explicit id: taken, though it never asked
-    assert fed.join(joining()) == {"client_id": 0, "split": split}
-    assert fed.join(joining()) == {"client_id": 2, "split": split}
+    assert fed.join(joining()) == {**terms, "client_id": 0, "split": split}
+    assert fed.join(joining()) == {**terms, "client_id": 2, "split": split}
     fed.unregister(fed.sessions[1])  # gone, but its id stays its own: it comes back with it
     assert fed.join(joining())["client_id"] == 3
     with pytest.raises(Refused, match=r"no free shard: all 4 shards .* rejoin with --client-id 0$"):
         fed.join(joining())
-    assert fed.join(joining(2)) == {"client_id": 2, "split": split}  # a given id is confirmed
+    assert fed.join(joining(2)) == {**terms, "client_id": 2, "split": split}  # a given id is confirmed
     with pytest.raises(Refused, match=r"client id 4 is outside this server's 4 shards \(--num-shards 4\): pass 0..3"):
         fed.join(joining(4))
 

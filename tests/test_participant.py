@@ -119,7 +119,7 @@ def test_a_bare_client_asks_to_join_without_an_id_and_gets_its_shard(free_port):
 
     server = one_connection_server(free_port, welcome)
     assert participant.join(ClientConfig(port=free_port, secret=SECRET, connect_timeout=10), None) == \
-        (2, Split(4, "dirichlet", 0.25, 3))
+        (2, Split(4, "dirichlet", 0.25, 3), None)  # a server that does not say what it trains
     hello = server.get()
     assert hello["join"] is True and "client_id" not in hello and hello["num_samples"] == 0
 
