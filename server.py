@@ -76,7 +76,8 @@ def add_network_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     setting(net, d, "max_connections", "authenticated clients at once")
     setting(net, d, "max_pending", "connections still in their handshake, all addresses together")
     setting(net, d, "max_pending_per_address", "connections still in their handshake from one address")
-    setting(net, d, "max_frame_mb", "largest frame accepted, MiB (the float32 model is 1.7 MB)")
+    setting(net, d, "max_frame_mb", "largest frame accepted, MiB (the float32 improved-cnn is 1.7 MB; a --model "
+            "whose float32 state is larger is given twice its size)")
     setting(net, d, "handshake_timeout", "seconds a new connection has to authenticate")
 
 

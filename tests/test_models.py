@@ -254,3 +254,13 @@ def test_cifar10_batches_federate_with_resnet_small_and_predict_follows(tmp_path
     done = run("predict.py", "--checkpoint", tmp_path / "ckpt.pt", "--data-dir", data, "--evaluate", photo)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"{photo}: ") and "on 40 test images" in done.stdout
+
+
+def test_welcome_carries_the_terms_in_its_schema():
+    from fl.wire.control import decode_control, encode_control
+
+    terms = {"model": "pkg.sub.mynet:build", "layout": IMPROVED_CNN_LAYOUT, "dataset": "cifar10"}
+    assert decode_control("WELCOME", encode_control("WELCOME", {"proof": None, **terms})) == {"proof": None, **terms}
+    for bad in ({**terms, "model": "mynet:build; rm -rf"}, {**terms, "layout": -1}, {**terms, "model": "A" * 33}):
+        with pytest.raises(ProtocolError, match=r"WELCOME\.(model must be|layout = -1 is out of range)"):
+            encode_control("WELCOME", {"proof": None, **bad})

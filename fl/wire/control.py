@@ -152,7 +152,7 @@ SPLIT = Obj({"num_shards": Int(1, MAX_CLIENT_ID + 1), "scheme": Pattern(r"[a-z]{
             frozenset({"dataset", "test_fraction"}))
 # What the server trains (handshake.Terms), in every WELCOME: a model is a built-in's name or
 # package.module:factory, its layout the fingerprint of its state_dict (common/layout.py).
-TERMS = {"model": Pattern(r"[a-z0-9-]{1,32}|[A-Za-z_][A-Za-z0-9_.]{0,150}:[A-Za-z_][A-Za-z0-9_]{0,48}",
+TERMS = {"model": Pattern(r"[a-z0-9-]{1,32}|[A-Za-z_][A-Za-z0-9_.]{0,199}:[A-Za-z_][A-Za-z0-9_]{0,199}",
                           "a model's name or package.module:factory"),
          "layout": Int(0, 2**63 - 1), "dataset": Pattern(r"[a-z0-9-]{1,24}", "a dataset's name")}
 SCHEMAS: dict[str, Obj] = {

@@ -23,8 +23,7 @@ DEFAULT = "improved-cnn"
 BUILTIN: dict[str, Factory] = {"improved-cnn": improved_cnn.build, "resnet-small": resnet_small.build,
                                "mlp": mlp.build}
 _FACTORY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
-NAME_PATTERN = r"[a-z0-9-]{1,32}|" + _FACTORY.pattern  # what WELCOME and a checkpoint may name
-MAX_NAME = 200
+MAX_NAME = 200  # WELCOME's schema (wire/control.py TERMS) takes any name of this length
 
 
 def check_name(name: str) -> str:
