@@ -228,7 +228,7 @@ def test_a_client_with_another_model_exits_2_before_training_and_a_bare_one_adop
                                 f"--model {model} (layout " in e for e in refusals), text
         assert "round 1" not in text and "Traceback" not in text  # trained nothing
     assert len([line for line in log_of(tmp_path / "other.log").splitlines() if "ERROR" in line]) == 1
-    assert "model resnet-small:" in log_of(tmp_path / "bare.log")  # adopted from WELCOME
+    assert "model resnet-small (0.31 MB, layout " in log_of(tmp_path / "bare.log")  # adopted from WELCOME
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["round"] == 1 and record["clients"] == 1  # the bare client only (its id: the lowest never seen)
 
@@ -246,7 +246,7 @@ def test_cifar10_batches_federate_with_resnet_small_and_predict_follows(tmp_path
             expect_exit(proc, tmp_path / f"c{i}.log", timeout=30)
     finally:
         stop(server, *clients)
-    assert "of cifar10 on cpu, model resnet-small:" in log_of(tmp_path / "c0.log")  # both adopted from WELCOME
+    assert "of cifar10 on cpu, model resnet-small (" in log_of(tmp_path / "c0.log")  # both adopted from WELCOME
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["round"] == 1 and record["clients"] == 2 and record["samples"] == 200
     photo = tmp_path / "photo.png"

@@ -171,7 +171,6 @@ def build_federation(config: ServerConfig) -> tuple[Federation, ckpt.History, An
         model = build_model(config)
     except (ValueError, DataError) as exc:
         raise StartupError(str(exc)) from None
-    log.info("%s", models.describe(config.model, model))
     fed = fed_class(config, strategy, {k: v.detach().clone() for k, v in model.state_dict().items()})
     fed.start_round = 0
     history = ckpt.History()
@@ -210,8 +209,9 @@ def listen(config: ServerConfig, fed: Federation, args: argparse.Namespace) -> F
         server = (secagg_server.SecAggFLServer if config.secure_aggregation else FLServer)(config, fed, keyring, tls)
     except OSError as exc:
         raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
-    log.info("listening on %s:%d%s; %d rounds of %s, waiting for %d clients", config.host,
-             server.server_address[1], " (TLS)" if tls else "", config.rounds, config.strategy, config.min_clients)
+    log.info("listening on %s:%d%s; %d rounds of %s, %s; waiting for %d clients", config.host,
+             server.server_address[1], " (TLS)" if tls else "", config.rounds, config.strategy,
+             models.describe(config.model, fed.layout), config.min_clients)
     if config.secure_aggregation:
         log.info("%s", secagg_server.describe(config))
     if not keyring.required:

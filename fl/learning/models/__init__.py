@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fl.common.layout import Layout
 from fl.learning import datasets
 from fl.learning.config import Split
 from fl.learning.models import improved_cnn, mlp, resnet_small
@@ -98,12 +99,10 @@ def check_trainable(dataset: str, model: str = DEFAULT) -> None:
                          f"(--dataset {dataset} has {classes} classes)")
 
 
-def describe(name: str, model: nn.Module) -> str:
-    """The one line a log gives a run's model."""
-    from fl.common.layout import Layout  # noqa: PLC0415 - layer 0, only for the description
-
-    layout = Layout.of(model.state_dict())
-    return f"model {name}: {sum(p.numel() for p in model.parameters()):,} parameters, layout {layout.fingerprint:016x}"
+def describe(name: str, model: nn.Module | Layout) -> str:
+    """What a log says of a run's model: its name, size and layout fingerprint."""
+    layout = model if isinstance(model, Layout) else Layout.of(model.state_dict())
+    return f"model {name} ({4 * layout.float_numel / 1e6:.2f} MB, layout {layout.fingerprint:016x})"
 
 
 def _first_line(exc: BaseException) -> str:
