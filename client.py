@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cid, split, server = find_shard(args, config)
-        model, terms = build_task(model_name(args.model, server), split.dataset, resolve_data_dir(args.data_dir),
-                                  split.test_fraction)
+        model, terms = build_task(model_name(args.model, server), split.dataset, resolve_data_dir(args.data_dir))
         if server is not None:
             terms.check(server)  # another model: refused here, before the data is even read
         images, labels = load_dataset(split.dataset, resolve_data_dir(args.data_dir), train=True,

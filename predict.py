@@ -44,7 +44,7 @@ def _load(path: str | Path, dataset: str | None = None, data_dir: Path | None = 
     settings = state.get("config") if isinstance(state.get("config"), dict) else {}
     name, dataset = settings.get("model", models.DEFAULT), dataset or settings.get("dataset", Split.dataset)
     try:
-        model = models.for_dataset(name, dataset, data_dir, settings.get("test_fraction", Split.test_fraction))
+        model = models.for_dataset(name, dataset, data_dir)
     except ValueError as exc:
         raise ValueError(f"{path} was trained with {exc}") from None
     try:

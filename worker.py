@@ -123,7 +123,7 @@ def build(args: argparse.Namespace, ray_trainers: list[Any] | None = None) -> Wo
     device = pick_device(args.device)
     name = args.model or models.DEFAULT
     models.check_trainable(args.dataset, name)
-    model, terms = build_task(name, args.dataset, resolve_data_dir(args.data_dir), args.test_fraction)
+    model, terms = build_task(name, args.dataset, resolve_data_dir(args.data_dir))
     images, labels = load_dataset(args.dataset, resolve_data_dir(args.data_dir), train=True,
                                   download=not args.no_download, test_fraction=args.test_fraction)
     parts = partition(labels, args.num_clients, args.partition, args.alpha, args.seed)

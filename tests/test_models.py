@@ -123,7 +123,7 @@ def test_terms_name_both_models_when_they_differ():
                                        r"--model improved-cnn \(layout 217ff4cc38b0e2c7\): start the client with "
                                        r"--model resnet-small"):
         ours.check(Terms("resnet-small", 1, "mnist"))
-    with pytest.raises(Mismatch, match="the factory differs on the two machines"):
+    with pytest.raises(Mismatch, match=r"the same name: the factory or the folder's classes differ\)"):
         ours.check(Terms("improved-cnn", 2, "mnist"))
     with pytest.raises(Mismatch, match="the server trains on --dataset cifar10, this client on mnist"):
         ours.check(Terms("improved-cnn", IMPROVED_CNN_LAYOUT, "cifar10"))

@@ -65,10 +65,10 @@ def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
         a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
-def build_task(model: str, dataset: str, data_dir: Any, test_fraction: float) -> tuple[torch.nn.Module, Terms]:
+def build_task(model: str, dataset: str, data_dir: Any) -> tuple[torch.nn.Module, Terms]:
     """The model a client process trains on ``dataset``, and the terms its participants
     check the server's WELCOME against; ValueError or DataError, one line."""
-    net = models.for_dataset(model, dataset, data_dir, test_fraction)
+    net = models.for_dataset(model, dataset, data_dir)
     return net, Terms(model, Layout.of(net.state_dict()).fingerprint, dataset)
 
 

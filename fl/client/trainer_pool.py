@@ -127,7 +127,7 @@ def _fitted(local: dict[str, torch.Tensor], result: Any, generator_state: torch.
 
 def task_model(task: Task, data_dir: str) -> torch.nn.Module:
     """A fresh model of the task's, for its dataset's images (ValueError or DataError)."""
-    return models.for_dataset(task.model, task.dataset, data_dir, task.test_fraction)
+    return models.for_dataset(task.model, task.dataset, data_dir)
 
 
 def start_trainer(data_dir: str, download: bool, device: str, threads: int, task: Task = DEFAULT_TASK) -> None:

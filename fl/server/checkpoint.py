@@ -131,8 +131,8 @@ def check_run(state: dict[str, Any], model: str, dataset: str, layout: int) -> N
     saved = (settings.get("model", "improved-cnn"), settings.get("dataset", "mnist"))
     if saved != (model, dataset) or state.get("layout", layout) != layout:
         raise ValueError(f"it trained --model {saved[0]} on --dataset {saved[1]}, this run --model {model} on "
-                         f"--dataset {dataset}" + ("" if saved != (model, dataset) else " (the factory's model "
-                                                   "differs: another layout)") + "; start a new run or resume "
+                         f"--dataset {dataset}" + ("" if saved != (model, dataset) else " (another layout: the "
+                                                   "factory or the folder's classes changed)") + "; start a new run or resume "
                          f"with --model {saved[0]} --dataset {saved[1]}")
 
 

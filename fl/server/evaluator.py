@@ -71,7 +71,7 @@ def round_record(rnd: RoundState, loss: float, accuracy: float, eval_s: float, d
 def build_model(config: ServerConfig) -> torch.nn.Module:
     """The run's model (``--model``) for its dataset's images and classes (a folder's are
     its subfolders); ValueError or DataError, one line, when it cannot be built."""
-    return models.for_dataset(config.model, config.dataset, resolve_data_dir(config.data_dir), config.test_fraction)
+    return models.for_dataset(config.model, config.dataset, resolve_data_dir(config.data_dir))
 
 
 class Evaluator:

@@ -79,7 +79,7 @@ class Terms:
             raise Mismatch(f"the server trains on --dataset {server.dataset}, this client on {self.dataset}: "
                            f"start the client with --dataset {server.dataset}")
         if server.layout != self.layout:
-            same = " (the same name: the factory differs on the two machines)" if server.model == self.model else ""
+            same = " (the same name: the factory or the folder's classes differ)" if server.model == self.model else ""
             raise Mismatch(f"the server trains --model {server.model} (layout {server.layout:016x}), this client "
                            f"has --model {self.model} (layout {self.layout:016x}){same}: start the client with "
                            f"--model {server.model}")

@@ -16,7 +16,6 @@ from torch import nn
 
 from fl.common.layout import Layout
 from fl.learning import datasets
-from fl.learning.config import Split
 from fl.learning.models import improved_cnn, mlp, resnet_small
 
 Factory = Callable[[tuple[int, int, int], int], nn.Module]
@@ -65,8 +64,7 @@ def build(name: str, input_shape: tuple[int, int, int], num_classes: int) -> nn.
     return model
 
 
-def input_of(dataset: str, data_dir: str | Path | None = None,
-             test_fraction: float = Split.test_fraction) -> tuple[tuple[int, int, int], int]:
+def input_of(dataset: str, data_dir: str | Path | None = None) -> tuple[tuple[int, int, int], int]:
     """(C x H x W, classes) of a dataset's images; a folder's classes are its subfolders
     (read from ``data_dir``; DataError when unusable), 2 without one."""
     spec = datasets.spec(dataset)
@@ -75,10 +73,9 @@ def input_of(dataset: str, data_dir: str | Path | None = None,
     return spec.shape, len(datasets.folder_classes(Path(data_dir))) if data_dir is not None else 2
 
 
-def for_dataset(name: str, dataset: str, data_dir: str | Path | None = None,
-                test_fraction: float = Split.test_fraction) -> nn.Module:
+def for_dataset(name: str, dataset: str, data_dir: str | Path | None = None) -> nn.Module:
     """Model ``name`` built for ``dataset``'s images and classes."""
-    return build(name, *input_of(dataset, data_dir, test_fraction))
+    return build(name, *input_of(dataset, data_dir))
 
 
 def check_trainable(dataset: str, model: str = DEFAULT) -> None:
