@@ -124,3 +124,73 @@ def test_a_bad_speeds_file_is_one_line_and_exit_2(tmp_path, content, why):
     assert r.returncode == 2
     errors = [line for line in r.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and why in errors[0], r.stderr  # argparse's usage, then one error line
+
+
+# --- the launcher: --client-speeds ----------------------------------------------------------
+
+def test_lognormal_speeds_are_seeded_per_client_and_at_least_one():
+    import simulate
+
+    speeds = simulate.client_speeds("lognormal:1", 100, seed=0)
+    assert speeds == simulate.client_speeds("lognormal:1.0", 100, seed=0)  # the same run, the same factors
+    assert speeds[:10] == simulate.client_speeds("lognormal:1", 10, seed=0)  # a client's own draw
+    assert speeds != simulate.client_speeds("lognormal:1", 100, seed=1)
+    assert min(speeds) == 1.0 and 20 < speeds.count(1.0) < 80 and max(speeds) > 3  # the faster half at 1
+    # sigma scales the same draws: exp(2z) = exp(z)^2 where exp(z) > 1
+    assert simulate.client_speeds("lognormal:2", 100, seed=0) == pytest.approx([f * f for f in speeds])
+    assert simulate.client_speeds("lognormal:0", 5, seed=0) == [1.0] * 5
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1\n2.5\n# a comment\n\n4\n", [1.0, 2.5, 4.0]),
+    ("2 3.5  # the slow one\n0 1.5\n", [1.5, 1.0, 3.5]),
+])
+def test_a_speeds_file_names_factors_by_line_or_by_client_id(text, expected):
+    import simulate
+
+    assert simulate.parse_speeds(text, 3) == expected
+
+
+@pytest.mark.parametrize("text, error", [
+    ("1\n2\n", "2 factors for 3 clients"),
+    ("0 2\n1\n", "expected one factor per line, or 'CLIENT_ID FACTOR' on every line"),
+    ("3 2\n", "line 1: client 3 is out of range for --clients 3"),
+    ("1\nfast\n1\n", "line 2: 'fast' is not a number"),
+    ("x 2\n", "line 1: 'x' is not an integer"),
+    ("1\n0.5\n1\n", "line 2: a factor must be a finite number >= 1, got 0.5"),
+    ("", "expected one factor per line"),
+])
+def test_a_bad_speeds_file_says_which_line(text, error):
+    import simulate
+
+    with pytest.raises(ValueError, match=re.escape(error)):
+        simulate.parse_speeds(text, 3)
+
+
+@pytest.mark.parametrize("spec, error", [
+    ("lognormal:-1", "SIGMA must be a finite number >= 0, got -1.0"),
+    ("lognormal:wide", "SIGMA must be a number"),
+    ("/nowhere/speeds.txt", "neither lognormal:SIGMA nor a readable file"),
+])
+def test_a_bad_client_speeds_spec_is_one_line_and_exit_2(spec, error):
+    r = run("simulate.py", "--client-speeds", spec)
+    assert r.returncode == 2
+    errors = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and f"--client-speeds {spec}: {error}" in errors[0], r.stderr
+
+
+def test_the_launcher_records_the_speeds_and_the_workers_sleep_by_them(tmp_path, synthetic_mnist_dir):
+    import simulate
+
+    out = tmp_path / "run"
+    r = run("simulate.py", "--clients", 3, "--rounds", 1, "--limit", 20, "--test-limit", 100, "--seed", 0,
+            "--client-speeds", "lognormal:1", "--data-dir", synthetic_mnist_dir, "--out", out, "--no-plot",
+            timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = simulate.client_speeds("lognormal:1", 3, 0)
+    assert expected[1] > 1 and expected[0] == expected[2] == 1  # seed 0: client 1 is the straggler
+    record = json.loads((out / "speeds.json").read_text())
+    assert record == {"client_speeds": "lognormal:1", "seed": 0, "speeds": {"0": 1.0, "1": expected[1], "2": 1.0}}
+    logs = [(out / f"worker-{i}.log").read_text() for i in range(3)]  # a worker per client here
+    assert [("after sleeping" in log) for log in logs] == [False, True, False], logs
+    assert f"(--speed {expected[1]:g})" in logs[1]
