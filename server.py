@@ -243,7 +243,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     except ValueError as exc:  # ServerConfig's own checks (the asynchronous settings)
         p.error(str(exc))
     try:
-        app.build_strategy(config)
+        strategy = app.build_strategy(config)
+        if config.asynchronous and hasattr(strategy, "begin_round"):  # DP: every step averages a buffer of K
+            strategy.begin_round(config.buffer_size)
     except StrategyError as exc:
         p.error(str(exc))
     return config, a

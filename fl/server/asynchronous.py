@@ -239,6 +239,10 @@ class AsyncFederation(Federation):
                 self._settle(rnd, rnd.screen.offer(c, c.weight * c.record["norm"]))
         self.lock.notify_all()
 
+    def _reject(self, rnd: RoundState, client_id: int, reason: str) -> None:
+        log.warning("step %d: rejected update from client %d: %s", rnd.number, client_id, reason)
+        rnd.rejected.append({"client_id": client_id, "reason": reason})
+
     def close_round(self, rnd: RoundState) -> None:
         """The buffer takes no more updates; the screen judges what it still holds."""
         super().close_round(rnd)
