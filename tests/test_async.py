@@ -9,10 +9,15 @@ import time
 from pathlib import Path
 
 import pytest
-from procs import client_args, expect_exit, log_of, server_args, start, stop
+import torch
+from procs import Worker, client_args, expect_exit, log_of, run, server_args, start, stop
+from test_federation import body, perturbed, session
 
+from fl import strategies
+from fl.server.asynchronous import AsyncFederation
 from fl.server.config import ServerConfig
 from fl.strategies.staleness import Buffer, Stale, staleness_factor
+from fl.wire.frames import decode_payload
 
 # --- the arithmetic --------------------------------------------------------------------------
 
@@ -76,10 +81,114 @@ def test_config_refuses_what_async_cannot_do(settings, message):
         ServerConfig(**settings)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--secure-aggregation"], "--mode async cannot use --secure-aggregation"),
+    (["--dp-noise-multiplier", "1", "--clip-norm", "1", "--staleness-weight", "polynomial"],
+     "--staleness-weight polynomial has no effect under DP"),
+    (["--buffer-size", "0"], "--concurrency and --buffer-size must be at least 1"),
+])
+def test_server_refuses_what_async_cannot_do_in_one_line(flags, message):
+    r = run("server.py", "--mode", "async", "--min-clients", 3, "--buffer-size", 2, *flags, timeout=60)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("server.py: error: ") and message in last, r.stderr[-500:]
+
+
 def test_config_accepts_async_settings():
     cfg = ServerConfig(mode="async", min_clients=4, buffer_size=3, concurrency=4, max_staleness=5)
     assert cfg.asynchronous and cfg.async_problem() is None
     assert not ServerConfig().asynchronous and math.isfinite(ServerConfig().round_timeout)
+
+
+# --- the schedule without sockets ------------------------------------------------------------
+
+
+def federation(**overrides) -> tuple[AsyncFederation, list]:
+    config = ServerConfig(**{"mode": "async", "min_clients": 3, "concurrency": 3, "buffer_size": 2, "rounds": 3,
+                             "round_timeout": 30.0, "norm_ratio": None, **overrides})
+    torch.manual_seed(0)
+    fed = AsyncFederation(config, strategies.make("fedavg"))
+    sessions = [session(0, 100), session(1, 300), session(2, 50)]
+    for s in sessions:
+        fed.register(s)
+    return fed, sessions
+
+
+def sent(s):
+    """The task queued to a session and its MODEL, as the transport sends it."""
+    task = s.tasks.get(timeout=10)
+    s.view_id = task.view_id
+    return task, decode_payload(task.payload)
+
+
+def floats(fed, state):
+    return fed.layout.flatten(state)[0].double()
+
+
+def test_a_stale_update_is_folded_with_its_weight_into_the_next_version():
+    fed, (a, b, c) = federation()
+    step = Worker(fed.run_round, 1)
+    (ta, ma), (tb, mb), (tc, mc) = sent(a), sent(b), sent(c)
+    assert sorted(m["round"] for m in (ma, mb, mc)) == [1, 2, 3] and {m["version"] for m in (ma, mb, mc)} == {0}
+    local_a, local_b, local_c = (perturbed(t.base, 0.01, i) for i, t in enumerate((ta, tb, tc)))
+    fed.submit(a, ta, body(local_a, 100, round_num=ta.round), 1, 1)
+    fed.submit(b, tb, body(local_b, 300, round_num=tb.round), 1, 1)
+    rnd = step.get(timeout=10)
+    v0 = floats(fed, fed.global_state)
+    assert fed.finish_round(rnd) is fed.global_state and fed.version == 1
+    # FedAvg of a and b by samples, both fresh: (100 da + 300 db) / 400
+    expected = v0 + (100 * (floats(fed, local_a) - v0) + 300 * (floats(fed, local_b) - v0)) / 400
+    v1 = floats(fed, fed.global_state)
+    assert torch.allclose(v1, expected, atol=1e-6)
+
+    step = Worker(fed.run_round, 2)
+    (ta2, ma2), (_, mb2) = sent(a), sent(b)  # the freed slots refilled with the new version
+    assert {ma2["version"], mb2["version"]} == {1} and sorted([ma2["round"], mb2["round"]]) == [4, 5]
+    fed.submit(c, tc, body(local_c, 50, round_num=tc.round), 1, 1)  # trained from version 0: staleness 1
+    local_a2 = perturbed(ta2.base, 0.01, 7)
+    fed.submit(a, ta2, body(local_a2, 100, round_num=ta2.round), 1, 1)
+    rnd = step.get(timeout=10)
+    fed.finish_round(rnd)
+    wc, wa = 50 / 2 ** 0.5, 100.0  # 50 x (1 + 1)^-0.5 and 100 x 1
+    dc, da = floats(fed, local_c) - v0, floats(fed, local_a2) - v1  # each from the model it trained from
+    assert torch.allclose(floats(fed, fed.global_state), v1 + (wc * dc + wa * da) / (wc + wa), atol=1e-6)
+    assert rnd.extra == {"version": 2, "staleness": [1, 0], "buffer": [2, 0]}
+    assert [c["weight"] for c in rnd.clients] == [pytest.approx(wc), wa]
+    fed.stop.set()
+
+
+def test_the_norm_screen_judges_within_the_buffer():
+    fed, sessions = federation(buffer_size=3, norm_ratio=4.0)
+    step = Worker(fed.run_round, 1)
+    for i, s in enumerate(sessions):
+        task, _ = sent(s)
+        local = perturbed(task.base, 0.01, i)
+        if i == 2:  # client 2 pulls 100x harder (its BatchNorm statistics left as they are)
+            local = {k: task.base[k] + 100 * (v - task.base[k]) if "running" not in k and v.is_floating_point()
+                     else v for k, v in local.items()}
+        fed.submit(s, task, body(local, 50, round_num=task.round), 1, 1)
+    rnd = step.get(timeout=10)
+    assert [c["client_id"] for c in rnd.clients] == [0, 1] and [r["client_id"] for r in rnd.rejected] == [2]
+    assert "median" in rnd.rejected[0]["reason"]
+
+
+def test_the_8bit_broadcast_is_a_delta_from_the_view_the_client_holds():
+    fed, (a, b, c) = federation(quantize_broadcast=True)
+    step = Worker(fed.run_round, 1)
+    tasks = {s.client_id: sent(s)[0] for s in (a, b, c)}
+    for s in (a, b):
+        fed.submit(s, tasks[s.client_id], body(perturbed(tasks[s.client_id].base, 0.01, s.client_id),
+                                                100, round_num=tasks[s.client_id].round), 1, 1)
+    fed.finish_round(step.get(timeout=10))
+    step = Worker(fed.run_round, 2)
+    held = a.view_id
+    task, model = sent(a)  # a holds version 0's model: sent the 8-bit delta from it to version 1
+    assert "state" not in model and model["base_view"] == held and model["view_id"] == task.view_id != held
+    assert len(task.payload) < 0.3 * len(tasks[0].payload)
+    # It trains from what it rebuilds, within half a quantization step of version 1.
+    assert max((task.base[k] - fed.global_state[k]).abs().max().item()
+               for k in task.base if task.base[k].is_floating_point()) < 0.01
+    fed.stop.set()
+    step.get(timeout=10)
 
 
 # --- real processes: three clients and one 20x slower -----------------------------------------
