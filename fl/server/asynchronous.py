@@ -254,6 +254,7 @@ class AsyncFederation(Federation):
     def finish_round(self, rnd: RoundState) -> dict[str, torch.Tensor] | None:
         """Apply the buffer through the strategy's server step; the new version is the step number."""
         state = super().finish_round(rnd)
+        rnd.aggregator = rnd.screen = None  # type: ignore[assignment]  # its line waits for the evaluator: not its sum
         if state is not None:
             with self.lock:
                 self.version = rnd.number
