@@ -8,6 +8,9 @@ atomically and logged as one JSON line.
 
     python server.py --rounds 5 --min-clients 3 [--strategy fedadam --fraction 0.5]
 
+With ``--mode async`` no round waits for its slowest client: buffered asynchronous steps
+(FedBuff), ``fl/server/asynchronous.py`` and docs/async.md.
+
 This file is the command line; the server is ``fl/server/``: ``config.py`` (settings),
 ``app.py`` (start-up and the round loop), ``transport.py`` (sockets, TLS, handshakes),
 ``ingest.py`` (decoding updates), ``federation.py`` (round logic), ``evaluator.py``

@@ -191,6 +191,18 @@ def test_the_8bit_broadcast_is_a_delta_from_the_view_the_client_holds():
     step.get(timeout=10)
 
 
+def test_a_checkpoint_schedule_that_does_not_match_its_step_is_refused():
+    fed, _ = federation()
+    fed.start_round = 4
+    fed.restore_schedule({"mode": "async", "version": 4, "dispatched": 11})
+    assert (fed.version, fed.dispatched) == (4, 11)
+    fed.restore_schedule(None)  # a synchronous checkpoint: one dispatch number per round it ran
+    assert (fed.version, fed.dispatched) == (4, 4)
+    for bad in ({"version": 3, "dispatched": 11}, {"version": 4, "dispatched": 2}, {"version": 4}):
+        with pytest.raises(ValueError, match="does not match its step 4"):
+            fed.restore_schedule(bad)
+
+
 # --- real processes: three clients and one 20x slower -----------------------------------------
 
 SLOW = 3  # the straggler's id
