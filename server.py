@@ -132,10 +132,9 @@ def add_async_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     setting(g, d, "buffer_size", "--mode async: accepted updates per server step, at most one per client "
                                  "(needs --min-clients at least this)")
     g.add_argument("--staleness-weight", choices=STALENESS_RULES, default=None,
-                   help="--mode async: an update's weight is its sample count (or 1) times s(staleness), "
-                        "staleness = versions published since the one it trained from; polynomial: "
-                        "1/sqrt(1 + staleness), constant: 1 (default: polynomial; constant under DP, median "
-                        "and trimmed-mean, whose aggregate ignores weights)")
+                   help="--mode async: an update's delta is scaled by s(staleness), staleness = versions "
+                        "published since the one it trained from; polynomial: 1/sqrt(1 + staleness), constant: 1 "
+                        "(default: polynomial; constant under DP)")
     g.add_argument("--max-staleness", type=int, default=None, metavar="S",
                    help="--mode async: refuse an update more than S versions old (default: no limit)")
 
@@ -345,9 +344,8 @@ def to_config(a: argparse.Namespace, training: TrainingConfig, params: dict[str,
     rest are derived here (credentials never enter the config)."""
     flags = {f.name: getattr(a, f.name) for f in fields(ServerConfig) if hasattr(a, f.name)}
     dp = a.dp_noise_multiplier is not None
-    ignores_weights = dp or strategies.available()[a.strategy].holds_updates
     derived = dict(training=training, strategy_params=params, weighting=a.weighting or ("uniform" if dp else "samples"),
-                   staleness_weight=a.staleness_weight or ("constant" if ignores_weights else "polynomial"),
+                   staleness_weight=a.staleness_weight or ("constant" if dp else "polynomial"),
                    norm_ratio=a.norm_ratio or None, download=not a.no_download,
                    progress=not (a.no_progress or a.quiet))
     return ServerConfig(**{**flags, **secagg, **derived})

@@ -42,10 +42,10 @@ def test_buffer_weights_are_samples_times_factor():
     buf.add(fresh)
     stale = buf.admit(client_id=2, trained_from=2, samples=600)  # staleness 3: 600 x 1/2 = 300
     buf.add(stale)
-    assert (fresh.staleness, fresh.factor, fresh.weight) == (0, 1.0, 600.0)
-    assert (stale.staleness, stale.factor, stale.weight) == (3, 0.5, 300.0)
+    assert (fresh.staleness, fresh.factor, fresh.mass, fresh.weight) == (0, 1.0, 600.0, 600.0)
+    assert (stale.staleness, stale.factor, stale.mass, stale.weight) == (3, 0.5, 600.0, 300.0)
     uniform = Buffer(size=2, version=8, weighting="uniform").admit(7, 0, samples=600)  # s = 8: 1/3
-    assert uniform.weight == pytest.approx(1 / 3)
+    assert uniform.mass == 1.0 and uniform.weight == pytest.approx(1 / 3)
     assert buf.clients == [1, 2] and buf.staleness == [0, 3] and not buf.full
     buf.add(buf.admit(3, 4, 10))
     assert buf.full
@@ -72,8 +72,7 @@ def test_buffer_refuses_stale_repeated_and_future_updates():
     (dict(mode="async", min_clients=3, buffer_size=2, fraction=0.5), "--fraction samples a synchronous round"),
     (dict(mode="async", min_clients=3, buffer_size=2, secure_aggregation=True), "cannot use --secure-aggregation"),
     (dict(mode="async", min_clients=3, buffer_size=2, dp_noise_multiplier=1.0, clip_norm=1.0),
-     "--staleness-weight polynomial has no effect under DP"),
-    (dict(mode="async", min_clients=3, buffer_size=2, strategy="median"), "no effect under median"),
+     "--staleness-weight polynomial cannot scale updates under DP"),
     (dict(mode="async", min_clients=3, buffer_size=2, max_staleness=-1), "--max-staleness must be >= 0"),
 ])
 def test_config_refuses_what_async_cannot_do(settings, message):
@@ -84,7 +83,7 @@ def test_config_refuses_what_async_cannot_do(settings, message):
 @pytest.mark.parametrize("flags, message", [
     (["--secure-aggregation"], "--mode async cannot use --secure-aggregation"),
     (["--dp-noise-multiplier", "1", "--clip-norm", "1", "--staleness-weight", "polynomial"],
-     "--staleness-weight polynomial has no effect under DP"),
+     "--staleness-weight polynomial cannot scale updates under DP"),
     (["--buffer-size", "0"], "--concurrency and --buffer-size must be at least 1"),
 ])
 def test_server_refuses_what_async_cannot_do_in_one_line(flags, message):
@@ -148,9 +147,13 @@ def test_a_stale_update_is_folded_with_its_weight_into_the_next_version():
     fed.submit(a, ta2, body(local_a2, 100, round_num=ta2.round), 1, 1)
     rnd = step.get(timeout=10)
     fed.finish_round(rnd)
-    wc, wa = 50 / 2 ** 0.5, 100.0  # 50 x (1 + 1)^-0.5 and 100 x 1
+    wc, wa = 50 / 2 ** 0.5, 100.0  # 50 x (1 + 1)^-0.5 and 100 x 1, over their 150 samples
     dc, da = floats(fed, local_c) - v0, floats(fed, local_a2) - v1  # each from the model it trained from
-    assert torch.allclose(floats(fed, fed.global_state), v1 + (wc * dc + wa * da) / (wc + wa), atol=1e-6)
+    expected = v1 + (wc * dc + wa * da) / 150
+    for e in fed._statistics:  # BatchNorm's statistics: the mean of the clients' own, by samples
+        span = slice(e.offset, e.offset + e.numel)
+        expected[span] = (50 * floats(fed, local_c)[span] + 100 * floats(fed, local_a2)[span]) / 150
+    assert torch.allclose(floats(fed, fed.global_state), expected, atol=1e-5)
     assert rnd.extra == {"version": 2, "staleness": [1, 0], "buffer": [2, 0]}
     assert [c["weight"] for c in rnd.clients] == [pytest.approx(wc), wa]
     fed.stop.set()

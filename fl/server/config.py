@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fl.learning.config import Split, TrainingConfig
-from fl.strategies import available
 from fl.strategies.staleness import STALENESS_RULES
 
 MNIST_TRAIN_SIZE = 60_000
@@ -127,10 +126,9 @@ class ServerConfig:
                     "at most one update per client")
         if self.min_fit > self.buffer_size:
             return f"--min-fit {self.min_fit} cannot exceed --buffer-size {self.buffer_size}"
-        strategy = available().get(self.strategy)
-        if self.staleness_weight == "polynomial" and (self.dp or (strategy is not None and strategy.holds_updates)):
-            return (f"--staleness-weight polynomial has no effect under {'DP' if self.dp else self.strategy}, whose "
-                    "aggregate counts every update alike: use --staleness-weight constant (and --max-staleness)")
+        if self.staleness_weight == "polynomial" and self.dp:
+            return ("--staleness-weight polynomial cannot scale updates under DP, whose clipping would undo it and whose "
+                    "mean counts every update 1/K: use --staleness-weight constant (and --max-staleness)")
         if self.dp_adaptive and self.dp_clipping == "client":
             return ("--mode async cannot use --dp-adaptive with --dp-clipping client: the clip norm moves every step "
                     "while clients still train with an older one, whose updates would then be refused")
