@@ -52,8 +52,8 @@ def build_strategy(config: ServerConfig) -> strategies.Strategy:
 
 def build_accountant(config: ServerConfig, strategy: Any) -> Any:
     """The accountant, or None without DP. It charges each round (or asynchronous step, m = the
-    buffer's updates) at the m of n it realised; the declared N (--dp-population, else --min-clients) sets the default delta and the
-    rate --target-epsilon plans with."""
+    buffer's updates) at the m of n it realised; the declared N (--dp-population, else
+    --min-clients) sets the default delta and the rate --target-epsilon plans with."""
     if not config.dp:
         return None
     population = config.dp_population or config.min_clients
@@ -273,7 +273,8 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
             accountant.step(rnd.connected, len(rnd.participants))  # the rate this round realised
             extra = {"epsilon": accountant.epsilon(), "delta": accountant.delta}
             privacy_state = accountant.state_dict()
-        evaluator.submit(Finished(rnd, state, strategy_state, extra, privacy_state, fed.schedule_state()))  # overlaps the next round
+        evaluator.submit(Finished(rnd, state, strategy_state, extra, privacy_state,  # overlaps the next round
+                                  fed.schedule_state()))
         number, attempt = number + 1, 0
     evaluator.close()
     bar.close()

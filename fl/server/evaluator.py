@@ -116,8 +116,8 @@ class Evaluator:
         if "epsilon" in record:
             rejected += f" | epsilon {record['epsilon']:.3f}"
         log.info("%s %d/%d: accuracy %.2f%% loss %.4f | %d of %d clients%s | up %.2f MB down %.2f MB | %.1f s",
-                 "step" if cfg.asynchronous else "round", rnd.number, cfg.rounds, 100 * accuracy, loss, record["clients"], rnd.connected, rejected,
-                 rnd.bytes_up / 1e6, rnd.bytes_down / 1e6, rnd.seconds)
+                 "step" if cfg.asynchronous else "round", rnd.number, cfg.rounds, 100 * accuracy, loss,
+                 record["clients"], rnd.connected, rejected, rnd.bytes_up / 1e6, rnd.bytes_down / 1e6, rnd.seconds)
         self.bar.set_postfix(acc=f"{accuracy:.2%}", loss=f"{loss:.4f}", clients=record["clients"],
                              MB=f"{sum(m['bytes_up'] + m['bytes_down'] for m in self.history) / 1e6:.1f}")
         self.bar.update(1)
