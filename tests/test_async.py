@@ -13,7 +13,8 @@ import torch
 from procs import Worker, client_args, expect_exit, log_of, run, server_args, start, stop
 from test_federation import body, perturbed, session
 
-from fl import strategies
+from fl import privacy, strategies
+from fl.server.app import build_accountant
 from fl.server.asynchronous import AsyncFederation
 from fl.server.config import ServerConfig
 from fl.strategies.staleness import Buffer, Stale, staleness_factor
@@ -192,6 +193,34 @@ def test_the_8bit_broadcast_is_a_delta_from_the_view_the_client_holds():
                for k in task.base if task.base[k].is_floating_point()) < 0.01
     fed.stop.set()
     step.get(timeout=10)
+
+
+def test_under_dp_each_step_clips_every_update_and_divides_by_the_buffer_size():
+    config = ServerConfig(mode="async", min_clients=3, concurrency=3, buffer_size=2, norm_ratio=None,
+                          dp_noise_multiplier=0.0, clip_norm=1.0, weighting="uniform", staleness_weight="constant")
+    strategy = privacy.DPFixedClipping(strategies.make("fedavg"), 0.0, 1.0, torch.Generator().manual_seed(0))
+    assert build_accountant(config, strategy).clients_per_round == 2  # planned: K of --dp-population
+    fed = AsyncFederation(config, strategy)
+    sessions = [session(0, 100), session(1, 300), session(2, 50)]
+    for s in sessions:
+        fed.register(s)
+    step = Worker(fed.run_round, 1)
+    tasks = [sent(s)[0] for s in sessions]
+    v0 = floats(fed, fed.global_state)
+    deltas = []
+    for s, t in zip(sessions[:2], tasks):
+        local = perturbed(t.base, 0.05, s.client_id)
+        deltas.append(floats(fed, local) - v0)
+        fed.submit(s, t, body(local, s.peer.num_samples, round_num=t.round), 1, 1)
+    rnd = step.get(timeout=10)
+    assert (rnd.connected, len(rnd.participants)) == (3, 2)  # what the accountant charges: K of n
+    fed.finish_round(rnd)
+    clipped = [d / max(1.0, float(d.norm())) for d in deltas]  # each to norm 1, whatever its samples
+    got, want = floats(fed, fed.global_state), v0 + (clipped[0] + clipped[1]) / 2
+    weights = [e for e in fed.layout.entries if e.name.endswith("weight")]
+    assert all(torch.allclose(got[e.offset:e.offset + e.numel], want[e.offset:e.offset + e.numel], atol=1e-5)
+               for e in weights)
+    fed.stop.set()
 
 
 def test_a_checkpoint_schedule_that_does_not_match_its_step_is_refused():
