@@ -9,7 +9,7 @@ dispatch number as its "round", so a client's training seed (seed, client, round
 from one dispatch to the next and a current ``client.py`` needs no change. An update is
 checked exactly as in a round (``Federation.contribution``), then takes its place in the
 step's :class:`fl.strategies.staleness.Buffer` (staleness, weight, ``--max-staleness``),
-the norm screen and the strategy's aggregator. Once ``--buffer-size`` updates are in, the
+its delta scaled by its staleness factor, then the norm screen and the strategy's aggregator. Once ``--buffer-size`` updates are in, the
 main thread applies the strategy's server step (``Federation.finish_round``), which
 publishes version = step number, and the evaluator writes its line in the background.
 
