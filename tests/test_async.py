@@ -305,7 +305,8 @@ def test_steps_go_on_while_a_slow_client_trains_and_its_update_is_down_weighted(
 
     # A resumed run continues from the checkpoint's version, its dispatches numbered after the last.
     last = metrics(tmp_path)[-1]["round"]
-    procs = start_federation(tmp_path, free_port, mnist_dir, last + 2, "--resume")
+    # (--round-timeout 5: the straggler's dispatch is still out at the end; the server waits that long for it.)
+    procs = start_federation(tmp_path, free_port, mnist_dir, last + 2, "--resume", "--round-timeout", 5)
     try:
         expect_exit(procs[0], tmp_path / "server.log", timeout=180)
     finally:
