@@ -21,7 +21,10 @@ When a worker fails, on Ctrl-C, or when the server fails, it stops everything it
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -128,6 +131,12 @@ def add_federation_flags(fl: argparse._ArgumentGroup) -> None:
     fl.add_argument("--limit", type=int, default=None, help="each client trains on at most N samples (quick runs)")
     fl.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images (quick runs)")
     fl.add_argument("--seed", type=int, default=0, help="seed for the model, the split and training")
+    fl.add_argument("--client-speeds", default=None, metavar="SPEC",
+                    help="straggling clients, each slowed by a factor (worker.py --speed: after training it sleeps "
+                         "factor-1 times its training time): lognormal:SIGMA draws max(1, exp(SIGMA z)), z ~ N(0, 1) "
+                         "seeded by --seed and the client id, so the faster half runs at this machine's speed; or "
+                         "FILE: one factor per line for clients 0..N-1, or 'CLIENT_ID FACTOR' lines (others 1). "
+                         "Written to <run folder>/speeds.json")
 
 
 def add_worker_flags(run: argparse._ArgumentGroup) -> None:
@@ -191,6 +200,77 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, server_extr
         p.error("--tensorboard and --no-tensorboard exclude each other")
     if args.tensorboard and (problem := tensorboard.problem(args.tensorboard)):
         p.error(problem)
+    if args.client_speeds and args.ray_address:
+        p.error("--client-speeds with --ray-address: the workers on other nodes cannot read this node's speeds.json")
+    try:
+        args.speeds = client_speeds(args.client_speeds, args.clients, args.seed) if args.client_speeds else None
+    except ValueError as exc:
+        p.error(f"--client-speeds {args.client_speeds}: {exc}")
+
+
+# --- straggling clients -------------------------------------------------------------------
+
+def client_speeds(spec: str, clients: int, seed: int) -> list[float]:
+    """Every client's slowdown factor (>= 1), by ``--client-speeds``; ValueError, one line."""
+    if spec.startswith("lognormal:"):
+        try:
+            sigma = float(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError("SIGMA must be a number, as in lognormal:1.0") from None
+        if not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"SIGMA must be a finite number >= 0, got {sigma}")
+        return [lognormal_speed(sigma, seed, cid) for cid in range(clients)]
+    try:
+        text = Path(spec).read_text()
+    except OSError as exc:
+        raise ValueError(f"neither lognormal:SIGMA nor a readable file ({exc.strerror or exc})") from None
+    return parse_speeds(text, clients)
+
+
+def lognormal_speed(sigma: float, seed: int, client_id: int) -> float:
+    """max(1, exp(sigma z)), z ~ N(0, 1) drawn for this client alone: a client's factor does
+    not depend on how many others there are. Clients faster than the median are not faster
+    than this machine, so they run at its speed."""
+    z = random.Random(f"client-speed/{seed}/{client_id}").gauss(0.0, 1.0)
+    return max(1.0, math.exp(sigma * z))
+
+
+def parse_speeds(text: str, clients: int) -> list[float]:
+    """A speeds file: one factor per line for clients 0..N-1, or 'CLIENT_ID FACTOR' lines
+    (clients not named run at factor 1); blank lines and # comments skipped."""
+    rows = [(n, line.split("#", 1)[0].split()) for n, line in enumerate(text.splitlines(), 1)]
+    rows = [(n, fields) for n, fields in rows if fields]
+    widths = {len(fields) for _, fields in rows}
+    if not rows or not widths <= {1, 2} or len(widths) > 1:
+        raise ValueError("expected one factor per line, or 'CLIENT_ID FACTOR' on every line")
+    if widths == {1} and len(rows) != clients:
+        raise ValueError(f"{len(rows)} factors for {clients} clients: give one per client, or 'CLIENT_ID FACTOR' lines")
+    speeds = [1.0] * clients
+    for i, (n, fields) in enumerate(rows):
+        cid = i if len(fields) == 1 else _number(fields[0], n, int)
+        if not 0 <= cid < clients:
+            raise ValueError(f"line {n}: client {cid} is out of range for --clients {clients}")
+        factor = _number(fields[-1], n, float)
+        if not (math.isfinite(factor) and factor >= 1):
+            raise ValueError(f"line {n}: a factor must be a finite number >= 1, got {fields[-1]}")
+        speeds[cid] = factor
+    return speeds
+
+
+def _number(text: str, line: int, kind: type) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"line {line}: {text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def write_speeds(args: argparse.Namespace, out: Path) -> Path:
+    """The run's factors in its folder (worker.py --speeds reads them), so a run can be repeated."""
+    path = out / "speeds.json"
+    record = {"client_speeds": args.client_speeds, "seed": args.seed,
+              "speeds": {str(cid): factor for cid, factor in enumerate(args.speeds)}}
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return path
 
 
 def listen_host(args: argparse.Namespace) -> str:
@@ -253,6 +333,8 @@ def build_commands(args: argparse.Namespace, server_extra: list[str], port: int,
                 cmd.append("--stochastic-rounding")
         if args.limit:
             cmd += ["--limit", str(args.limit)]
+        if args.speeds:
+            cmd += ["--speeds", str(out / "speeds.json")]
         worker_args.append(cmd)
     return server, worker_args
 
@@ -477,6 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
+    if args.speeds:
+        write_speeds(args, out)
     listen = listen_host(args)
     port = args.port or free_port("" if listen == "0.0.0.0" else listen)
     workers = min(args.clients, args.workers or default_workers(args.clients, os.cpu_count() or 1))
@@ -551,6 +635,10 @@ def announce(args: argparse.Namespace, out: Path, address: str, engine: ProcessE
     print(f"run folder: {out}\nserver on {address}, {args.clients} clients in {where}, {args.rounds} rounds"
           f"{'' if args.fraction is None else f', fraction {args.fraction}'}; worker logs: {out}/worker-<i>.log",
           file=sys.stderr)
+    if args.speeds:
+        ordered = sorted(args.speeds)
+        print(f"client speeds ({args.client_speeds}): slowdown median x{ordered[len(ordered) // 2]:.2f}, slowest "
+              f"x{ordered[-1]:.2f}; {out / 'speeds.json'}", file=sys.stderr)
 
 
 def watch(server: subprocess.Popen, engine: ProcessEngine | RayEngine, log_paths: list[Path]) -> int | None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from fl.client.config import ClientConfig, check_client_arguments, client_parser, pick_device
+from fl.client.config import ClientConfig, check_client_arguments, client_parser, pick_device, read_speeds
 from fl.client.host import Host, build_task
 from fl.client.participant import Participant
 from fl.client.trainer_pool import RayTrainers, Task, TrainerPool
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fl.add_argument("--client-ids", required=True, help="the clients this worker hosts, e.g. 0-49 or 0-9,20-29")
     fl.add_argument("--quantize-ids", default=None,
                     help="only these hosted clients send 8-bit updates (default: all with --quantization, else none)")
+    fl.add_argument("--speeds", default=None, metavar="FILE",
+                    help="per-client slowdown factors (see --speed): a speeds.json as simulate.py --client-speeds "
+                         "writes it; hosted clients it does not name run at --speed")
     groups["run"].add_argument("--trainers", type=int, default=1,
                                help="train the sampled clients on this many processes, each client on whichever "
                                     "is free (fl/client/trainer_pool.py); 1: on this process, one after another")
@@ -63,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     try:
         args.client_ids = parse_ids(args.client_ids)
         args.quantize_ids = set(parse_ids(args.quantize_ids)) if args.quantize_ids else set()
+        args.speeds = read_speeds(args.speeds) if args.speeds else {}
     except ValueError as exc:
         p.error(str(exc))
     if args.trainers < 1:
@@ -142,7 +146,7 @@ def build(args: argparse.Namespace, ray_trainers: list[Any] | None = None) -> Wo
     for cid in args.client_ids:
         idx = subset(parts[cid], args.limit, args.seed * 1009 + cid)
         quantize = config.quantization or cid in args.quantize_ids
-        cfg = dataclasses.replace(config, quantization=quantize) if quantize != config.quantization else config
+        cfg = dataclasses.replace(config, quantization=quantize, speed=args.speeds.get(cid, config.speed))
         participants.append(Participant(cid, host, cfg, indices=idx.clone(), log_prefix=f"client {cid}: "))
     del parts
     return Worker(participants, host)

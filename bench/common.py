@@ -57,9 +57,11 @@ def tree(pid: int) -> dict[str, float]:
 
 def run_simulation(sim_args: list[str], quiet: bool = True) -> dict:
     """Run ``simulate.py`` with ``sim_args``; return its metrics, wall time and peak memory
-    of all its processes together (RSS and PSS summed over the tree, sampled every 0.2 s)."""
+    of all its processes together (RSS and PSS summed over the tree, sampled every 0.2 s),
+    and ``started``: the wall-clock time of the launch, the origin of a metrics line's ``time``."""
     out = Path(tempfile.mkdtemp(prefix="flbench-"))
     cmd = [sys.executable, str(REPO / "simulate.py"), "--out", str(out), "--no-plot", *sim_args]
+    started = time.time()
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL if quiet else None,
                             stderr=subprocess.DEVNULL if quiet else None)
@@ -80,4 +82,11 @@ def run_simulation(sim_args: list[str], quiet: bool = True) -> dict:
         raise SystemExit(f"simulate.py {' '.join(sim_args)} failed with status {code}; logs in {out}")
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"metrics": metrics, "wall_s": wall, "peak_rss_mb": peak["rss"], "peak_pss_mb": peak["pss"],
-            "out": str(out)}
+            "out": str(out), "started": started}
+
+
+def updates_of(record: dict) -> int:
+    """Client updates one metrics line aggregated: ``clients`` is their count in a round, or
+    the list of them in an asynchronous server step."""
+    clients = record["clients"]
+    return clients if isinstance(clients, int) else len(clients)

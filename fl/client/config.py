@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import math
 import ssl
 from dataclasses import dataclass
 
@@ -71,6 +73,10 @@ def add_client_arguments(p: argparse.ArgumentParser, server_split: bool = False)
                      help="folder with the --dataset files (default: $MNIST_DATA_DIR or ./data)")
     run.add_argument("--no-download", action="store_true", help="never try to download the --dataset files")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device, help="where to train")
+    run.add_argument("--speed", type=float, default=d.speed, metavar="FACTOR",
+                     help="slowdown factor >= 1 (a straggler): after each local training, sleep FACTOR-1 times "
+                          "the measured training time before sending, so training takes FACTOR times as long in "
+                          "real time while the cores stay free for other clients")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     run.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -90,6 +96,29 @@ def check_client_arguments(p: argparse.ArgumentParser, args: argparse.Namespace)
         p.error("--limit must be at least 1")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be at least 1")
+    if not valid_speed(args.speed):
+        p.error(f"--speed must be a finite factor >= 1, got {args.speed}")
+
+
+def valid_speed(factor: object) -> bool:
+    """A slowdown factor: a finite number >= 1 (1: full speed)."""
+    return isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor >= 1
+
+
+def read_speeds(path: str) -> dict[int, float]:
+    """Per-client slowdown factors from a run's speeds.json (``simulate.py --client-speeds``
+    writes it): its ``speeds`` object, client id -> factor. ValueError, one line, if unusable."""
+    try:
+        with open(path) as f:
+            speeds = json.load(f)["speeds"]
+        out = {int(cid): factor for cid, factor in speeds.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--speeds {path}: not a speeds file with a 'speeds' object of client id -> factor "
+                         f"({exc.__class__.__name__}: {exc})") from None
+    bad = next((cid for cid, factor in out.items() if cid < 0 or not valid_speed(factor)), None)
+    if bad is not None:
+        raise ValueError(f"--speeds {path}: client {bad}: a factor must be a finite number >= 1, got {out[bad]!r}")
+    return {cid: float(factor) for cid, factor in out.items()}
 
 
 @dataclass(frozen=True)
@@ -110,6 +139,7 @@ class ClientConfig:
     device: str = "auto"  # the --device choice, as announced to the server in HELLO
     secagg: bool = True  # announce secure-aggregation support in HELLO (secagg_client.py)
     progress: bool = True
+    speed: float = 1.0  # slowdown factor: training takes this many times as long (local.straggle_seconds)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ClientConfig":
@@ -122,7 +152,7 @@ class ClientConfig:
                    connect_timeout=args.connect_timeout, quantization=args.quantization,
                    stochastic_rounding=args.stochastic_rounding,
                    seed=cls.seed if args.seed is None else args.seed, model=args.model, device=args.device,
-                   progress=not (args.no_progress or args.quiet))
+                   progress=not (args.no_progress or args.quiet), speed=args.speed)
 
 
 def pick_device(choice: str) -> torch.device:

@@ -51,6 +51,13 @@ def fit(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, indi
     return local, result, generator, len(labels)
 
 
+def straggle_seconds(speed: float, train_seconds: float) -> float:
+    """How long a client with slowdown ``speed`` waits after training for ``train_seconds``,
+    so that its training takes ``speed`` times as long in real time. A sleep rather than
+    slower training: the cores stay free, so one machine can host many slow clients."""
+    return max(0.0, (speed - 1.0) * train_seconds)
+
+
 def train_metrics(result: TrainResult) -> dict[str, float]:
     """The metrics an update carries to the server (the server logs and plots them)."""
     return {"loss": result.loss, "accuracy": result.accuracy, "train_s": result.seconds,

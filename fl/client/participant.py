@@ -29,7 +29,7 @@ from fl.client import secagg as secagg_client
 from fl.client import steps
 from fl.client.config import ClientConfig
 from fl.client.host import Host
-from fl.client.local import Fitted, log_round, train_metrics
+from fl.client.local import Fitted, log_round, straggle_seconds, train_metrics
 from fl.common.layout import Layout
 from fl.learning.config import Split, TrainingConfig
 from fl.learning.quantization import QuantizationError, apply_delta, dequantize_state
@@ -70,6 +70,7 @@ class Participant:
         self.view_id: Any = None
         self.rounds_trained = 0
         self._secagg_warned = False  # the note that secure aggregation overrides --quantization
+        self.sleep = time.sleep  # how a slow client (--speed) waits; a test injects its own
 
     def connect(self) -> Connection:
         """Connect and authenticate with this client's id, retrying within the window;
@@ -97,11 +98,13 @@ class Participant:
                 if done is not None:
                     return done
                 continue
+            slept = self._straggle(result)  # not under the lock: the host's other clients keep training
             sent = conn.send(MsgType.UPDATE, body)
             del body  # an idle client holds no update
             self.rounds_trained += 1
             log_round(self.log, round_num, result,
-                      f"sent {sent / 1e6:.2f} MB" + (" (8-bit)" if self.config.quantization else ""))
+                      f"sent {sent / 1e6:.2f} MB" + (" (8-bit)" if self.config.quantization else "")
+                      + (f" after sleeping {slept:.3f} s (--speed {self.config.speed:g})" if slept else ""))
 
     def _train(self, round_num: int, model_msg: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         """Train from the model we were sent; the UPDATE body. Called while the participant
@@ -151,7 +154,17 @@ class Participant:
         """``_update`` taking a slot of the host's lock: as many clients of this process
         train at once as it has models (secure aggregation's callback)."""
         with self.host.lock:
-            return self._update(round_num, training, base, chain, attempt)
+            body, result = self._update(round_num, training, base, chain, attempt)
+        self._straggle(result)
+        return body, result
+
+    def _straggle(self, result: Any) -> float:
+        """A client slower by ``--speed`` s: wait (s-1) x its measured training time, holding
+        no slot of the host's lock; the seconds waited."""
+        wait = straggle_seconds(self.config.speed, result.seconds)
+        if wait > 0:
+            self.sleep(wait)
+        return wait
 
     def _base(self, model_msg: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The model the server sent (rebuilt from an 8-bit delta to our last one), shared

@@ -23,6 +23,7 @@ from fl.learning.data import DataError, resolve_data_dir
 from fl.learning.datasets import load_dataset
 from fl.server import checkpoint as ckpt
 from fl.server import secagg as secagg_server
+from fl.server.asynchronous import AsyncFederation
 from fl.server.config import ServerConfig
 from fl.server.evaluator import Evaluator, Finished, build_model, summary
 from fl.server.federation import Federation
@@ -50,13 +51,14 @@ def build_strategy(config: ServerConfig) -> strategies.Strategy:
 
 
 def build_accountant(config: ServerConfig, strategy: Any) -> Any:
-    """The accountant, or None without DP. It charges each round at the m of n it realised;
-    the declared N (--dp-population, else --min-clients) sets the default delta and the
-    rate --target-epsilon plans with."""
+    """The accountant, or None without DP. It charges each round (or asynchronous step, m = the
+    buffer's updates) at the m of n it realised; the declared N (--dp-population, else
+    --min-clients) sets the default delta and the rate --target-epsilon plans with."""
     if not config.dp:
         return None
     population = config.dp_population or config.min_clients
-    per_round = sample_size(population, config.fraction, config.min_fit)
+    # An asynchronous step releases the noised mean of one buffer: K updates of the n connected.
+    per_round = config.buffer_size if config.asynchronous else sample_size(population, config.fraction, config.min_fit)
     return privacy.PrivacyAccountant(strategy.accounting_noise_multiplier, population, per_round, config.dp_delta)
 
 
@@ -79,6 +81,7 @@ def resume(fed: Federation, config: ServerConfig, accountant: Any = None) -> ckp
     resume_accountant(accountant, saved.get("privacy"), saved["round"])
     fed.global_state = fed.layout.unflatten(*fed.layout.flatten(saved["model"]))
     fed.start_round = saved["round"]
+    fed.restore_schedule(saved.get("schedule"))
     ckpt.restore_rng(saved)
     return ckpt.History(saved["metrics"])
 
@@ -166,7 +169,8 @@ def build_federation(config: ServerConfig) -> tuple[Federation, ckpt.History, An
     random.seed(config.seed)
     strategy = build_strategy(config)
     accountant = build_accountant(config, strategy)
-    fed_class = secagg_server.SecAggFederation if config.secure_aggregation else Federation
+    fed_class = secagg_server.SecAggFederation if config.secure_aggregation else \
+        AsyncFederation if config.asynchronous else Federation
     try:
         model = build_model(config)
     except (ValueError, DataError) as exc:
@@ -209,8 +213,11 @@ def listen(config: ServerConfig, fed: Federation, args: argparse.Namespace) -> F
         server = (secagg_server.SecAggFLServer if config.secure_aggregation else FLServer)(config, fed, keyring, tls)
     except OSError as exc:
         raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
-    log.info("listening on %s:%d%s; %d rounds of %s, %s; waiting for %d clients", config.host,
-             server.server_address[1], " (TLS)" if tls else "", config.rounds, config.strategy,
+    schedule = (f"{config.rounds} asynchronous steps of {config.buffer_size} updates ({config.concurrency} clients "
+                f"training at once, {config.staleness_weight} staleness weight)" if config.asynchronous
+                else f"{config.rounds} rounds")
+    log.info("listening on %s:%d%s; %s of %s, %s; waiting for %d clients", config.host,
+             server.server_address[1], " (TLS)" if tls else "", schedule, config.strategy,
              models.describe(config.model, fed.layout), config.min_clients)
     if config.secure_aggregation:
         log.info("%s", secagg_server.describe(config))
@@ -272,7 +279,8 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
             accountant.step(rnd.connected, len(rnd.participants))  # the rate this round realised
             extra = {"epsilon": accountant.epsilon(), "delta": accountant.delta}
             privacy_state = accountant.state_dict()
-        evaluator.submit(Finished(rnd, state, strategy_state, extra, privacy_state))  # overlaps the next round
+        evaluator.submit(Finished(rnd, state, strategy_state, extra, privacy_state,  # overlaps the next round
+                                  fed.schedule_state()))
         number, attempt = number + 1, 0
     evaluator.close()
     bar.close()
