@@ -26,8 +26,9 @@ from fl.learning.data import DataError
 from fl.learning.datasets import check_trainable
 from fl.server import app, tensorboard
 from fl.server import secagg as secagg_server
-from fl.server.config import MIN_SHARDS, ServerConfig
+from fl.server.config import MIN_SHARDS, MODES, ServerConfig
 from fl.strategies.base import StrategyError
+from fl.strategies.staleness import STALENESS_RULES
 
 TRAINING_FLAGS = {"epochs": "--local-epochs", "batch_size": "--batch-size", "lr": "--lr",
                   "momentum": "--client-momentum"}  # TrainingConfig's fields by their flags
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = ServerConfig()
     add_network_arguments(p, d)
     add_federation_arguments(p, d)
+    add_async_arguments(p, d)
     add_split_arguments(p, d)
     add_strategy_arguments(p)
     add_privacy_arguments(p)
@@ -82,7 +84,7 @@ def add_network_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
 
 def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     fl = p.add_argument_group("federation")
-    setting(fl, d, "rounds", "federated rounds to run")
+    setting(fl, d, "rounds", "federated rounds to run (with --mode async: server steps, each applying one buffer)")
     fl.add_argument("--target-accuracy", type=float, default=None, metavar="A",
                     help="stop once a round's test accuracy reaches A (0-1); evaluation runs beside the next "
                          "round, so that round still completes")
@@ -114,6 +116,25 @@ def add_federation_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> Non
     fl.add_argument("--hflip", action="store_true", help="add random horizontal flips to augmentation (hurts digits)")
     setting(fl, d, "seed", "seed of the initial global model, the data split and client "
                            "sampling (under DP the sample is secret, not seeded)")
+
+
+def add_async_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
+    g = p.add_argument_group("asynchronous aggregation", (
+        "FedBuff (Nguyen et al., AISTATS 2022): no round waits for its slowest client. Up to --concurrency "
+        "clients train at once, each from the newest model; every --buffer-size accepted updates make one "
+        "server step (the strategy's), a new model version, and one metrics line. See docs/async.md"))
+    g.add_argument("--mode", choices=MODES, default=d.mode,
+                   help="sync: rounds that wait for their sampled clients; async: buffered asynchronous steps")
+    setting(g, d, "concurrency", "--mode async: clients training at once (a freed slot is refilled at once)")
+    setting(g, d, "buffer_size", "--mode async: accepted updates per server step, at most one per client "
+                                 "(needs --min-clients at least this)")
+    g.add_argument("--staleness-weight", choices=STALENESS_RULES, default=None,
+                   help="--mode async: an update's weight is its sample count (or 1) times s(staleness), "
+                        "staleness = versions published since the one it trained from; polynomial: "
+                        "1/sqrt(1 + staleness), constant: 1 (default: polynomial; constant under DP, median "
+                        "and trimmed-mean, whose aggregate ignores weights)")
+    g.add_argument("--max-staleness", type=int, default=None, metavar="S",
+                   help="--mode async: refuse an update more than S versions old (default: no limit)")
 
 
 def add_split_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
@@ -217,7 +238,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     check_privacy(p, a)
     if a.tensorboard and (problem := tensorboard.problem(a.tensorboard)):
         p.error(problem)
-    config = to_config(a, check_training(p, a), params, secagg)
+    try:
+        config = to_config(a, check_training(p, a), params, secagg)
+    except ValueError as exc:  # ServerConfig's own checks (the asynchronous settings)
+        p.error(str(exc))
     try:
         app.build_strategy(config)
     except StrategyError as exc:
@@ -316,7 +340,9 @@ def to_config(a: argparse.Namespace, training: TrainingConfig, params: dict[str,
     rest are derived here (credentials never enter the config)."""
     flags = {f.name: getattr(a, f.name) for f in fields(ServerConfig) if hasattr(a, f.name)}
     dp = a.dp_noise_multiplier is not None
+    ignores_weights = dp or strategies.available()[a.strategy].holds_updates
     derived = dict(training=training, strategy_params=params, weighting=a.weighting or ("uniform" if dp else "samples"),
+                   staleness_weight=a.staleness_weight or ("constant" if ignores_weights else "polynomial"),
                    norm_ratio=a.norm_ratio or None, download=not a.no_download,
                    progress=not (a.no_progress or a.quiet))
     return ServerConfig(**{**flags, **secagg, **derived})

@@ -23,6 +23,7 @@ from fl.learning.datasets import load_dataset
 from fl.learning.model import ImprovedCNN
 from fl.server import checkpoint as ckpt
 from fl.server import secagg as secagg_server
+from fl.server.asynchronous import AsyncFederation
 from fl.server.config import ServerConfig
 from fl.server.evaluator import Evaluator, Finished, summary
 from fl.server.federation import Federation
@@ -78,6 +79,7 @@ def resume(fed: Federation, config: ServerConfig, accountant: Any = None) -> ckp
     resume_accountant(accountant, saved.get("privacy"), saved["round"])
     fed.global_state = fed.layout.unflatten(*fed.layout.flatten(saved["model"]))
     fed.start_round = saved["round"]
+    fed.restore_schedule(saved.get("schedule"))
     ckpt.restore_rng(saved)
     return ckpt.History(saved["metrics"])
 
@@ -165,7 +167,8 @@ def build_federation(config: ServerConfig) -> tuple[Federation, ckpt.History, An
     random.seed(config.seed)
     strategy = build_strategy(config)
     accountant = build_accountant(config, strategy)
-    fed_class = secagg_server.SecAggFederation if config.secure_aggregation else Federation
+    fed_class = secagg_server.SecAggFederation if config.secure_aggregation else \
+        AsyncFederation if config.asynchronous else Federation
     fed = fed_class(config, strategy, {k: v.detach().clone() for k, v in ImprovedCNN().state_dict().items()})
     fed.start_round = 0
     history = ckpt.History()
@@ -204,8 +207,11 @@ def listen(config: ServerConfig, fed: Federation, args: argparse.Namespace) -> F
         server = (secagg_server.SecAggFLServer if config.secure_aggregation else FLServer)(config, fed, keyring, tls)
     except OSError as exc:
         raise StartupError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
-    log.info("listening on %s:%d%s; %d rounds of %s, waiting for %d clients", config.host,
-             server.server_address[1], " (TLS)" if tls else "", config.rounds, config.strategy, config.min_clients)
+    schedule = (f"{config.rounds} asynchronous steps of {config.buffer_size} updates ({config.concurrency} clients "
+                f"training at once, {config.staleness_weight} staleness weight)" if config.asynchronous
+                else f"{config.rounds} rounds")
+    log.info("listening on %s:%d%s; %s of %s, waiting for %d clients", config.host,
+             server.server_address[1], " (TLS)" if tls else "", schedule, config.strategy, config.min_clients)
     if config.secure_aggregation:
         log.info("%s", secagg_server.describe(config))
     if not keyring.required:
@@ -266,7 +272,7 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
             accountant.step(rnd.connected, len(rnd.participants))  # the rate this round realised
             extra = {"epsilon": accountant.epsilon(), "delta": accountant.delta}
             privacy_state = accountant.state_dict()
-        evaluator.submit(Finished(rnd, state, strategy_state, extra, privacy_state))  # overlaps the next round
+        evaluator.submit(Finished(rnd, state, strategy_state, extra, privacy_state, fed.schedule_state()))  # overlaps the next round
         number, attempt = number + 1, 0
     evaluator.close()
     bar.close()

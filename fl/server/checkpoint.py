@@ -83,14 +83,17 @@ class History:
 
 def save(path: str | Path, model: dict[str, torch.Tensor], round_num: int,
          metrics: History | Iterable[dict[str, Any]], config: dict[str, Any],
-         strategy: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None) -> None:
+         strategy: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
+         schedule: dict[str, Any] | None = None) -> None:
     """Metrics, settings and the Python RNG state go in as JSON text: pickled, every dict
     and number would cost ``torch.save`` a Python callback. ``strategy`` is the strategy's
     state (server momentum, Adam moments); ``privacy`` the DP accountant's (the rounds it
-    charged), None without DP. No credentials are ever passed in here."""
+    charged), None without DP; ``schedule`` the asynchronous schedule's model version and
+    dispatch count, None for synchronous rounds. No credentials are ever passed in here."""
     metrics_json = metrics.to_json() if isinstance(metrics, History) else json.dumps(list(metrics))
     state = {"format": FORMAT, "round": round_num, "model": model, "metrics": metrics_json,
              "config": json.dumps(config), "strategy": strategy or {}, "privacy": json.dumps(privacy),
+             "schedule": json.dumps(schedule),
              "torch_rng": torch.get_rng_state(), "python_rng": json.dumps(random.getstate())}
     atomic_write(path, lambda f: torch.save(state, f))
 
@@ -111,7 +114,7 @@ def load(path: str | Path) -> dict[str, Any]:
         try:
             state["metrics"] = json.loads(state["metrics"])
             state["python_rng"] = json.loads(state["python_rng"])
-            for key in ("config", "privacy"):  # not in every format-2 checkpoint
+            for key in ("config", "privacy", "schedule"):  # not in every format-2 checkpoint
                 if isinstance(state.get(key), str):
                     state[key] = json.loads(state[key])
         except (KeyError, TypeError, ValueError, RecursionError):
@@ -137,8 +140,9 @@ def check(state: dict[str, Any], reference: dict[str, torch.Tensor], max_round: 
         if name.endswith("running_var") and bool((t < 0).any()):
             raise ValueError(f"model: {name} holds negative variances")
     check_records(state.get("metrics"), round_num)
-    if not isinstance(state.get("privacy"), (dict, type(None))):
-        raise ValueError("the privacy accountant state is not a dict")
+    for key, what in (("privacy", "the privacy accountant state"), ("schedule", "the asynchronous schedule")):
+        if not isinstance(state.get(key), (dict, type(None))):
+            raise ValueError(f"{what} is not a dict")
     rng = state.get("torch_rng")
     if rng is not None and (not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8
                             or rng.shape != torch.get_rng_state().shape):

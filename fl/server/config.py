@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fl.learning.config import Split, TrainingConfig
+from fl.strategies import available
+from fl.strategies.staleness import STALENESS_RULES
 
 MNIST_TRAIN_SIZE = 60_000
+MODES = ("sync", "async")
 MIN_SHARDS = 3  # without --num-shards: room for three bare clients (simulate.py's default) however small --min-clients
 
 
@@ -42,6 +45,12 @@ class ServerConfig:
     lr_schedule: str = "cosine"
     freeze_bn_after: int | None = None  # FixBN: from the next round on, BatchNorm uses the global statistics
     seed: int = 0  # also the data split's
+    # asynchronous aggregation (FedBuff, server/asynchronous.py): --rounds then counts server steps
+    mode: str = "sync"
+    concurrency: int = 10  # clients training at once
+    buffer_size: int = 10  # accepted updates per server step
+    staleness_weight: str = "polynomial"  # polynomial: (1 + staleness)^-0.5; constant: 1
+    max_staleness: int | None = None  # None: no limit
     # the data split told to joining clients (learning/config.py's Split)
     num_shards: int | None = None  # None: max(min_clients, MIN_SHARDS)
     partition: str = Split.scheme
@@ -86,6 +95,50 @@ class ServerConfig:
     quiet: bool = False
     verbose: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        problem = self.async_problem()
+        if problem:
+            raise ValueError(problem)
+
+    def async_problem(self) -> str | None:
+        """The one line that refuses the asynchronous settings, or None when they are usable."""
+        if self.mode not in MODES:
+            return f"--mode must be one of {', '.join(MODES)}, got {self.mode!r}"
+        if self.concurrency < 1 or self.buffer_size < 1:
+            return f"--concurrency and --buffer-size must be at least 1, got {self.concurrency} and {self.buffer_size}"
+        if self.staleness_weight not in STALENESS_RULES:
+            return f"--staleness-weight must be one of {', '.join(STALENESS_RULES)}, got {self.staleness_weight!r}"
+        if self.max_staleness is not None and self.max_staleness < 0:
+            return f"--max-staleness must be >= 0, got {self.max_staleness}"
+        if self.mode == "sync":
+            return None
+        return self._async_composition()
+
+    def _async_composition(self) -> str | None:
+        """What --mode async cannot be combined with, each with its reason."""
+        if self.secure_aggregation:
+            return ("--mode async cannot use --secure-aggregation: its key stages need a round's clients to take "
+                    "part together, and an async buffer's updates arrive one by one, trained from different versions")
+        if self.fraction != 1.0:
+            return "--fraction samples a synchronous round; with --mode async, --concurrency sets how many train at once"
+        if self.buffer_size > self.min_clients:
+            return (f"--buffer-size {self.buffer_size} needs --min-clients >= {self.buffer_size}: a buffer holds "
+                    "at most one update per client")
+        if self.min_fit > self.buffer_size:
+            return f"--min-fit {self.min_fit} cannot exceed --buffer-size {self.buffer_size}"
+        strategy = available().get(self.strategy)
+        if self.staleness_weight == "polynomial" and (self.dp or (strategy is not None and strategy.holds_updates)):
+            return (f"--staleness-weight polynomial has no effect under {'DP' if self.dp else self.strategy}, whose "
+                    "aggregate counts every update alike: use --staleness-weight constant (and --max-staleness)")
+        if self.dp_adaptive and self.dp_clipping == "client":
+            return ("--mode async cannot use --dp-adaptive with --dp-clipping client: the clip norm moves every step "
+                    "while clients still train with an older one, whose updates would then be refused")
+        return None
+
+    @property
+    def asynchronous(self) -> bool:
+        return self.mode == "async"
 
     @property
     def dp(self) -> bool:

@@ -33,7 +33,7 @@ log = logging.getLogger("server")
 # accountant's amplification assumes nobody knows them), rejection reasons, the summed
 # sample counts and clients' training times.
 DP_RECORD_KEYS = ("round", "accuracy", "loss", "clients", "participants", "connected", "bytes_up", "bytes_down",
-                  "round_s", "eval_s", "lr", "time", "server_peak_rss_mb")
+                  "round_s", "eval_s", "lr", "time", "server_peak_rss_mb", "version", "staleness")
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Finished:
     strategy_state: dict[str, Any]  # a snapshot: the strategy steps on in the main thread
     extra: dict[str, Any] = field(default_factory=dict)  # more keys for the record (epsilon, delta)
     privacy: dict[str, Any] | None = None  # the accountant's state after this round (DP only)
+    schedule: dict[str, Any] | None = None  # the asynchronous schedule's version and dispatch count
 
 
 def round_record(rnd: RoundState, loss: float, accuracy: float, eval_s: float, dp: bool) -> dict[str, Any]:
@@ -61,9 +62,9 @@ def round_record(rnd: RoundState, loss: float, accuracy: float, eval_s: float, d
         "lr": rnd.lr, "quantized": sum(c["quantized"] for c in rnd.clients),
         "samples": sum(c["samples"] for c in rnd.clients), "time": time.time(),
         "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "per_client": sorted(rnd.clients, key=lambda c: c["client_id"]),
+        "per_client": sorted(rnd.clients, key=lambda c: c["client_id"]), **rnd.extra,
     }
-    return {k: record[k] for k in DP_RECORD_KEYS} if dp else record
+    return {k: record[k] for k in DP_RECORD_KEYS if k in record} if dp else record
 
 
 class Evaluator:
@@ -106,15 +107,15 @@ class Evaluator:
         if cfg.target_accuracy is not None and accuracy >= cfg.target_accuracy and self.reached is None:
             self.reached = (rnd.number, 100 * accuracy)
         ckpt.save(cfg.checkpoint, job.state, rnd.number, self.history, cfg.public(), strategy=job.strategy_state,
-                  privacy=job.privacy)
+                  privacy=job.privacy, schedule=job.schedule)
         ckpt.append_metrics(cfg.metrics, record)
         if self.scalars is not None:
             self.scalars.write(record)
         rejected = f" | {len(rnd.rejected)} rejected" if rnd.rejected else ""
         if "epsilon" in record:
             rejected += f" | epsilon {record['epsilon']:.3f}"
-        log.info("round %d/%d: accuracy %.2f%% loss %.4f | %d of %d clients%s | up %.2f MB down %.2f MB | %.1f s",
-                 rnd.number, cfg.rounds, 100 * accuracy, loss, record["clients"], rnd.connected, rejected,
+        log.info("%s %d/%d: accuracy %.2f%% loss %.4f | %d of %d clients%s | up %.2f MB down %.2f MB | %.1f s",
+                 "step" if cfg.asynchronous else "round", rnd.number, cfg.rounds, 100 * accuracy, loss, record["clients"], rnd.connected, rejected,
                  rnd.bytes_up / 1e6, rnd.bytes_down / 1e6, rnd.seconds)
         self.bar.set_postfix(acc=f"{accuracy:.2%}", loss=f"{loss:.4f}", clients=record["clients"],
                              MB=f"{sum(m['bytes_up'] + m['bytes_down'] for m in self.history) / 1e6:.1f}")

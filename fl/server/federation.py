@@ -60,6 +60,7 @@ class RoundTask:
     view_id: int = 0  # which broadcast this is (--quantize-broadcast)
     compact: bytes | None = None  # the same model as an 8-bit delta to broadcast view_id - 1
     secagg: Any = None  # the round's secure-aggregation coordinator (fl/secagg/coordinator.py), if any
+    version: int = 0  # the model version it carries (asynchronous.py: staleness is measured from it)
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ class RoundState:
     lr: float = 0.0
     started: float = dc_field(default_factory=time.monotonic)  # broadcast time
     seconds: float = 0.0  # broadcast to last update folded in
+    extra: dict[str, Any] = dc_field(default_factory=dict)  # more keys for the round's metrics line
 
 
 class Federation:
@@ -427,6 +429,14 @@ class Federation:
             return self.view, None
         self.view = apply_delta(self.view, dequantize_state(packed, like=self.view))
         return self.view, packed
+
+    def schedule_state(self) -> dict[str, Any] | None:
+        """What a checkpoint must hold of the schedule beyond the round (asynchronous.py's
+        version and dispatch count); None for synchronous rounds."""
+        return None
+
+    def restore_schedule(self, saved: dict[str, Any] | None) -> None:
+        """Take over :meth:`schedule_state` from a checkpoint (after ``start_round`` is set)."""
 
     def stop_all(self, reason: str) -> None:
         with self.lock:

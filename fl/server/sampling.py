@@ -41,3 +41,13 @@ def sample_clients(ids: Iterable[int], fraction: float, min_fit: int, seed: int 
     else:
         rng = random.Random(f"{seed}/{round_num}/{attempt}")  # str seeds hash with SHA-512: stable
     return sorted(rng.sample(pool, k))
+
+
+def sample_one(ids: Iterable[int], seed: int | None, number: int) -> int:
+    """One idle client for an asynchronous dispatch, drawn from (seed, dispatch number) as a
+    round's sample is from (seed, round), or from the OS CSPRNG under DP (``seed=None``)."""
+    pool = sorted(set(ids))
+    if not pool:
+        raise ValueError("no client to sample from")
+    rng: random.Random = secrets.SystemRandom() if seed is None else random.Random(f"{seed}/dispatch/{number}")
+    return rng.choice(pool)
