@@ -8,6 +8,9 @@ atomically and logged as one JSON line.
 
     python server.py --rounds 5 --min-clients 3 [--strategy fedadam --fraction 0.5]
 
+With ``--mode async`` no round waits for its slowest client: buffered asynchronous steps
+(FedBuff), ``fl/server/asynchronous.py`` and docs/async.md.
+
 This file is the command line; the server is ``fl/server/``: ``config.py`` (settings),
 ``app.py`` (start-up and the round loop), ``transport.py`` (sockets, TLS, handshakes),
 ``ingest.py`` (decoding updates), ``federation.py`` (round logic), ``evaluator.py``
@@ -129,10 +132,9 @@ def add_async_arguments(p: argparse.ArgumentParser, d: ServerConfig) -> None:
     setting(g, d, "buffer_size", "--mode async: accepted updates per server step, at most one per client "
                                  "(needs --min-clients at least this)")
     g.add_argument("--staleness-weight", choices=STALENESS_RULES, default=None,
-                   help="--mode async: an update's weight is its sample count (or 1) times s(staleness), "
-                        "staleness = versions published since the one it trained from; polynomial: "
-                        "1/sqrt(1 + staleness), constant: 1 (default: polynomial; constant under DP, median "
-                        "and trimmed-mean, whose aggregate ignores weights)")
+                   help="--mode async: an update's delta is scaled by s(staleness), staleness = versions "
+                        "published since the one it trained from; polynomial: 1/sqrt(1 + staleness), constant: 1 "
+                        "(default: polynomial; constant under DP)")
     g.add_argument("--max-staleness", type=int, default=None, metavar="S",
                    help="--mode async: refuse an update more than S versions old (default: no limit)")
 
@@ -243,7 +245,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerConfig, argparse.Na
     except ValueError as exc:  # ServerConfig's own checks (the asynchronous settings)
         p.error(str(exc))
     try:
-        app.build_strategy(config)
+        strategy = app.build_strategy(config)
+        if config.asynchronous and hasattr(strategy, "begin_round"):  # DP: every step averages a buffer of K
+            strategy.begin_round(config.buffer_size)
     except StrategyError as exc:
         p.error(str(exc))
     return config, a
@@ -340,9 +344,8 @@ def to_config(a: argparse.Namespace, training: TrainingConfig, params: dict[str,
     rest are derived here (credentials never enter the config)."""
     flags = {f.name: getattr(a, f.name) for f in fields(ServerConfig) if hasattr(a, f.name)}
     dp = a.dp_noise_multiplier is not None
-    ignores_weights = dp or strategies.available()[a.strategy].holds_updates
     derived = dict(training=training, strategy_params=params, weighting=a.weighting or ("uniform" if dp else "samples"),
-                   staleness_weight=a.staleness_weight or ("constant" if ignores_weights else "polynomial"),
+                   staleness_weight=a.staleness_weight or ("constant" if dp else "polynomial"),
                    norm_ratio=a.norm_ratio or None, download=not a.no_download,
                    progress=not (a.no_progress or a.quiet))
     return ServerConfig(**{**flags, **secagg, **derived})

@@ -51,13 +51,14 @@ def build_strategy(config: ServerConfig) -> strategies.Strategy:
 
 
 def build_accountant(config: ServerConfig, strategy: Any) -> Any:
-    """The accountant, or None without DP. It charges each round at the m of n it realised;
-    the declared N (--dp-population, else --min-clients) sets the default delta and the
-    rate --target-epsilon plans with."""
+    """The accountant, or None without DP. It charges each round (or asynchronous step, m = the
+    buffer's updates) at the m of n it realised; the declared N (--dp-population, else
+    --min-clients) sets the default delta and the rate --target-epsilon plans with."""
     if not config.dp:
         return None
     population = config.dp_population or config.min_clients
-    per_round = sample_size(population, config.fraction, config.min_fit)
+    # An asynchronous step releases the noised mean of one buffer: K updates of the n connected.
+    per_round = config.buffer_size if config.asynchronous else sample_size(population, config.fraction, config.min_fit)
     return privacy.PrivacyAccountant(strategy.accounting_noise_multiplier, population, per_round, config.dp_delta)
 
 
@@ -272,7 +273,8 @@ def run(fed: Federation, config: ServerConfig, history: ckpt.History,
             accountant.step(rnd.connected, len(rnd.participants))  # the rate this round realised
             extra = {"epsilon": accountant.epsilon(), "delta": accountant.delta}
             privacy_state = accountant.state_dict()
-        evaluator.submit(Finished(rnd, state, strategy_state, extra, privacy_state, fed.schedule_state()))  # overlaps the next round
+        evaluator.submit(Finished(rnd, state, strategy_state, extra, privacy_state,  # overlaps the next round
+                                  fed.schedule_state()))
         number, attempt = number + 1, 0
     evaluator.close()
     bar.close()

@@ -9,7 +9,7 @@ dispatch number as its "round", so a client's training seed (seed, client, round
 from one dispatch to the next and a current ``client.py`` needs no change. An update is
 checked exactly as in a round (``Federation.contribution``), then takes its place in the
 step's :class:`fl.strategies.staleness.Buffer` (staleness, weight, ``--max-staleness``),
-the norm screen and the strategy's aggregator. Once ``--buffer-size`` updates are in, the
+its delta scaled by its staleness factor, then the norm screen and the strategy's aggregator. Once ``--buffer-size`` updates are in, the
 main thread applies the strategy's server step (``Federation.finish_round``), which
 publishes version = step number, and the evaluator writes its line in the background.
 
@@ -230,14 +230,32 @@ class AsyncFederation(Federation):
                 continue
             rnd.buffer.add(entry)
             rnd.participants[cid] = a.session
-            c.weight = entry.weight  # DP's and the robust rules' aggregators ignore it
+            c.delta = self._rebased(c.delta, entry.factor, a.task.base_floats, rnd.base_floats)
+            c.weight = entry.mass  # the mean divides by the masses: the factor is not normalised away
             c.record.update(version=a.task.version, staleness=entry.staleness, factor=entry.factor,
                             weight=entry.weight)
             if rnd.screen is None:
                 self._fold(rnd, c)
             else:  # judged within the buffer by its pull on the mean, weight x norm
-                self._settle(rnd, rnd.screen.offer(c, c.weight * c.record["norm"]))
+                self._settle(rnd, rnd.screen.offer(c, entry.weight * c.record["norm"]))
         self.lock.notify_all()
+
+    def _rebased(self, delta: torch.Tensor, factor: float, trained_from: torch.Tensor,
+                 applied_to: torch.Tensor) -> torch.Tensor:
+        """The delta scaled by its staleness factor, but its BatchNorm statistics made the
+        client's own, measured from the model the step is applied to: the step then averages
+        the clients' statistics, as a round does. A stale statistics delta added to a newer
+        model would count the move from the older one twice (the test loss went to 300 when
+        the first step's updates arrived one version late)."""
+        out = delta * factor
+        for e in self._statistics:
+            span = slice(e.offset, e.offset + e.numel)
+            out[span] = delta[span] + (trained_from[span] - applied_to[span])
+        return out
+
+    def _reject(self, rnd: RoundState, client_id: int, reason: str) -> None:
+        log.warning("step %d: rejected update from client %d: %s", rnd.number, client_id, reason)
+        rnd.rejected.append({"client_id": client_id, "reason": reason})
 
     def close_round(self, rnd: RoundState) -> None:
         """The buffer takes no more updates; the screen judges what it still holds."""
@@ -250,6 +268,7 @@ class AsyncFederation(Federation):
     def finish_round(self, rnd: RoundState) -> dict[str, torch.Tensor] | None:
         """Apply the buffer through the strategy's server step; the new version is the step number."""
         state = super().finish_round(rnd)
+        rnd.aggregator = rnd.screen = None  # type: ignore[assignment]  # its line waits for the evaluator: not its sum
         if state is not None:
             with self.lock:
                 self.version = rnd.number

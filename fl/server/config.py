@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fl.learning.config import Split, TrainingConfig
-from fl.strategies import available
 from fl.strategies.staleness import STALENESS_RULES
 
 MNIST_TRAIN_SIZE = 60_000
@@ -121,16 +120,16 @@ class ServerConfig:
             return ("--mode async cannot use --secure-aggregation: its key stages need a round's clients to take "
                     "part together, and an async buffer's updates arrive one by one, trained from different versions")
         if self.fraction != 1.0:
-            return "--fraction samples a synchronous round; with --mode async, --concurrency sets how many train at once"
+            return ("--fraction samples a synchronous round; with --mode async, --concurrency sets how many "
+                    "train at once")
         if self.buffer_size > self.min_clients:
             return (f"--buffer-size {self.buffer_size} needs --min-clients >= {self.buffer_size}: a buffer holds "
                     "at most one update per client")
         if self.min_fit > self.buffer_size:
             return f"--min-fit {self.min_fit} cannot exceed --buffer-size {self.buffer_size}"
-        strategy = available().get(self.strategy)
-        if self.staleness_weight == "polynomial" and (self.dp or (strategy is not None and strategy.holds_updates)):
-            return (f"--staleness-weight polynomial has no effect under {'DP' if self.dp else self.strategy}, whose "
-                    "aggregate counts every update alike: use --staleness-weight constant (and --max-staleness)")
+        if self.staleness_weight == "polynomial" and self.dp:
+            return ("--staleness-weight polynomial cannot scale updates under DP, whose clipping would undo it and "
+                    "whose mean counts every update 1/K: use --staleness-weight constant (and --max-staleness)")
         if self.dp_adaptive and self.dp_clipping == "client":
             return ("--mode async cannot use --dp-adaptive with --dp-clipping client: the clip norm moves every step "
                     "while clients still train with an older one, whose updates would then be refused")

@@ -33,7 +33,8 @@ log = logging.getLogger("server")
 # accountant's amplification assumes nobody knows them), rejection reasons, the summed
 # sample counts and clients' training times.
 DP_RECORD_KEYS = ("round", "accuracy", "loss", "clients", "participants", "connected", "bytes_up", "bytes_down",
-                  "round_s", "eval_s", "lr", "time", "server_peak_rss_mb", "version", "staleness")
+                  "round_s", "eval_s", "lr", "time", "published", "server_peak_rss_mb", "version",
+                  "staleness")
 
 
 @dataclass
@@ -60,7 +61,7 @@ def round_record(rnd: RoundState, loss: float, accuracy: float, eval_s: float, d
         "train_s_sum": sum(c["train_s"] for c in rnd.clients if c["train_s"] is not None),
         "overhead": rnd.seconds / slowest if slowest else None, "eval_s": eval_s,
         "lr": rnd.lr, "quantized": sum(c["quantized"] for c in rnd.clients),
-        "samples": sum(c["samples"] for c in rnd.clients), "time": time.time(),
+        "samples": sum(c["samples"] for c in rnd.clients), "time": time.time(), "published": rnd.published,
         "server_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "per_client": sorted(rnd.clients, key=lambda c: c["client_id"]), **rnd.extra,
     }
@@ -115,8 +116,8 @@ class Evaluator:
         if "epsilon" in record:
             rejected += f" | epsilon {record['epsilon']:.3f}"
         log.info("%s %d/%d: accuracy %.2f%% loss %.4f | %d of %d clients%s | up %.2f MB down %.2f MB | %.1f s",
-                 "step" if cfg.asynchronous else "round", rnd.number, cfg.rounds, 100 * accuracy, loss, record["clients"], rnd.connected, rejected,
-                 rnd.bytes_up / 1e6, rnd.bytes_down / 1e6, rnd.seconds)
+                 "step" if cfg.asynchronous else "round", rnd.number, cfg.rounds, 100 * accuracy, loss,
+                 record["clients"], rnd.connected, rejected, rnd.bytes_up / 1e6, rnd.bytes_down / 1e6, rnd.seconds)
         self.bar.set_postfix(acc=f"{accuracy:.2%}", loss=f"{loss:.4f}", clients=record["clients"],
                              MB=f"{sum(m['bytes_up'] + m['bytes_down'] for m in self.history) / 1e6:.1f}")
         self.bar.update(1)

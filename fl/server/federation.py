@@ -116,6 +116,7 @@ class RoundState:
     started: float = dc_field(default_factory=time.monotonic)  # broadcast time
     seconds: float = 0.0  # broadcast to last update folded in
     extra: dict[str, Any] = dc_field(default_factory=dict)  # more keys for the round's metrics line
+    published: float | None = None  # time.time() when its model was committed (evaluated later)
 
 
 class Federation:
@@ -405,6 +406,7 @@ class Federation:
         else:
             ints = (rnd.int_sum / rnd.int_weight).round().to(torch.int64)
         self.global_state = self.layout.unflatten(floats, ints)
+        rnd.published = time.time()
         return self.global_state
 
     def broadcast_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:

@@ -5,8 +5,11 @@ takes, how stale each is, and the weight it is folded with. No tensors, no threa
 An update's *staleness* is the number of server steps between the model version the
 client trained from and the version the buffer is applied to: 0 when nothing moved on
 meanwhile. A stale update is down-weighted by ``s(staleness)``: ``polynomial`` is the
-paper's 1/sqrt(1 + staleness), ``constant`` is 1. Its weight in the buffer's mean is its
-sample count (``weighting="samples"``) or 1 (``"uniform"``) times that factor.
+paper's 1/sqrt(1 + staleness), ``constant`` is 1. Its weight is its sample count
+(``weighting="samples"``) or 1 (``"uniform"``), its *mass*, times that factor, and the
+buffer's delta is sum(weight x delta) / sum(mass): the paper's sum(s(staleness) x delta) / K
+when every mass is 1. The factor is not normalised away, so a buffer of stale updates makes
+a shorter step than a fresh one, as in the paper.
 
 It lives with the strategies, not the server, because it is part of how updates are
 aggregated: the server (layer 4) and anything under it may use it.
@@ -42,7 +45,8 @@ class Entry:
     trained_from: int  # the model version the client was sent
     staleness: int
     factor: float  # staleness_factor(staleness)
-    weight: float  # (samples or 1) x factor
+    mass: float  # samples or 1: its part of the mean's denominator
+    weight: float  # mass x factor: its delta's coefficient in the mean's numerator
 
 
 @dataclass
@@ -95,8 +99,8 @@ class Buffer:
             raise Stale(f"staleness {staleness} (trained from version {trained_from}, now {self.version}) "
                         f"exceeds --max-staleness {self.max_staleness}")
         factor = staleness_factor(staleness, self.rule)
-        base = float(samples) if self.weighting == "samples" else 1.0
-        return Entry(client_id, trained_from, staleness, factor, base * factor)
+        mass = float(samples) if self.weighting == "samples" else 1.0
+        return Entry(client_id, trained_from, staleness, factor, mass, mass * factor)
 
     def add(self, entry: Entry) -> None:
         if self.full or entry.client_id in self.clients:
