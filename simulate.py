@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p = argparse.ArgumentParser(
         description="Run a federation: a server and N clients trained by W processes (or Ray actors). "
                     "Flags not listed here are passed to server.py unchanged.",
-        formatter_class=HelpFormatter)
+        formatter_class=HelpFormatter, allow_abbrev=False)  # else server.py's --mode would be read as --model
     add_federation_flags(p.add_argument_group("federation"))
     add_worker_flags(p.add_argument_group("workers"))
     add_output_flags(p.add_argument_group("output"))
@@ -133,8 +133,9 @@ def add_federation_flags(fl: argparse._ArgumentGroup) -> None:
     fl.add_argument("--seed", type=int, default=0, help="seed for the model, the split and training")
     fl.add_argument("--client-speeds", default=None, metavar="SPEC",
                     help="straggling clients, each slowed by a factor (worker.py --speed: after training it sleeps "
-                         "factor-1 times its training time): lognormal:SIGMA draws max(1, exp(SIGMA z)), z ~ N(0, 1) "
-                         "seeded by --seed and the client id, so the faster half runs at this machine's speed; or "
+                         "factor-1 times its training time): lognormal:SIGMA[:MEDIAN] draws max(1, MEDIAN exp(SIGMA z)), "
+                         "z ~ N(0, 1) seeded by --seed and the client id (MEDIAN 1: the faster half runs at this "
+                         "machine's speed; MEDIAN 10: the median device is 10x slower than one core here); or "
                          "FILE: one factor per line for clients 0..N-1, or 'CLIENT_ID FACTOR' lines (others 1). "
                          "Written to <run folder>/speeds.json")
 
@@ -213,13 +214,16 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace, server_extr
 def client_speeds(spec: str, clients: int, seed: int) -> list[float]:
     """Every client's slowdown factor (>= 1), by ``--client-speeds``; ValueError, one line."""
     if spec.startswith("lognormal:"):
+        parts = spec.split(":")[1:]
         try:
-            sigma = float(spec.split(":", 1)[1])
-        except ValueError:
-            raise ValueError("SIGMA must be a number, as in lognormal:1.0") from None
-        if not (math.isfinite(sigma) and sigma >= 0):
-            raise ValueError(f"SIGMA must be a finite number >= 0, got {sigma}")
-        return [lognormal_speed(sigma, seed, cid) for cid in range(clients)]
+            sigma, median = float(parts[0]), float(parts[1]) if len(parts) == 2 else 1.0
+        except (ValueError, IndexError):
+            raise ValueError("expected lognormal:SIGMA or lognormal:SIGMA:MEDIAN, as in lognormal:1.0:10") from None
+        if len(parts) > 2 or not (math.isfinite(sigma) and sigma >= 0):
+            raise ValueError(f"expected lognormal:SIGMA[:MEDIAN] with a finite SIGMA >= 0, got {spec}")
+        if not (math.isfinite(median) and median >= 1):
+            raise ValueError(f"MEDIAN must be a finite number >= 1, got {parts[1]}")
+        return [lognormal_speed(sigma, seed, cid, median) for cid in range(clients)]
     try:
         text = Path(spec).read_text()
     except OSError as exc:
@@ -227,12 +231,14 @@ def client_speeds(spec: str, clients: int, seed: int) -> list[float]:
     return parse_speeds(text, clients)
 
 
-def lognormal_speed(sigma: float, seed: int, client_id: int) -> float:
-    """max(1, exp(sigma z)), z ~ N(0, 1) drawn for this client alone: a client's factor does
-    not depend on how many others there are. Clients faster than the median are not faster
-    than this machine, so they run at its speed."""
+def lognormal_speed(sigma: float, seed: int, client_id: int, median: float = 1.0) -> float:
+    """max(1, median exp(sigma z)), z ~ N(0, 1) drawn for this client alone: a client's factor
+    does not depend on how many others there are. No client is faster than this machine.
+    A median above 1 says the devices are slower than a core here; then clients training at
+    once do not queue for this machine's few cores, which would time the cores, not the
+    schedule."""
     z = random.Random(f"client-speed/{seed}/{client_id}").gauss(0.0, 1.0)
-    return max(1.0, math.exp(sigma * z))
+    return max(1.0, median * math.exp(sigma * z))
 
 
 def parse_speeds(text: str, clients: int) -> list[float]:

@@ -66,6 +66,13 @@ def test_unknown_flags_go_to_the_server_last():
     assert flag(server, "--min-clients") == "2"  # an explicit server flag wins
 
 
+def test_a_server_flag_that_starts_like_a_launcher_flag_still_goes_to_the_server():
+    # argparse would read --mode as an abbreviation of the launcher's --model
+    server, workers = commands("--clients", "2", "--mode", "async", "--concurrency", "2")
+    assert flag(server, "--mode") == "async" and flag(server, "--concurrency") == "2"
+    assert all("--model" not in w or flag(w, "--model") != "async" for w in workers)
+
+
 def test_workers_more_than_clients_and_cluster_hosts():
     server, workers = commands("--clients", "2", "--workers", "8", "--engine", "ray",
                                "--ray-address", "head:6379", "--connect-host", "10.0.0.5")

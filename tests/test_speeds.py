@@ -139,6 +139,11 @@ def test_lognormal_speeds_are_seeded_per_client_and_at_least_one():
     # sigma scales the same draws: exp(2z) = exp(z)^2 where exp(z) > 1
     assert simulate.client_speeds("lognormal:2", 100, seed=0) == pytest.approx([f * f for f in speeds])
     assert simulate.client_speeds("lognormal:0", 5, seed=0) == [1.0] * 5
+    # MEDIAN scales every draw before the floor at 1: the same z, ten times the factor
+    z_free = [f for f in speeds if f > 1.0]
+    scaled = simulate.client_speeds("lognormal:1:10", 100, seed=0)
+    assert [s for s, f in zip(scaled, speeds) if f > 1.0] == pytest.approx([10 * f for f in z_free])
+    assert min(scaled) >= 1.0 and sorted(scaled)[50] > 5.0  # the median device is slower than this machine
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -168,8 +173,10 @@ def test_a_bad_speeds_file_says_which_line(text, error):
 
 
 @pytest.mark.parametrize("spec, error", [
-    ("lognormal:-1", "SIGMA must be a finite number >= 0, got -1.0"),
-    ("lognormal:wide", "SIGMA must be a number"),
+    ("lognormal:-1", "expected lognormal:SIGMA[:MEDIAN] with a finite SIGMA >= 0, got lognormal:-1"),
+    ("lognormal:wide", "expected lognormal:SIGMA or lognormal:SIGMA:MEDIAN"),
+    ("lognormal:1:0.5", "MEDIAN must be a finite number >= 1, got 0.5"),
+    ("lognormal:1:2:3", "expected lognormal:SIGMA[:MEDIAN] with a finite SIGMA >= 0, got lognormal:1:2:3"),
     ("/nowhere/speeds.txt", "neither lognormal:SIGMA nor a readable file"),
 ])
 def test_a_bad_client_speeds_spec_is_one_line_and_exit_2(spec, error):
