@@ -164,6 +164,16 @@ def test_a_pool_trains_the_runs_model_on_the_runs_dataset(tmp_path):
 
 # --- whole runs: the real server.py, client.py and worker.py ------------------------------
 
+def finish(tmp_path, server, clients) -> dict:
+    """Wait for a whole run to end; the last metrics line."""
+    try:
+        expect_exit(server, tmp_path / "server.log", timeout=120)
+        for i, proc in enumerate(clients):
+            expect_exit(proc, tmp_path / f"c{i}.log", timeout=30)
+    finally:
+        stop(server, *clients)
+    return json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+
 def test_a_users_factory_federates_resumes_only_with_it_and_predicts(tmp_path, synthetic_mnist_dir, free_port,
                                                                       user_module):
     path = {"PYTHONPATH": str(user_module)}
@@ -171,13 +181,7 @@ def test_a_users_factory_federates_resumes_only_with_it_and_predicts(tmp_path, s
                                              "--test-limit", 100), log=tmp_path / "server.log", **path)
     clients = [start("client.py", *client_args(free_port, i, 2, synthetic_mnist_dir, "--model", "mynet:build",
                                                "--limit", 100), log=tmp_path / f"c{i}.log", **path) for i in range(2)]
-    try:
-        expect_exit(server, tmp_path / "server.log", timeout=120)
-        for i, proc in enumerate(clients):
-            expect_exit(proc, tmp_path / f"c{i}.log", timeout=30)
-    finally:
-        stop(server, *clients)
-    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    record = finish(tmp_path, server, clients)
     assert record["round"] == 1 and record["clients"] == 2
     saved = ckpt.load(tmp_path / "ckpt.pt")
     layout = Layout.of(models.build("mynet:build", (1, 28, 28), 10).state_dict()).fingerprint
@@ -240,14 +244,8 @@ def test_cifar10_batches_federate_with_resnet_small_and_predict_follows(tmp_path
                                              "--model", "resnet-small", "--num-shards", 2), log=tmp_path / "server.log")
     clients = [start("client.py", "--port", free_port, "--data-dir", data, "--no-download", "--no-progress",
                      "--threads", 1, log=tmp_path / f"c{i}.log") for i in range(2)]
-    try:
-        expect_exit(server, tmp_path / "server.log", timeout=120)
-        for i, proc in enumerate(clients):
-            expect_exit(proc, tmp_path / f"c{i}.log", timeout=30)
-    finally:
-        stop(server, *clients)
+    record = finish(tmp_path, server, clients)
     assert "of cifar10 on cpu, model resnet-small (" in log_of(tmp_path / "c0.log")  # both adopted from WELCOME
-    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["round"] == 1 and record["clients"] == 2 and record["samples"] == 200
     photo = tmp_path / "photo.png"
     Image.new("RGB", (40, 30), (200, 30, 30)).save(photo)
