@@ -1,8 +1,10 @@
 """Straggling clients: synchronous FedAvg against buffered asynchronous aggregation (FedBuff).
 
 100 virtual clients whose local training is slowed by a lognormal factor (``simulate.py
---client-speeds lognormal:SIGMA``, seeded: the same clients are slow in both modes; a slow
-client sleeps factor-1 times its training time after training, so the cores stay free).
+--client-speeds lognormal:SIGMA:MEDIAN``, seeded: the same clients are slow in both modes; a
+slow client sleeps factor-1 times its training time after training). MEDIAN 5 says the
+median device is 5x slower than a core here: ten clients in flight then want about one of
+this machine's two cores, where MEDIAN 1 would time the queue for the cores, not the schedule.
 For each partition (IID, Dirichlet(--alpha)), the same federation runs twice with the same
 client training settings (--lr, --local-epochs, --batch-size, --limit, seed):
 
@@ -133,12 +135,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=10, help="sync: clients a round; async: --concurrency")
     p.add_argument("--buffer-size", type=int, default=10)
     p.add_argument("--sigma", type=float, default=1.0, help="--client-speeds lognormal:SIGMA:MEDIAN")
-    p.add_argument("--median", type=float, default=10.0,
-                   help="the median slowdown: devices 10x slower than a core here, so ten clients training at "
-                        "once do not queue for this machine's 2 cores (1: half the clients at this machine's speed)")
+    p.add_argument("--median", type=float, default=5.0,
+                   help="the median slowdown: devices 5x slower than a core here, so ten clients training at "
+                        "once want about one of this machine's 2 cores (1: half the clients at this machine's speed)")
     p.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration")
-    p.add_argument("--rounds", type=int, default=20, help="sync rounds = async server steps")
-    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=7, help="sync rounds = async server steps")
+    p.add_argument("--local-epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--limit", type=int, default=None, help="samples per client (default: its whole shard)")
