@@ -108,6 +108,18 @@ def expect_exit(proc: subprocess.Popen, log: Path, timeout: float = 120, code: i
     assert rc == code, f"{log.name} exited {rc}, expected {code}:\n{log_of(log)[-3000:]}"
 
 
+def expect_run(server: subprocess.Popen, server_log: Path, clients: list[tuple[subprocess.Popen, Path]],
+               timeout: float = 120) -> None:
+    """Wait for a whole run: the server, then each (client, its log), to exit 0; every
+    process is stopped whatever happens."""
+    try:
+        expect_exit(server, server_log, timeout=timeout)
+        for proc, log in clients:
+            expect_exit(proc, log, timeout=30)
+    finally:
+        stop(server, *(proc for proc, _ in clients))
+
+
 def refused_counts(text: str) -> dict[str, int]:
     """The server's refusal lines ("refused N connection(s): n1 why1; n2 why2") added up by reason."""
     counts: dict[str, int] = {}

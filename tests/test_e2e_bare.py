@@ -10,7 +10,7 @@ import json
 import re
 from pathlib import Path
 
-from procs import expect_exit, log_of, start, stop, wait_for_line
+from procs import expect_exit, expect_run, log_of, start, stop, wait_for_line
 
 from fl.client.config import ClientConfig
 from fl.client.participant import join
@@ -52,12 +52,7 @@ def test_three_bare_clients_get_disjoint_shards_from_a_server_with_its_defaults(
     server = bare_server(tmp_path, free_port, mnist_dir)
     clients = [bare_client(tmp_path, free_port, mnist_dir, f"c{i}", *(["--quantization"] if i == 2 else []))
                for i in range(3)]
-    try:
-        expect_exit(server, tmp_path / "server.log", timeout=120)
-        for proc, log in clients:
-            expect_exit(proc, log, timeout=30)
-    finally:
-        stop(server, *(p for p, _ in clients))
+    expect_run(server, tmp_path / "server.log", clients)
     shards = {name: shard_of(log) for name, (_, log) in zip(("c0", "c1", "c2"), clients)}
     assert sorted(cid for cid, _, _ in shards.values()) == [0, 1, 2]
     assert {split for _, split, _ in shards.values()} == {Split(3, "iid", 0.5, 0)}  # the server's, for all

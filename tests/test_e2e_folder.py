@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from procs import expect_exit, log_of, run, start, stop
+from procs import expect_exit, expect_run, log_of, run, start, stop
 
 import worker
 from fl.learning.data import load_mnist, partition
@@ -50,12 +50,7 @@ def test_bare_clients_federate_a_png_folder_the_server_names(tmp_path, png_dir, 
                    "--metrics", tmp_path / "metrics.jsonl", log=tmp_path / "server.log")
     clients = [(start("client.py", *common, "--limit", LIMIT, "--threads", 1, log=tmp_path / f"c{i}.log"),
                 tmp_path / f"c{i}.log") for i in range(2)]
-    try:
-        expect_exit(server, tmp_path / "server.log", timeout=300)
-        for proc, log in clients:
-            expect_exit(proc, log, timeout=30)
-    finally:
-        stop(server, *(p for p, _ in clients))
+    expect_run(server, tmp_path / "server.log", clients, timeout=300)
     assert f"test set: {TEST} images of folder" in log_of(tmp_path / "server.log")
     for _, log in clients:  # the dataset came from the server: the clients were given no --dataset
         assert f"{LIMIT} samples (iid split, alpha 0.5, seed 0, from the server) of folder" in log_of(log)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from procs import client_args, expect_exit, log_of, run, server_args, start, stop
+from procs import client_args, expect_exit, expect_run, log_of, run, server_args, start, stop
 from test_datasets import write_cifar
 from test_trainer_pool import same, updates_of
 
@@ -166,12 +166,7 @@ def test_a_pool_trains_the_runs_model_on_the_runs_dataset(tmp_path):
 
 def finish(tmp_path, server, clients) -> dict:
     """Wait for a whole run to end; the last metrics line."""
-    try:
-        expect_exit(server, tmp_path / "server.log", timeout=120)
-        for i, proc in enumerate(clients):
-            expect_exit(proc, tmp_path / f"c{i}.log", timeout=30)
-    finally:
-        stop(server, *clients)
+    expect_run(server, tmp_path / "server.log", [(proc, tmp_path / f"c{i}.log") for i, proc in enumerate(clients)])
     return json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
 
 def test_a_users_factory_federates_resumes_only_with_it_and_predicts(tmp_path, synthetic_mnist_dir, free_port,
