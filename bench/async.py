@@ -12,13 +12,17 @@ client training settings (--lr, --local-epochs, --batch-size, --limit, seed):
 - async: ``--mode async --concurrency 10 --buffer-size 10`` (a server step every 10 updates).
 
 ``--rounds`` counts rounds and server steps alike, so both runs fold in the same number of
-client updates. Reported per run: wall time (from the launch, so both include the start-up)
-and client updates to 97% and 98% test accuracy, the final accuracy, and the peak RSS and
+client updates. ``--seeds`` repeats the pair for each seed (a seed draws the speeds, the
+partition, the sampling and the training): time to 98% crosses a threshold on a curve that
+is flat there, so one pair can land a whole round either side; the comparison is reported
+per seed and as the median of the per-seed ratios. Reported per run: wall time (from the
+launch, so both include the start-up) and client updates to 97% and 98% test accuracy, the final accuracy, and the peak RSS and
 PSS of the whole process tree; the curves against wall time go to ``--plot``.
 
     python bench/async.py                                   # the issue's setting
     python bench/async.py --rounds 3 --limit 100 --test-limit 500 --partitions iid   # a quick look
     python bench/async.py --modes sync                      # one half only
+    python bench/async.py --partitions iid --seeds 0 1 2    # three pairs, the median ratio
 
 The last line is one JSON object.
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,10 +48,10 @@ def mode_flags(mode: str, a: argparse.Namespace) -> list[str]:
     return ["--mode", "async", "--concurrency", str(a.concurrency), "--buffer-size", str(a.buffer_size)]
 
 
-def common_flags(a: argparse.Namespace, partition: str) -> list[str]:
+def common_flags(a: argparse.Namespace, partition: str, seed: int) -> list[str]:
     """The federation and the client training settings both runs share."""
     flags = ["--clients", str(a.clients), "--rounds", str(a.rounds), "--partition", partition,
-             "--alpha", str(a.alpha), "--client-speeds", f"lognormal:{a.sigma}:{a.median}", "--seed", str(a.seed),
+             "--alpha", str(a.alpha), "--client-speeds", f"lognormal:{a.sigma}:{a.median}", "--seed", str(seed),
              "--local-epochs", str(a.local_epochs), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
              "--test-limit", str(a.test_limit), "--workers", str(a.workers), "--data-dir", a.data_dir,
              "--no-tensorboard"]
@@ -76,14 +81,14 @@ def accuracy_after(points: list[dict], updates: int) -> float | None:
     return before[-1]["accuracy"] if before else None
 
 
-def measure(mode: str, partition: str, a: argparse.Namespace) -> dict:
-    run = run_simulation(common_flags(a, partition) + mode_flags(mode, a))
+def measure(mode: str, partition: str, seed: int, a: argparse.Namespace) -> dict:
+    run = run_simulation(common_flags(a, partition, seed) + mode_flags(mode, a))
     points = curve(run)
-    out = {"mode": mode, "partition": partition, "curve": points, "wall_s": round(run["wall_s"], 1),
+    out = {"mode": mode, "partition": partition, "seed": seed, "curve": points, "wall_s": round(run["wall_s"], 1),
            "updates": points[-1]["updates"] if points else 0, "final_accuracy": points[-1]["accuracy"] if points else None,
            "peak_rss_mb": round(run["peak_rss_mb"]), "peak_pss_mb": round(run["peak_pss_mb"]), "run": run["out"]}
     out.update({f"to_{round(100 * t)}": reached(points, t) for t in TARGETS})
-    print(f"{partition} {mode}: final {100 * (out['final_accuracy'] or 0):.2f}% after {out['updates']} updates, "
+    print(f"{partition} seed {seed} {mode}: final {100 * (out['final_accuracy'] or 0):.2f}% after {out['updates']} updates, "
           + ", ".join(f"{round(100 * t)}%: " + (f"{r['s']:.0f} s / {r['updates']} updates" if (r := out[f'to_{round(100 * t)}'])
                       else "not reached") for t in TARGETS)
           + f"; {out['wall_s']:.0f} s wall, peak RSS {out['peak_rss_mb']} MB, PSS {out['peak_pss_mb']} MB", flush=True)
@@ -103,8 +108,19 @@ def compare(sync: dict, asyn: dict) -> dict:
     return out
 
 
+def summarise(comparisons: list[dict]) -> dict:
+    """The median over seeds of each figure; None where a seed has none (a target one mode
+    did not reach: that seed's line says which)."""
+    out = {}
+    for key in comparisons[0]:
+        values = [c[key] for c in comparisons]
+        out[key] = None if None in values else round(statistics.median(values), 3)
+    return out
+
+
 def plot(results: list[dict], path: str) -> None:
-    """Test accuracy against wall time, one panel per partition, sync and async overlaid."""
+    """Test accuracy against wall time, one panel per partition, sync and async overlaid
+    (one line per seed, one colour per mode)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,9 +129,12 @@ def plot(results: list[dict], path: str) -> None:
     partitions = list(dict.fromkeys(r["partition"] for r in results))
     fig, axes = plt.subplots(1, len(partitions), figsize=(6 * len(partitions), 4.2), squeeze=False)
     for ax, partition in zip(axes[0], partitions):
-        for r in (r for r in results if r["partition"] == partition):
-            ax.plot([p["s"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], marker=".",
-                    label=f"{r['mode']} ({r['updates']} updates, {r['wall_s']:.0f} s)")
+        runs = [r for r in results if r["partition"] == partition]
+        several = len({r["seed"] for r in runs}) > 1
+        for r in runs:
+            label = f"{r['mode']}" + (f" seed {r['seed']}" if several else "") + f" ({r['updates']} updates, {r['wall_s']:.0f} s)"
+            ax.plot([p["s"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], marker=".", label=label,
+                    color="C0" if r["mode"] == "sync" else "C1", alpha=1.0 if r["seed"] == runs[0]["seed"] else 0.55)
         for t in TARGETS:
             ax.axhline(100 * t, color="grey", lw=0.6, ls=":")
         ax.set(title=partition, xlabel="wall time since launch (s)", ylabel="test accuracy (%)")
@@ -146,7 +165,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="samples per client (default: its whole shard)")
     p.add_argument("--test-limit", type=int, default=10_000)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one sync/async pair per seed")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--plot", default="docs/async.png", help="the curves ('' for none)")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more simulate.py flags, both modes")
@@ -156,15 +175,21 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     a = parse_args()
     start = time.monotonic()
-    results = [measure(mode, partition, a) for partition in a.partitions for mode in a.modes]
+    results = [measure(mode, partition, seed, a) for partition in a.partitions for seed in a.seeds for mode in a.modes]
     comparisons = {}
     for partition in a.partitions:
-        both = {r["mode"]: r for r in results if r["partition"] == partition}
-        if len(both) == 2:
-            comparisons[partition] = compare(both["sync"], both["async"])
-            print(f"{partition}: async/sync wall time to 98% {comparisons[partition]['time_ratio_to_98']}, "
-                  f"accuracy after {comparisons[partition]['updates_compared']} updates async - sync "
-                  f"{comparisons[partition]['accuracy_diff_pp']} pp", flush=True)
+        per_seed = {}
+        for seed in a.seeds:
+            both = {r["mode"]: r for r in results if r["partition"] == partition and r["seed"] == seed}
+            if len(both) == 2:
+                c = per_seed[seed] = compare(both["sync"], both["async"])
+                print(f"{partition} seed {seed}: async/sync wall time to 97% {c['time_ratio_to_97']}, to 98% "
+                      f"{c['time_ratio_to_98']}; accuracy after {c['updates_compared']} updates async - sync "
+                      f"{c['accuracy_diff_pp']} pp", flush=True)
+        if per_seed:
+            comparisons[partition] = {"per_seed": per_seed, "median": summarise(list(per_seed.values()))}
+            if len(per_seed) > 1:
+                print(f"{partition}: median over {len(per_seed)} seeds {comparisons[partition]['median']}", flush=True)
     if a.plot:
         plot(results, a.plot)
     summary = [{k: v for k, v in r.items() if k != "curve"} | {"accuracy": [p["accuracy"] for p in r["curve"]]}
