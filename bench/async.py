@@ -130,11 +130,11 @@ def plot(results: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, len(partitions), figsize=(6 * len(partitions), 4.2), squeeze=False)
     for ax, partition in zip(axes[0], partitions):
         runs = [r for r in results if r["partition"] == partition]
-        several = len({r["seed"] for r in runs}) > 1
+        seeds = list(dict.fromkeys(r["seed"] for r in runs))
         for r in runs:
-            label = f"{r['mode']}" + (f" seed {r['seed']}" if several else "") + f" ({r['updates']} updates, {r['wall_s']:.0f} s)"
+            label = r["mode"] + (f" seed {r['seed']}" if len(seeds) > 1 else "") + f" ({r['updates']} updates, {r['wall_s']:.0f} s)"
             ax.plot([p["s"] for p in r["curve"]], [100 * p["accuracy"] for p in r["curve"]], marker=".", label=label,
-                    color="C0" if r["mode"] == "sync" else "C1", alpha=1.0 if r["seed"] == runs[0]["seed"] else 0.55)
+                    color="C0" if r["mode"] == "sync" else "C1", ls=("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4])
         for t in TARGETS:
             ax.axhline(100 * t, color="grey", lw=0.6, ls=":")
         ax.set(title=partition, xlabel="wall time since launch (s)", ylabel="test accuracy (%)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from procs import Worker, client_args, expect_exit, log_of, run, server_args, start, stop
+from procs import Worker, client_args, expect_exit, expect_run, log_of, run, server_args, start, stop
 from test_federation import body, perturbed, session
 
 from fl import privacy, strategies
@@ -304,13 +304,18 @@ def test_steps_go_on_while_a_slow_client_trains_and_its_update_is_down_weighted(
                for r in records for c in r["per_client"])
 
     # A resumed run continues from the checkpoint's version, its dispatches numbered after the last.
+    # It ends while the straggler still sleeps off its training: it is told DONE then and exits
+    # without sending what nobody would use (the run does not wait out its --round-timeout 600).
     last = metrics(tmp_path)[-1]["round"]
-    # (--round-timeout 5: the straggler's dispatch is still out at the end; the server waits that long for it.)
-    procs = start_federation(tmp_path, free_port, mnist_dir, last + 2, "--resume", "--round-timeout", 5)
+    procs = start_federation(tmp_path, free_port, mnist_dir, last + 2, "--resume", "--round-timeout", 600)
     try:
-        expect_exit(procs[0], tmp_path / "server.log", timeout=180)
+        expect_run(procs[0], tmp_path / "server.log", [(c, tmp_path / f"c{i}.log") for i, c in enumerate(procs[1:])],
+                   timeout=180)
     finally:
         stop(*procs)
+    slow_log = log_of(tmp_path / f"c{SLOW}.log")
+    assert "trained, but the federation ended meanwhile: update not sent" in slow_log, slow_log[-2000:]
+    assert "reconnecting" not in slow_log and "still busy" not in log_of(tmp_path / "server.log")
     resumed = metrics(tmp_path)
     assert [r["round"] for r in resumed] == list(range(1, last + 3))
     assert [r["version"] for r in resumed[last:]] == [last + 1, last + 2]

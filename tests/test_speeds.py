@@ -35,28 +35,38 @@ class FixedTimeHost(Host):
         return state, dataclasses.replace(result, seconds=self.seconds), generator, n
 
 
+def participant(speed: float) -> tuple[Participant, FixedTimeHost]:
+    images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+    host = FixedTimeHost(images, torch.arange(8) % 10, torch.device("cpu"))
+    return Participant(0, host, dataclasses.replace(ClientConfig(), speed=speed, progress=False)), host
+
+
+def send_model(server: Connection) -> None:
+    config = TrainingConfig(epochs=1, lr=0.01, batch_size=4, augment=False).to_wire()
+    server.send(MsgType.MODEL, {"round": 1, "rounds": 1, "config": config, "state": ImprovedCNN().state_dict(),
+                                "view_id": 1}, timeout=30)
+
+
 def serve_one_round(speed: float) -> tuple[list[tuple[float, bool]], dict]:
     """A participant with ``speed`` serves one real MODEL over a socket pair; the sleeps it
     asked for, each with whether the host's lock was free meanwhile, and its UPDATE."""
-    images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
-    host = FixedTimeHost(images, torch.arange(8) % 10, torch.device("cpu"))
-    client = Participant(0, host, dataclasses.replace(ClientConfig(), speed=speed, progress=False))
+    client, host = participant(speed)
     sleeps = []
 
-    def sleep(seconds: float) -> None:
+    def wait(conn: Connection, seconds: float) -> bool:
         free = host.lock.acquire(blocking=False)  # another client of this host could train now
         if free:
             host.lock.release()
-        sleeps.append((seconds, free))
+        if seconds > 0:
+            sleeps.append((seconds, free))
+        return False  # the server said nothing meanwhile
 
-    client.sleep = sleep
+    client.wait = wait
     a, b = socket.socketpair()
     with a, b:
         server = Connection(a)
         served = Worker(client.serve, Connection(b))
-        config = TrainingConfig(epochs=1, lr=0.01, batch_size=4, augment=False).to_wire()
-        server.send(MsgType.MODEL, {"round": 1, "rounds": 1, "config": config, "state": ImprovedCNN().state_dict(),
-                                    "view_id": 1}, timeout=30)
+        send_model(server)
         update = server.recv(MsgType.UPDATE, timeout=60)
         server.send(MsgType.DONE, {"reason": "finished"}, timeout=10)
         assert served.get(timeout=60) == "finished"
@@ -72,6 +82,26 @@ def test_a_slow_client_sleeps_after_training_without_holding_the_hosts_lock():
 def test_a_client_at_full_speed_never_sleeps():
     sleeps, _ = serve_one_round(speed=1.0)
     assert sleeps == []
+
+
+@pytest.mark.parametrize("speed", [1.0, 1000.0])
+def test_a_client_told_done_while_it_trains_does_not_send_its_update(speed, caplog):
+    """The federation ended while it trained (an asynchronous run's last step): the real wait
+    sees the server's DONE (a straggler's 1,998 s sleep ends at once) and nothing is sent."""
+    client, _ = participant(speed)
+    a, b = socket.socketpair()
+    with a, b:
+        server = Connection(a)
+        served = Worker(client.serve, Connection(b))
+        send_model(server)
+        server.send(MsgType.DONE, {"reason": "federation complete"}, timeout=10)
+        with caplog.at_level("INFO"):
+            assert served.get(timeout=60) == "federation complete"
+        a.settimeout(0.5)
+        with pytest.raises(socket.timeout):  # not a byte of an UPDATE
+            a.recv(1)
+    assert client.rounds_trained == 0
+    assert "round 1: trained, but the federation ended meanwhile: update not sent" in caplog.text
 
 
 def test_a_real_client_with_speed_3_sleeps_twice_its_training_time(tmp_path, synthetic_mnist_dir, free_port):

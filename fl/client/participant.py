@@ -50,6 +50,11 @@ class _Prefixed(logging.LoggerAdapter):
         return f"{self.extra['prefix']}{msg}", kwargs
 
 
+def _wait_for_server(conn: Connection, seconds: float) -> bool:
+    """Sleep ``seconds`` unless the server sends something first (True then)."""
+    return wait_readable(conn.sock, time.monotonic() + seconds)
+
+
 class Participant:
     """One client of the federation: its own connection, handshake, shard and seed.
 
@@ -70,7 +75,7 @@ class Participant:
         self.view_id: Any = None
         self.rounds_trained = 0
         self._secagg_warned = False  # the note that secure aggregation overrides --quantization
-        self.sleep = time.sleep  # how a slow client (--speed) waits; a test injects its own
+        self.wait = _wait_for_server  # how a slow client (--speed) waits; a test injects its own
 
     def connect(self) -> Connection:
         """Connect and authenticate with this client's id, retrying within the window;
@@ -98,7 +103,10 @@ class Participant:
                 if done is not None:
                     return done
                 continue
-            slept = self._straggle(result)  # not under the lock: the host's other clients keep training
+            slept, done = self._straggle(conn, result)  # not under the lock: the host's others keep training
+            if done is not None:
+                self.log.info("round %d: trained, but the federation ended meanwhile: update not sent", round_num)
+                return done
             sent = conn.send(MsgType.UPDATE, body)
             del body  # an idle client holds no update
             self.rounds_trained += 1
@@ -155,16 +163,20 @@ class Participant:
         train at once as it has models (secure aggregation's callback)."""
         with self.host.lock:
             body, result = self._update(round_num, training, base, chain, attempt)
-        self._straggle(result)
+        time.sleep(straggle_seconds(self.config.speed, result.seconds))  # the stages that follow need it
         return body, result
 
-    def _straggle(self, result: Any) -> float:
+    def _straggle(self, conn: Connection, result: Any) -> tuple[float, str | None]:
         """A client slower by ``--speed`` s: wait (s-1) x its measured training time, holding
-        no slot of the host's lock; the seconds waited."""
+        no slot of the host's lock. A DONE from the server ends the wait (and any client's,
+        before it sends): the federation ended while it trained. (Seconds waited, DONE's
+        reason or None.)"""
         wait = straggle_seconds(self.config.speed, result.seconds)
-        if wait > 0:
-            self.sleep(wait)
-        return wait
+        start = time.monotonic()
+        if not self.wait(conn, wait):
+            return wait, None
+        msg = conn.recv(MsgType.DONE, timeout=10.0)  # mid-task the server sends nothing else
+        return time.monotonic() - start, str(msg.body.get("reason", "done"))
 
     def _base(self, model_msg: dict[str, Any]) -> dict[str, torch.Tensor]:
         """The model the server sent (rebuilt from an 8-bit delta to our last one), shared

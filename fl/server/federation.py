@@ -80,6 +80,7 @@ class Session:
     hang_up: Callable[[], None] = lambda: None
     tasks: "queue.Queue[Any]" = dc_field(default_factory=queue.Queue)
     view_id: int | None = None  # the last broadcast this client received in full or as a delta
+    stopping: str | None = None  # why the federation ended, once it has: a client mid-task is told at once
 
     @property
     def client_id(self) -> int:
@@ -447,11 +448,13 @@ class Federation:
         with self.lock:
             sessions = list(self.sessions.values())
         for s in sessions:
+            s.stopping = reason
             s.tasks.put(Stop(reason))
 
     def drain(self, timeout: float) -> int:
         """Wait until every handler has told its client DONE and hung up; how many are left.
-        A client busy training for an abandoned round hears it once its update arrives."""
+        A client busy training is told at once (``ClientHandler.await_update``), so the end
+        does not wait for work nobody will use."""
         end = time.monotonic() + timeout
         with self.lock:
             while self.sessions and (left := end - time.monotonic()) > 0:

@@ -38,6 +38,8 @@ log = logging.getLogger("server")
 INGEST_WAIT_S = 2.0  # longest a handler waits for a receive buffer before reading into new memory
 INGEST_SLOTS = 2  # receive buffers: one update read from its socket while another is decoded
 IDLE_CHECK_S = 1.0  # how often an idle session looks whether its peer hung up
+STOP_CHECK_S = 1.0  # how often a session waiting for an update looks whether the federation ended
+LINGER_S = 2.0  # how long a session told DONE mid-task reads what its client was already sending
 TRIM_INTERVAL_S = 1.0  # at most one malloc_trim a second, however many frames are refused
 
 
@@ -178,7 +180,8 @@ class ClientHandler(socketserver.BaseRequestHandler):
         sent0, recv0 = conn.bytes_sent, conn.bytes_received
         try:
             send_model(conn, session, task, task.deadline)
-            wait_readable(conn.sock, task.deadline)  # the client trains meanwhile: no slot held
+            if not self.await_update(session, conn, task):
+                return False
             # At most INGEST_SLOTS updates in memory, so N clients cost a few models, not N;
             # a peer that uploads slowly holds the others up for at most INGEST_WAIT_S.
             buffer = ingest.buffer(timeout=INGEST_WAIT_S)
@@ -193,6 +196,25 @@ class ClientHandler(socketserver.BaseRequestHandler):
         except (ProtocolError, OSError, ssl.SSLError) as exc:
             fed.fail(session, task.round, conn.bytes_sent - sent0, f"{type(exc).__name__}: {exc}")
             return False
+        return True
+
+
+    def await_update(self, session: Session, conn: Connection, task: RoundTask) -> bool:
+        """Wait while the client trains, holding no slot; False if the federation ended
+        meanwhile (an asynchronous run's last step, a stop): the client is told DONE now
+        rather than after its update, which nobody would use, and an update it was already
+        sending is read and dropped, so closing does not reset the connection under it."""
+        while not wait_readable(conn.sock, min(task.deadline, time.monotonic() + STOP_CHECK_S)):
+            if session.stopping is not None:
+                try:
+                    conn.send(MsgType.DONE, {"reason": session.stopping}, timeout=5.0)
+                    if wait_readable(conn.sock, time.monotonic() + LINGER_S):
+                        conn.recv_frame(MsgType.UPDATE, timeout=LINGER_S)
+                except (OSError, ProtocolError, ssl.SSLError):
+                    pass
+                return False
+            if time.monotonic() >= task.deadline:
+                break  # the read that follows times out and reports it
         return True
 
 

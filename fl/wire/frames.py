@@ -364,17 +364,17 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any
     return value
 
 
-def wait_readable(sock: socket.socket, deadline: float | None = None) -> None:
+def wait_readable(sock: socket.socket, deadline: float | None = None) -> bool:
     """Block until the peer has sent something, hung up, or ``deadline`` (``time.monotonic()``;
     None: no limit) passed, without reading anything (the read that follows reports which):
-    an idle peer costs no CPU and holds no receive buffer."""
+    an idle peer costs no CPU and holds no receive buffer. False: the deadline passed first."""
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return
+        return True
     if deadline is not None:
-        readable(sock, max(0.0, deadline - time.monotonic()))
-        return
+        return readable(sock, max(0.0, deadline - time.monotonic()))
     while not readable(sock, None):
         pass
+    return True
 
 
 def readable(sock: socket.socket, timeout: float | None) -> bool:
