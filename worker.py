@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import logging
 import queue
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -178,7 +179,12 @@ def main(argv: list[str] | None = None, ray_trainers: list[Any] | None = None) -
     return worker.run()
 
 
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)  # stopped by the launcher: shut the training processes down
     try:
         sys.exit(main())
     except KeyboardInterrupt:

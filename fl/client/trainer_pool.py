@@ -16,7 +16,9 @@ round) alone (``local.fit``): which process trains a client changes nothing.
 Each process loads the run's dataset once, holds one model of the run's and uses
 ``threads`` intra-op threads. The
 processes are spawned, not forked: forking a process whose torch thread pools are running
-can deadlock.
+can deadlock. Each ends with its worker: a worker killed outright cannot shut its pool down,
+and a process blocked on the pool's queue would otherwise wait forever, holding a dataset
+and a model.
 
 The model travels in shared memory. Pickling a tensor for a process moves its storage into
 shared memory in place, on the executor's feeder thread, and frees the old buffer: done to
@@ -31,6 +33,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, NamedTuple
@@ -68,8 +72,8 @@ class TrainerPool(Host):
         self.views = ViewCache(shared_memory=True)
         self.processes = processes
         self.executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=start_trainer,
-                                            initargs=(data_dir, download, str(device), threads, task))
+                                            initializer=start_pooled_trainer,
+                                            initargs=(os.getpid(), data_dir, download, str(device), threads, task))
         # Start every process now (each imports torch and loads the dataset), so the first round
         # does not wait for them and a process that cannot start fails the worker here.
         try:
@@ -139,6 +143,20 @@ def start_trainer(data_dir: str, download: bool, device: str, threads: int, task
                                   test_fraction=task.test_fraction)
     _trainer.update(images=images, labels=labels, model=task_model(task, data_dir).to(device),
                     augment=augment.for_dataset(task.dataset))
+
+
+def start_pooled_trainer(worker: int, *args: Any) -> None:
+    """``start_trainer`` in a pool's process, which exits once its worker is gone. The
+    worker's pid comes from the worker: one killed while this process was still starting
+    is no longer its parent when this runs."""
+
+    def watch() -> None:
+        while os.getppid() == worker:  # else reparented: the worker died
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="worker-watch", daemon=True).start()
+    start_trainer(*args)
 
 
 def fit_job(indices: torch.Tensor, client_id: int, seed: int, round_num: int, config: TrainingConfig,
