@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from procs import start, stop, wait_for_line
 from test_worker import model_msg, serve_one
 
 from fl.client import participant
@@ -186,8 +187,6 @@ def test_a_stopped_or_killed_worker_leaves_no_training_process_behind(sig, synth
     """Stopped by the launcher (SIGTERM) the worker shuts its pool down; killed outright
     (SIGKILL) its training processes see their parent gone and exit. Before, each kept
     ~0.8 GB (torch and the dataset) until the machine restarted."""
-    from procs import start, stop, wait_for_line
-
     log = tmp_path / "worker.log"
     worker = start("worker.py", "--client-ids", 0, "--num-clients", 1, "--port", free_port, "--trainers", 2,
                    "--data-dir", synthetic_mnist_dir, "--no-download", "--no-progress", "--connect-timeout", 300,

@@ -198,7 +198,6 @@ class ClientHandler(socketserver.BaseRequestHandler):
             return False
         return True
 
-
     def await_update(self, session: Session, conn: Connection, task: RoundTask) -> bool:
         """Wait while the client trains, holding no slot; False if the federation ended
         meanwhile (an asynchronous run's last step, a stop): the client is told DONE now
