@@ -24,7 +24,6 @@ import dataclasses
 import logging
 import queue
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from fl.client.config import ClientConfig, check_client_arguments, client_parser
 from fl.client.host import Host, build_task
 from fl.client.participant import Participant
 from fl.client.trainer_pool import RayTrainers, Task, TrainerPool
+from fl.common.exits import exit_now
 from fl.common.ids import format_ids, parse_ids
 from fl.common.limits import raise_open_files
 from fl.common.logs import setup_logging
@@ -186,6 +186,7 @@ def _interrupt(_signum: int, _frame: object) -> None:
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _interrupt)  # stopped by the launcher: shut the training processes down
     try:
-        sys.exit(main())
+        status = main()
     except KeyboardInterrupt:
-        sys.exit(130)
+        status = 130
+    exit_now(status)  # not sys.exit: a hosted client's thread may be inside torch (fl/common/exits.py)

@@ -214,3 +214,34 @@ def test_fifty_idle_virtual_clients_cost_little_memory(tmp_path, synthetic_mnist
     # 50 client processes would be ~50 x 0.5 GB; 50 virtual clients add tens of KB each.
     assert m_many["Rss"] - m_one["Rss"] < 60, (m_many, m_one)
     assert m_many["Rss"] < 1500, m_many
+
+
+SPINNING_EXIT = """
+import sys, threading, time, torch
+from fl.common.exits import exit_now
+torch.set_num_threads(1)
+def spin():  # a hosted client's thread, inside torch when the process ends
+    a = torch.randn(600, 600)
+    while True:
+        a = torch.tanh(a @ a)
+threading.Thread(target=spin, daemon=True).start()
+time.sleep(0.5)
+print("ending", flush=True)
+exit_now(2)
+"""
+
+
+def test_a_process_ending_while_a_thread_is_inside_torch_keeps_its_exit_status():
+    """sys.exit here finalizes the interpreter under the spinning thread: SIGABRT, "terminate
+    called without an active exception", and the status is lost (seen once in CI, when a
+    worker's first client failed while its second was still busy). worker.py ends with
+    exit_now."""
+    import subprocess
+    import sys
+
+    from procs import REPO, env
+
+    r = subprocess.run([sys.executable, "-c", SPINNING_EXIT], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env=env(PYTHONPATH=str(REPO)))
+    assert (r.returncode, r.stdout.strip()) == (2, "ending"), r.stderr[-2000:]
+    assert "terminate called" not in r.stderr
