@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fl.common.cli import HelpFormatter, add_secret_arguments
+from fl.common.exits import interrupt_on_sigterm
 from fl.common.ids import format_ids  # worker.py's --client-ids form
 from fl.learning.config import DATASETS, TrainingConfig
 from fl.server import tensorboard
@@ -674,10 +674,6 @@ def make_plot(out: Path) -> None:
         print(f"plot: skipped ({exc})", file=sys.stderr)
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)  # a killed launcher still stops its children
+    interrupt_on_sigterm()  # a killed launcher still stops its children
     sys.exit(main())

@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import logging
 import queue
-import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,7 @@ from fl.client.config import ClientConfig, check_client_arguments, client_parser
 from fl.client.host import Host, build_task
 from fl.client.participant import Participant
 from fl.client.trainer_pool import RayTrainers, Task, TrainerPool
-from fl.common.exits import exit_now
+from fl.common.exits import exit_now, interrupt_on_sigterm
 from fl.common.ids import format_ids, parse_ids
 from fl.common.limits import raise_open_files
 from fl.common.logs import setup_logging
@@ -179,12 +178,8 @@ def main(argv: list[str] | None = None, ray_trainers: list[Any] | None = None) -
     return worker.run()
 
 
-def _interrupt(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _interrupt)  # stopped by the launcher: shut the training processes down
+    interrupt_on_sigterm()  # stopped by the launcher: shut the training processes down
     try:
         status = main()
     except KeyboardInterrupt:

@@ -161,24 +161,23 @@ def _pid() -> int:
     return os.getpid()
 
 
+def _state_and_parent(stat: Path) -> tuple[str, int] | None:
+    """(state, ppid) from /proc/<pid>/stat; None once the process is gone."""
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
 def children_of(pid: int) -> set[int]:
-    """Live processes whose parent is ``pid`` (from /proc; zombies count as gone)."""
-    out = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid and fields[0] != "Z":
-                out.add(int(stat.parent.name))
-    return out
+    """Live processes whose parent is ``pid`` (zombies count as gone)."""
+    return {int(stat.parent.name) for stat in Path("/proc").glob("[0-9]*/stat")
+            if (sp := _state_and_parent(stat)) is not None and sp[1] == pid and sp[0] != "Z"}
 
 
 def alive(pids: set[int]) -> set[int]:
-    left = set()
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                left.add(pid)
-    return left
+    return {pid for pid in pids if (sp := _state_and_parent(Path(f"/proc/{pid}/stat"))) is not None and sp[0] != "Z"}
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")

@@ -1,4 +1,5 @@
-"""Ending a process that hosts threads inside torch.
+"""Ending a command-line process cleanly: SIGTERM as Ctrl-C, and an exit that does not
+finalize the interpreter under threads inside torch.
 
 When the interpreter finalizes, a daemon thread that wants the GIL back is ended with
 ``pthread_exit``, whose unwinding through torch's C++ frames aborts the whole process
@@ -10,8 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import NoReturn
+
+
+def interrupt_on_sigterm() -> None:
+    """Make SIGTERM raise KeyboardInterrupt in the main thread, so a process its launcher
+    stops runs its ``finally`` blocks (children stopped, pools shut down) as on Ctrl-C."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(_signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def exit_now(status: int) -> NoReturn:
